@@ -1,0 +1,107 @@
+"""Input Hessians `H = E[x x^T]`: validation/damping for the solvers, and streamed accumulation."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("avq")
+
+
+def prepare_hessian(
+    hessian: torch.Tensor, K: int, *, name: str = "layer", device: torch.device | None = None
+) -> torch.Tensor:
+    """Check a `[K, K]` Hessian and return a float32, symmetric, positive-definite copy scaled to mean
+    diagonal 1 (the relative objective is unchanged by scaling).
+
+    A singular or slightly indefinite Hessian (few calibration samples, dead inputs, rounding) is damped
+    with a multiple of the identity until its Cholesky factorisation succeeds, and the damping is logged.
+    """
+    if not isinstance(hessian, torch.Tensor):
+        raise TypeError(f"{name}: hessian must be a torch.Tensor, got {type(hessian).__name__}")
+    if hessian.shape != (K, K):
+        raise ValueError(
+            f"{name}: hessian must be [K, K] = [{K}, {K}] for this weight, got {list(hessian.shape)}"
+        )
+    H = hessian.detach().to(device=device or hessian.device, dtype=torch.float32)
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name}: hessian contains NaN or inf")
+    H = (H + H.T) / 2
+    diag_mean = H.diagonal().mean()
+    if not diag_mean > 0:
+        raise ValueError(
+            f"{name}: hessian has no positive diagonal mass (the layer never saw a non-zero input)"
+        )
+    H = H / diag_mean
+    eye = torch.eye(K, device=H.device, dtype=H.dtype)
+    damp = 0.0
+    for attempt in range(12):
+        _, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info.item() == 0:
+            break
+        if attempt == 0:
+            # Start from the most negative eigenvalue so one more step usually suffices.
+            min_eig = torch.linalg.eigvalsh(H).min().item()
+            damp = max(-min_eig, 0.0) + 1e-4
+        else:
+            damp *= 10
+    else:
+        raise ValueError(f"{name}: hessian could not be made positive definite (damping up to {damp:.3g})")
+    if damp > 0:
+        log.warning(
+            "%s: hessian is singular or not positive semi-definite; damped with %.3g x mean(diag) x I",
+            name,
+            damp,
+        )
+        H = H + damp * eye
+    return H
+
+
+class HessianAccumulator:
+    """Streams `H = E[x x^T]` of one layer's inputs without keeping the activations.
+
+    Linear inputs contribute each token (all leading dims flattened); Conv2d inputs contribute every
+    unfolded patch, in the `F.unfold` order that matches a `[out, in*kh*kw]` weight.
+    """
+
+    def __init__(self, layer: nn.Module):
+        if isinstance(layer, nn.Linear):
+            K = layer.in_features
+        elif isinstance(layer, nn.Conv2d):
+            if layer.groups != 1:
+                raise TypeError("HessianAccumulator: grouped convolutions (groups > 1) are not supported")
+            K = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        else:
+            raise TypeError(
+                f"HessianAccumulator supports nn.Linear and nn.Conv2d, got {type(layer).__name__}"
+            )
+        self.layer = layer
+        self.sum = torch.zeros(K, K, dtype=torch.float64)
+        self.count = 0
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return x.reshape(-1, x.shape[-1])
+        patches = F.unfold(
+            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )  # [N, K, L]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        rows = self._rows(x.detach()).to(torch.float64)  # [n, K]
+        self.sum += (rows.T @ rows).cpu()
+        self.count += rows.shape[0]
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.add(inputs[0])
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("no inputs were recorded for this layer")
+        return (self.sum / self.count).to(torch.float32)

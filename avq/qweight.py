@@ -1,0 +1,135 @@
+"""`QuantizedWeight`: what one additively quantized layer stores, and how it decodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import QuantSpec
+
+FP16_BITS = 16
+
+
+def code_dtype(nbits: int) -> torch.dtype:
+    """Smallest unsigned integer dtype that holds `nbits`-bit codes."""
+    if nbits <= 8:
+        return torch.uint8
+    if nbits <= 16:
+        return torch.uint16
+    raise ValueError(f"codes of {nbits} bits are not supported (max 16)")
+
+
+@dataclass
+class QuantizedWeight:
+    """An additively quantized Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight.
+
+    `W[o, j*g:(j+1)*g] ~= scales[o] * sum_m codebooks[m, codes[o, j, m]]` on the `[out, K]` matrix view.
+    Codebooks and scales are held in fp16, exactly as stored, so every reported error is the error of
+    what is saved.
+    """
+
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    codes: torch.Tensor  # [out, K/g, M], uint8 (B <= 8) or uint16
+    codebooks: torch.Tensor  # [M, 2^B, g], fp16
+    scales: torch.Tensor  # [out], fp16
+    info: dict = field(default_factory=dict, compare=False)  # solver figures (error, rounds, seconds)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.shape)
+        self.validate()
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """K: the fan-in of the `[out, K]` matrix view."""
+        K = 1
+        for d in self.shape[1:]:
+            K *= d
+        return K
+
+    @property
+    def group_size(self) -> int:
+        return self.codebooks.shape[-1]
+
+    @property
+    def num_weights(self) -> int:
+        return self.out_features * self.in_features
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first inconsistency between the tensors and the spec."""
+        spec, M, g = self.spec, self.spec.num_codebooks, self.spec.group_size
+        out, K = self.out_features, self.in_features
+        expected = {
+            "codes": ((out, K // g, M), code_dtype(spec.nbits)),
+            "codebooks": ((M, spec.codebook_size, g), torch.float16),
+            "scales": ((out,), torch.float16),
+        }
+        if K % g:
+            raise ValueError(f"weight shape {self.shape}: K = {K} is not divisible by group_size {g}")
+        for name, (shape, dtype) in expected.items():
+            tensor = getattr(self, name)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"QuantizedWeight.{name} must be a tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"QuantizedWeight.{name} has shape {list(tensor.shape)}, expected {list(shape)}"
+                )
+            if tensor.dtype != dtype:
+                raise ValueError(f"QuantizedWeight.{name} has dtype {tensor.dtype}, expected {dtype}")
+        if spec.nbits < 8 * self.codes.element_size() and self.codes.numel():
+            top = int(self.codes.to(torch.int32).max())
+            if top >= spec.codebook_size:
+                raise ValueError(
+                    f"QuantizedWeight.codes holds {top}, out of range for {spec.nbits}-bit codes"
+                )
+        for name in ("codebooks", "scales"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"QuantizedWeight.{name} contains NaN or inf")
+
+    # ---------------------------------------------------------------- decoding
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The decoded weight, shaped like the original."""
+        return decode(self.codes, self.codebooks, self.scales).to(dtype).reshape(self.shape)
+
+    # ---------------------------------------------------------------- bits
+    @property
+    def code_bits(self) -> float:
+        return self.spec.code_bits
+
+    @property
+    def storage_bits(self) -> int:
+        """Everything stored for this weight: codes at B bits, codebooks and scales in fp16."""
+        codes = self.codes.shape[0] * self.codes.shape[1] * self.spec.num_codebooks * self.spec.nbits
+        return codes + (self.codebooks.numel() + self.scales.numel()) * FP16_BITS
+
+    @property
+    def total_bits(self) -> float:
+        """Bits per weight with codebooks and scales counted (design.md, "Total bits")."""
+        return self.storage_bits / self.num_weights
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.spec,
+            self.shape,
+            self.codes.to(device),
+            self.codebooks.to(device),
+            self.scales.to(device),
+            self.info,
+        )
+
+
+def decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`[out, G, M]` codes -> `[out, G*g]` float32 weights (differentiable in codebooks and scales)."""
+    M = codebooks.shape[0]
+    idx = codes.to(torch.int64)  # [out, G, M]
+    books = codebooks.float()
+    groups = books[0][idx[..., 0]]  # [out, G, g]
+    for m in range(1, M):
+        groups = groups + books[m][idx[..., m]]
+    return (groups * scales.float()[:, None, None]).reshape(codes.shape[0], -1)
