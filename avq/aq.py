@@ -80,7 +80,7 @@ def quantize_weight(
         raise ValueError(f"{name}: weight contains NaN or inf")
     out, K = W.shape
     H = prepare_hessian(hessian, K, name=name, device=device)  # [K, K], mean diag 1
-    M, C = spec.num_codebooks, spec.codebook_size
+    M = spec.num_codebooks
     torch.manual_seed(opts.seed)
 
     scales = W.pow(2).mean(1).sqrt().clamp_min(1e-8)  # [out]
@@ -198,7 +198,7 @@ class _Solver:
         scored with one `[rows, g] x [g, C]` product. The current codes are always a candidate, so a
         sweep never increases the loss.
         """
-        g, M = self.g, self.M
+        g = self.g
         codes = codes.clone()
         A = self.decode(codes, codebooks)  # [out, K]
         E = self.W - scales[:, None] * A  # [out, K]
