@@ -106,9 +106,10 @@ def quantize_weight(
     codebooks = codebooks.half().float()
     scales = scales.half().float()
     codes = solver.update_codes(codes, codebooks, scales)
-    relative_error = solver.loss(codes, codebooks, scales) / loss_ref
+    # Report against the caller's Hessian: the solver's copy may be damped.
+    decoded = scales[:, None] * solver.decode(codes, codebooks)  # [out, K]
     info = {
-        "relative_error": relative_error,
+        "relative_error": relative_error(W, decoded, hessian.to(device)),
         "rounds": rounds,
         "seconds": time.perf_counter() - start,
         "history": history,
@@ -143,12 +144,15 @@ def _residual_kmeans(
             )
             centroids = np.concatenate([residual, extra.astype(np.float32)])
         else:
+            # faiss subsamples to max_points_per_centroid * C points; cap the total near 2^18 so that
+            # 16-bit codebooks (C = 65536) on large layers still initialise in about a minute on a CPU.
             kmeans = faiss.Kmeans(
                 g,
                 C,
                 niter=opts.kmeans_iters,
                 seed=opts.seed + 1000 * m,
-                max_points_per_centroid=64,
+                max_points_per_centroid=max(4, min(64, (1 << 18) // C)),
+                min_points_per_centroid=1,  # small layers are normal here: no "too few points" warning
                 verbose=False,
             )
             kmeans.train(residual)
@@ -207,8 +211,9 @@ class _Solver:
             J = slice(j * g, (j + 1) * g)
             HJJ = self.H[J, J]  # [g, g]
             p = E @ self.H[:, J]  # [out, g]
-            norms = torch.einsum("mcg,gh,mch->mc", codebooks, HJJ, codebooks)  # [M, C]: c^T H_jj c
-            new_codes, delta = self._beam_search(codes[:, j], codebooks, norms, HJJ, p, scales)
+            norms = ((codebooks @ HJJ) * codebooks).sum(-1)  # [M, C]: c^T H_jj c
+            rhs = torch.cat([codebooks.transpose(1, 2), norms[:, None], torch.ones_like(norms)[:, None]], 1)
+            new_codes, delta = self._beam_search(codes[:, j], codebooks, rhs, HJJ, p, scales)
             codes[:, j] = new_codes
             E[:, J] -= s * delta
         return codes
@@ -217,7 +222,7 @@ class _Solver:
         self,
         current: torch.Tensor,  # [out, M]
         codebooks: torch.Tensor,  # [M, C, g]
-        norms: torch.Tensor,  # [M, C]
+        rhs: torch.Tensor,  # [M, g + 2, C]: codewords^T, their H_jj-norms, ones
         HJJ: torch.Tensor,  # [g, g]
         p: torch.Tensor,  # [out, g]
         scales: torch.Tensor,  # [out]
@@ -242,7 +247,9 @@ class _Solver:
                 baseH = base @ HJJ  # [r, b, g]
                 const = (s2 * (baseH * base).sum(-1)) - 2 * (sp[:, None, :] * base).sum(-1)  # [r, b]
                 linear = 2 * (s2[..., None] * baseH - sp[:, None, :])  # [r, b, g]
-                scores = const[..., None] + linear @ book.T + s2[..., None] * norms[m]  # [r, b, C]
+                # scores = const + linear . book[c] + s^2 norms[c], as one GEMM over [linear | s^2 | const].
+                lhs = torch.cat([linear, s2[..., None].expand(-1, linear.shape[1], 1), const[..., None]], -1)
+                scores = lhs @ rhs[m]  # [r, b, C]
                 flat = scores.reshape(scores.shape[0], -1)  # [r, b*C]
                 k = min(width, flat.shape[1])
                 top = flat.topk(k, dim=1, largest=False).indices if k > 1 else flat.argmin(1, keepdim=True)
@@ -333,8 +340,9 @@ class _Solver:
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
     """`tr(dW H dW^T) / tr(W H W^T)` on the `[out, K]` matrix view (design.md layer objective)."""
     W = as_matrix(weight).double()
-    E = W - as_matrix(approximation).double()
-    H = hessian.double()
+    E = W - as_matrix(approximation).double().to(W.device)
+    H = hessian.double().to(W.device)
+    H = (H + H.T) / 2
     reference = float(((W @ H) * W).sum())
     if not math.isfinite(reference) or reference <= 0:
         raise ValueError("relative_error: tr(W H W^T) must be positive")

@@ -36,6 +36,13 @@ def prepare_hessian(
             f"{name}: hessian has no positive diagonal mass (the layer never saw a non-zero input)"
         )
     H = H / diag_mean
+    dead = H.diagonal() <= 0  # inputs that were always zero: their weights do not matter
+    if dead.any():
+        # Decouple them with a small diagonal entry instead of damping every input (as GPTQ does).
+        H[dead, :] = 0
+        H[:, dead] = 0
+        H[dead, dead] = 1e-2
+        log.info("%s: %d of %d inputs were always zero", name, int(dead.sum()), K)
     eye = torch.eye(K, device=H.device, dtype=H.dtype)
     damp = 0.0
     for attempt in range(12):
@@ -72,7 +79,11 @@ class HessianAccumulator:
             K = layer.in_features
         elif isinstance(layer, nn.Conv2d):
             if layer.groups != 1:
-                raise TypeError("HessianAccumulator: grouped convolutions (groups > 1) are not supported")
+                raise ValueError("HessianAccumulator: grouped convolutions (groups > 1) are not supported")
+            if layer.padding_mode != "zeros":
+                raise ValueError(
+                    f"HessianAccumulator: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
+                )
             K = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         else:
             raise TypeError(

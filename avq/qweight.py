@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import effective_group_size
 from .spec import QuantSpec
 
 FP16_BITS = 16
@@ -70,8 +71,7 @@ class QuantizedWeight:
             "codebooks": ((M, spec.codebook_size, g), torch.float16),
             "scales": ((out,), torch.float16),
         }
-        if K % g:
-            raise ValueError(f"weight shape {self.shape}: K = {K} is not divisible by group_size {g}")
+        effective_group_size(self.shape, spec)  # K divisible by g; kernel grouping needs g == kh*kw
         for name, (shape, dtype) in expected.items():
             tensor = getattr(self, name)
             if not isinstance(tensor, torch.Tensor):
