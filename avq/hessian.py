@@ -90,6 +90,7 @@ class HessianAccumulator:
                 f"HessianAccumulator supports nn.Linear and nn.Conv2d, got {type(layer).__name__}"
             )
         self.layer = layer
+        self.padding = _explicit_padding(layer) if isinstance(layer, nn.Conv2d) else 0
         self.sum = torch.zeros(K, K, dtype=torch.float64)
         self.count = 0
 
@@ -98,7 +99,7 @@ class HessianAccumulator:
         if isinstance(layer, nn.Linear):
             return x.reshape(-1, x.shape[-1])
         patches = F.unfold(
-            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+            x, layer.kernel_size, dilation=layer.dilation, padding=self.padding, stride=layer.stride
         )  # [N, K, L]
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
@@ -116,3 +117,17 @@ class HessianAccumulator:
         if self.count == 0:
             raise RuntimeError("no inputs were recorded for this layer")
         return (self.sum / self.count).to(torch.float32)
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """`F.unfold` takes numbers only: resolve `padding="valid"|"same"` as `F.conv2d` applies it."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    if any(t % 2 for t in total):
+        raise ValueError(
+            "HessianAccumulator: padding='same' with an even kernel pads asymmetrically; not supported"
+        )
+    return (total[0] // 2, total[1] // 2)

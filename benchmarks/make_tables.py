@@ -23,29 +23,34 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def layer_solver_table(data: dict) -> str:
-    """Synthetic rows in full; real-model layers summarised per method/spec (median over layers)."""
+    """Synthetic layers row by row, then the real-model summary (GPTQ error / AQ error per layer)."""
     rows = data["rows"]
     lines = [
-        "| layer | method | spec | code bits | total bits | rel. H-error | seconds |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| layer | shape | method | spec | code bits | total bits | rel. H-error | seconds |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    synthetic = [r for r in rows if r.get("kind", "").startswith("synthetic")]
-    for r in synthetic:
-        lines.append(
-            f"| {r['layer']} | {r['method']} | {r['spec']} | {_fmt(r['code_bits'])} | {_fmt(r['total_bits'])}"
-            f" | {_fmt(r['relative_error'])} | {_fmt(r['seconds'], 3)} |"
-        )
-    real = [r for r in rows if not r.get("kind", "").startswith("synthetic")]
-    if real:
-        groups: dict[tuple, list[dict]] = {}
-        for r in real:
-            groups.setdefault((r["method"], r["spec"]), []).append(r)
-        layers = len({r["layer"] for r in real})
-        for (method, spec), rs in groups.items():
-            med = lambda key: sorted(x[key] for x in rs)[len(rs) // 2]  # noqa: E731
+    for r in rows:
+        if r.get("kind", "").startswith("synthetic"):
+            shape = "x".join(str(d) for d in r["shape"])
             lines.append(
-                f"| real model, median of {layers} layers | {method} | {spec} | {_fmt(med('code_bits'))}"
-                f" | {_fmt(med('total_bits'))} | {_fmt(med('relative_error'))} | {_fmt(med('seconds'), 3)} |"
+                f"| {r['kind']} | {shape} | {r['method']} | {r['spec']} | {_fmt(r['code_bits'])}"
+                f" | {_fmt(r['total_bits'])} | {_fmt(r['relative_error'])} | {_fmt(r['seconds'], 3)} |"
+            )
+    summary = [r for r in rows if r.get("layer") == "summary"]
+    if summary:
+        lines += [
+            "",
+            "Real layers of `digits-unet-mini`: GPTQ error / AQ error per layer at equal code bits",
+            "(> 1: AQ better; layers where AQ's codebooks can hold every group verbatim are excluded):",
+            "",
+            "| layers | GPTQ / AQ spec | layers | median ratio | geomean ratio | min | max | total bits GPTQ / AQ |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in summary:
+            bits = " / ".join(_fmt(b, 3) for b in r["mean_total_bits"])
+            lines.append(
+                f"| {r['kind']} | {r['spec']} | {r['n_layers']} | {_fmt(r['median_ratio'], 3)}"
+                f" | {_fmt(r['geomean_ratio'], 3)} | {_fmt(r['min_ratio'], 3)} | {_fmt(r['max_ratio'], 3)} | {bits} |"
             )
     lines.append("")
     lines.append(f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}.")

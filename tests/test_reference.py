@@ -1,0 +1,215 @@
+"""The shipped reference model, its data and Hessians, results files, and the solver benchmark's smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from avq.data import load_digits_images, random_affine, split_mask
+from avq.reference import (
+    NULL_CLASS,
+    asset_path,
+    collect_hessians,
+    load_reference,
+    reference_layers,
+)
+from avq.results import current_command, write_results
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_reference("digits-unet-mini")
+
+
+# ------------------------------------------------------------------------------------------ shipped model
+def test_shipped_folder_loads_offline_and_runs(monkeypatch):
+    from diffusers import UNet2DModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = asset_path("digits-unet-mini")
+    assert (folder / "config.json").is_file()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and weights.stat().st_size < 8 * 2**20
+    unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    assert unet.config.num_class_embeds == NULL_CLASS + 1
+    x = torch.randn(3, 1, 16, 16, dtype=unet.dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([0, 500, 999]), class_labels=torch.tensor([3, 7, NULL_CLASS])).sample
+    assert out.shape == (3, 1, 16, 16)
+    assert torch.isfinite(out).all()
+
+
+def test_asset_path_names_missing_models():
+    with pytest.raises(FileNotFoundError, match="digits-unet-mini"):
+        asset_path("no-such-model")
+
+
+def test_reference_layers(model):
+    names = reference_layers(model)
+    modules = {name: model.get_submodule(name) for name in names}
+    convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)]
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    assert convs and linears and len(convs) + len(linears) == len(names)
+    assert all(modules[n].kernel_size == (3, 3) and modules[n].groups == 1 for n in convs)
+    assert {n.rsplit(".", 1)[-1] for n in linears} == {"to_q", "to_k", "to_v", "0"}
+    assert all(".attentions." in n for n in linears)
+
+
+def test_collect_hessians_symmetric_psd(model):
+    conv = "mid_block.resnets.0.conv1"
+    linear = "mid_block.attentions.0.to_q"
+    hessians = collect_hessians(model, [conv, linear], n_samples=12, seed=0, batch_size=8)
+    for name, H in hessians.items():
+        layer = model.get_submodule(name)
+        K = layer.weight[0].numel()
+        assert H.shape == (K, K) and H.dtype == torch.float32
+        assert torch.allclose(H, H.T)
+        assert torch.linalg.eigvalsh(H.double()).min() > -1e-6 * H.diagonal().max()
+        assert H.diagonal().min() >= 0 and H.diagonal().sum() > 0
+    assert not model.training
+    assert not any(m._forward_hooks for m in model.modules())  # hooks are removed
+    again = collect_hessians(model, [linear], n_samples=12, seed=0, batch_size=5)
+    assert torch.allclose(again[linear], hessians[linear], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_load_digits_images_shapes_ranges_and_split():
+    train_x, train_y = load_digits_images("train")
+    test_x, test_y = load_digits_images("test")
+    all_x, all_y = load_digits_images("all")
+    assert train_x.shape == (1438, 1, 16, 16) and test_x.shape == (359, 1, 16, 16)
+    assert all_x.shape == (1797, 1, 16, 16)
+    for x, y in ((train_x, train_y), (test_x, test_y)):
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.min() >= -1 and x.max() <= 1 and x.min() == -1
+        assert set(y.tolist()) == set(range(10))
+    # stratified: every class is ~20% test
+    fractions = torch.bincount(test_y) / torch.bincount(all_y)
+    assert ((fractions - 0.2).abs() < 0.01).all()
+    # deterministic, disjoint, and a different seed gives a different split
+    again_x, again_y = load_digits_images("test")
+    assert torch.equal(again_x, test_x) and torch.equal(again_y, test_y)
+    test_mask = torch.from_numpy(split_mask(all_y.numpy(), seed=0))  # a partition of "all"
+    assert torch.equal(all_x[test_mask], test_x) and torch.equal(all_x[~test_mask], train_x)
+    other_x, _ = load_digits_images("test", seed=1)
+    assert not torch.equal(other_x, test_x)
+    with pytest.raises(ValueError, match="split"):
+        load_digits_images("validation")
+
+
+def test_random_affine_is_deterministic_per_generator():
+    x, _ = load_digits_images("test")
+    x = x[:16]
+    a = random_affine(x, torch.Generator().manual_seed(3))
+    b = random_affine(x, torch.Generator().manual_seed(3))
+    c = random_affine(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a, x)
+    # small transforms: the images stay close to the originals (far closer than to other digits)
+    assert (a - x).abs().mean() < 0.5 * (x - x.roll(1, 0)).abs().mean()
+    identity = random_affine(x, torch.Generator(), max_degrees=0, max_shift=0, scale_range=(1, 1))
+    assert torch.allclose(identity, x, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ results files
+def test_write_results_schema_and_atomicity(tmp_path, monkeypatch):
+    rows = [{"layer": "a", "relative_error": 0.5}, {"layer": "b", "relative_error": 0.25}]
+    path = write_results("demo_results", rows, command="python x.py --flag", results_dir=tmp_path)
+    assert path == tmp_path / "demo_results.json"
+    data = json.loads(path.read_text())
+    assert {"command", "commit", "device", "date", "torch", "rows"} <= set(data)
+    assert data["command"] == "python x.py --flag"
+    assert data["rows"] == rows
+    assert data["torch"] == torch.__version__
+    assert data["date"].endswith("+00:00")
+    assert data["commit"] == "unknown" or len(data["commit"].split("+")[0]) == 40
+    assert data["device"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_results.json"]  # no temp file left behind
+
+    # A failing write leaves the previous file intact and no temp file behind.
+    with pytest.raises(ValueError):
+        write_results("demo_results", [{"x": float("nan")}], results_dir=tmp_path)
+    assert json.loads(path.read_text())["rows"] == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_results.json"]
+
+    # Readers never see a partial file while writers replace it.
+    seen = []
+    stop = threading.Event()
+
+    def read():
+        while not stop.is_set():
+            seen.append(len(json.loads(path.read_text())["rows"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(1, 30):
+            write_results("demo_results", [{"i": i} for i in range(n)], command="c", results_dir=tmp_path)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen and all(n >= 1 for n in seen)
+
+
+def test_current_command_shows_python(monkeypatch):
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))  # a script
+    script = str(REPO / "benchmarks" / "layer_solver.py")
+    assert current_command([script, "--quick", "a b"]) == "python benchmarks/layer_solver.py --quick 'a b'"
+    module = types.SimpleNamespace(__spec__=types.SimpleNamespace(name="avq.demo"))  # python -m avq.demo
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    assert current_command([str(REPO / "avq" / "demo.py"), "--layer", "x"]) == "python -m avq.demo --layer x"
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_layer_solver_quick_runs_end_to_end(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/layer_solver.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "layer_solver_quick.json").read_text())
+    assert data["command"].startswith("python benchmarks/layer_solver.py --quick")
+    rows = [r for r in data["rows"] if r["layer"] != "summary"]
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"synthetic-linear", "synthetic-conv", "conv3x3", "attn-linear"}
+    assert {(r["method"], r["spec"]) for r in rows} == {
+        ("rtn", "int2"),
+        ("rtn", "int4"),
+        ("gptq", "int2"),
+        ("gptq", "int4"),
+        ("aq", "1x8g4"),
+        ("aq", "2x8g8"),
+        ("aq", "2x8g4"),
+    }
+    for r in rows:
+        assert set(r) == {
+            "layer",
+            "kind",
+            "shape",
+            "method",
+            "spec",
+            "code_bits",
+            "total_bits",
+            "relative_error",
+            "seconds",
+        }
+        assert 0 <= r["relative_error"] < 1 and r["total_bits"] >= r["code_bits"] > 0 and r["seconds"] >= 0
+    summary = [r for r in data["rows"] if r["layer"] == "summary"]
+    assert summary and all(r["mean_ratio"] > 0 and r["median_ratio"] > 0 for r in summary)
+    assert "rel.err" in result.stdout
