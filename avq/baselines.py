@@ -29,7 +29,7 @@ import torch
 from .aq import relative_error
 from .hessian import prepare_hessian
 from .layout import as_matrix
-from .qweight import FP16_BITS
+from .qweight import FP16_BITS, StoredWeight
 
 log = logging.getLogger("avq")
 
@@ -39,7 +39,7 @@ CLIP_SHRINKS = tuple(1.0 - 0.01 * i for i in range(51))  # clip search: range x 
 
 
 @dataclass
-class UniformQuantizedWeight:
+class UniformQuantizedWeight(StoredWeight):
     """A uniformly quantized Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight.
 
     `W[o, k] ~= scales[o] * (codes[o, k] - zeros[o])` on the `[out, K]` matrix view. Scales and zeros are
@@ -57,19 +57,7 @@ class UniformQuantizedWeight:
         self.shape = tuple(int(d) for d in self.shape)
         self.validate()
 
-    # ---------------------------------------------------------------- structure
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        """K: the fan-in of the `[out, K]` matrix view."""
-        return math.prod(self.shape[1:])
-
-    @property
-    def num_weights(self) -> int:
-        return self.out_features * self.in_features
+    _tensors = ("codes", "scales", "zeros")
 
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first inconsistency between the tensors and `bits`."""
@@ -84,27 +72,8 @@ class UniformQuantizedWeight:
             "scales": ((out,), torch.float16),
             "zeros": ((out,), torch.float16),
         }
-        for name, (shape, dtype) in expected.items():
-            tensor = getattr(self, name)
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
-                    f"UniformQuantizedWeight.{name} must be a tensor, got {type(tensor).__name__}"
-                )
-            if tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"UniformQuantizedWeight.{name} has shape {list(tensor.shape)}, expected {list(shape)}"
-                )
-            if tensor.dtype != dtype:
-                raise ValueError(f"UniformQuantizedWeight.{name} has dtype {tensor.dtype}, expected {dtype}")
-        if self.codes.numel():
-            top = int(self.codes.max())
-            if top >= 1 << self.bits:
-                raise ValueError(
-                    f"UniformQuantizedWeight.codes holds {top}, out of range for {self.bits}-bit codes"
-                )
-        for name in ("scales", "zeros"):
-            if not torch.isfinite(getattr(self, name)).all():
-                raise ValueError(f"UniformQuantizedWeight.{name} contains NaN or inf")
+        self._check_tensors(expected)
+        self._check_code_range(self.codes, self.bits)
 
     # ---------------------------------------------------------------- decoding
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -120,21 +89,6 @@ class UniformQuantizedWeight:
     def storage_bits(self) -> int:
         """Everything stored for this weight: codes at `bits` bits, one fp16 scale and zero per row."""
         return self.num_weights * self.bits + 2 * self.out_features * FP16_BITS
-
-    @property
-    def total_bits(self) -> float:
-        """Bits per weight with scales and zeros counted (design.md, "Total bits")."""
-        return self.storage_bits / self.num_weights
-
-    def to(self, device: torch.device | str) -> UniformQuantizedWeight:
-        return UniformQuantizedWeight(
-            self.bits,
-            self.shape,
-            self.codes.to(device),
-            self.scales.to(device),
-            self.zeros.to(device),
-            self.info,
-        )
 
 
 # -------------------------------------------------------------------- RTN
