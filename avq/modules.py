@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .kernels import dispatch
 from .qweight import QuantizedWeight, decode
 from .spec import QuantSpec
 
@@ -107,7 +107,8 @@ class AQModule(nn.Module):
     def _weight(self) -> torch.Tensor:
         """The dense weight, float32, shaped like the original (differentiable in codebooks and scales).
 
-        The single point the kernel dispatch (`AVQ_KERNEL=triton|lut|dequant`) will replace.
+        The dequantize path of the kernel dispatch (`avq.kernels.dispatch`, `AVQ_KERNEL=triton|lut|dequant`):
+        used whenever autograd needs gradients; inference forwards go through the fused kernels.
         """
         return decode(self.codes, self.codebooks, self.scales).reshape(self.shape)
 
@@ -165,7 +166,7 @@ class AQLinear(AQModule):
         return self.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight().to(x.dtype), self._bias(x.dtype))
+        return dispatch.linear(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._bits_repr()}"
@@ -210,9 +211,7 @@ class AQConv2d(AQModule):
         return (self.shape[2], self.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            x, self._weight().to(x.dtype), self._bias(x.dtype), self.stride, self.padding, self.dilation
-        )
+        return dispatch.conv2d(self, x)
 
     def extra_repr(self) -> str:
         return (

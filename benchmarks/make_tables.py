@@ -43,17 +43,21 @@ def layer_solver_table(data: dict) -> str:
             "Real layers of `digits-unet-mini`: GPTQ error / AQ error per layer at equal code bits",
             "(> 1: AQ better; layers where AQ's codebooks can hold every group verbatim are excluded):",
             "",
-            "| layers | GPTQ / AQ spec | layers | median ratio | geomean ratio | min | max | total bits GPTQ / AQ |",
+            "| layers | GPTQ / AQ spec | layers | median ratio | geomean ratio | min | max"
+            " | total bits GPTQ / AQ |",
             "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in summary:
             bits = " / ".join(_fmt(b, 3) for b in r["mean_total_bits"])
             lines.append(
                 f"| {r['kind']} | {r['spec']} | {r['n_layers']} | {_fmt(r['median_ratio'], 3)}"
-                f" | {_fmt(r['geomean_ratio'], 3)} | {_fmt(r['min_ratio'], 3)} | {_fmt(r['max_ratio'], 3)} | {bits} |"
+                f" | {_fmt(r['geomean_ratio'], 3)} | {_fmt(r['min_ratio'], 3)} | {_fmt(r['max_ratio'], 3)}"
+                f" | {bits} |"
             )
     lines.append("")
-    lines.append(f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}.")
+    lines.append(
+        f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}."
+    )
     return "\n".join(lines)
 
 
@@ -67,7 +71,7 @@ def render(readme: str) -> str:
             continue
         body = make(json.loads(path.read_text()))
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        readme = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), readme)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), readme)
     return readme
 
 

@@ -1,0 +1,226 @@
+"""Kernel dispatch for `AQLinear` / `AQConv2d` forwards.
+
+Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped between calls):
+    unset, ""  or "auto"  automatic choice (rule below)
+    "triton"              fused Triton VQ-GEMM (`kernels/triton_vqgemm.py`); needs CUDA, or
+                          `TRITON_INTERPRET=1` set before triton is first imported (tests)
+    "lut"                 lookup-table GEMM (`kernels/lut.py`); plain torch, any device
+    "dequant"             decode the dense weight, then `F.linear` / `F.conv2d`
+Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
+unfolded input (`kernels/conv.py`).
+
+Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or B*Ho*Wo for convs):
+1. autograd needs gradients (grad mode on and x, codebooks, scales or bias requires grad): the
+   differentiable `AQModule._weight()` decode, so backward reaches codebooks and scales (fine-tuning).
+   This holds even under a forced `AVQ_KERNEL`: the fused kernels have no backward.
+2. CUDA and x in fp16/bf16/fp32: Linear -> "triton" if `M_rows <= TRITON_MAX_ROWS`, else "dequant"
+   (decode once, then cuBLAS: at large M_rows the GEMM dominates and cuBLAS wins). Conv2d -> per
+   `conv.choose_conv_strategy`.
+3. CPU: Linear -> "lut" if `use_lut(M_rows, spec, out_features)`: B <= 8 and either M_rows == 1, or
+   M_rows <= LUT_MAX_ROWS and `M_rows * M * 2^B <= out_features` (the LUT build, `M_rows*K*M*2^B`
+   multiply-adds, must stay below the decode it replaces, ~`out*K`); else "dequant" (blocked decode +
+   GEMM). Conv2d -> "dequant" (`conv.choose_conv_strategy`).
+4. Anything else (other devices, fp64 on CUDA): "dequant".
+The thresholds are measured by `benchmarks/kernels.py` (CPU figures in its results file; the GPU ones
+are first guesses until it runs on a GPU).
+
+Per-module derived data (an fp32 copy of the codebooks; the int32 LUT index, 4 bytes per code, e.g.
+1 byte per weight for 2x8g8, held only by modules that ran the LUT path) is cached in a weak dictionary
+keyed by module and invalidated when a source tensor is replaced or edited in place (`_version`), e.g.
+when PV-Tuning updates codes. Edits that bypass the version counter (`tensor.data[...] = ...`, or
+in-place ops on inference-mode tensors) are not seen: call `invalidate(module)` after those.
+
+The "dequant" path decodes into one workspace per (thread, device, dtype), shared by all layers (so it
+holds one dense weight, not a dense copy of the model); CUDA work on one stream is ordered, so reuse is
+safe there, but layers run concurrently on several CUDA streams would need their own workspaces.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import conv, lut
+
+KERNELS = ("triton", "lut", "dequant")
+TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
+LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
+LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- selection
+def kernel_override() -> str | None:
+    """The kernel forced by `AVQ_KERNEL`, or None for automatic; `ValueError` for unknown values."""
+    value = os.environ.get("AVQ_KERNEL", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in KERNELS:
+        raise ValueError(
+            f"AVQ_KERNEL={os.environ['AVQ_KERNEL']!r} is not a kernel; use one of {', '.join(KERNELS)} "
+            "(or leave it unset for automatic dispatch)"
+        )
+    return value
+
+
+def needs_autograd(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """True when a backward pass through this forward is possible (then only the decode path is used)."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (x, module.codebooks, module.scales, module.bias)
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_lut(rows: int, spec, out_features: int) -> bool:
+    """Whether the CPU LUT GEMM beats blocked dequantize + GEMM (rule step 3; measured, e.g. 4096x4096
+    2x8g8: 2.0 vs 30 ms at 1 row, 4.3 vs 9.1 ms at 4 rows, 16 vs 11 ms at 16 rows)."""
+    if spec.nbits > LUT_MAX_NBITS:
+        return False
+    return rows == 1 or (
+        rows <= LUT_MAX_ROWS and rows * spec.num_codebooks * spec.codebook_size <= out_features
+    )
+
+
+def choose_linear_kernel(device: torch.device, dtype: torch.dtype, rows: int, spec, out_features: int) -> str:
+    """The automatic choice for a Linear GEMM (rule steps 2-4)."""
+    if device.type == "cuda" and dtype in _TRITON_DTYPES:
+        return "triton" if rows <= TRITON_MAX_ROWS else "dequant"
+    if device.type == "cpu" and use_lut(rows, spec, out_features):
+        return "lut"
+    return "dequant"
+
+
+# ----------------------------------------------------------------------------- cache
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = -1
+    return (weakref.ref(t), version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+
+
+def _same(stamp: tuple, t: torch.Tensor) -> bool:
+    return stamp[0]() is t and stamp[1:] == _stamp(t)[1:]
+
+
+def cached(module: torch.nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable):
+    """`build(*sources)` memoised on `module`, rebuilt when any source tensor changes."""
+    entries = _CACHE.setdefault(module, {})
+    hit = entries.get(name)
+    if hit is not None and len(hit[0]) == len(sources) and all(map(_same, hit[0], sources)):
+        return hit[1]
+    with torch.no_grad():
+        value = build(*sources)
+    entries[name] = (tuple(_stamp(t) for t in sources), value)
+    return value
+
+
+def invalidate(module: torch.nn.Module | None = None) -> None:
+    """Drop cached kernel data of `module` (or of every module)."""
+    if module is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(module, None)
+
+
+def _books_f32(module) -> torch.Tensor:
+    return cached(module, "books_f32", (module.codebooks,), lambda b: b.detach().float().contiguous())
+
+
+def _lut_index(module) -> torch.Tensor:
+    C = module.spec.codebook_size
+    return cached(module, "lut_index", (module.codes,), lambda c: lut.lut_index(c, C))
+
+
+# ----------------------------------------------------------------------------- workspace
+_WORKSPACE = threading.local()  # per thread: {(device, dtype): flat buffer}
+
+
+def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable flat buffer shared by all layers (sized to the largest weight decoded so far).
+
+    Fresh multi-MiB CPU allocations are page-faulted in on every call, which costs as much as decoding;
+    one buffer per (thread, device, dtype) holds a single dense weight, not one per layer.
+    """
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    buf = pool.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = pool[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+    return buf[:numel]
+
+
+def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """Decoded `[out, K]` weight in `dtype` without autograd; bit-identical to `module._weight().to(dtype)`.
+
+    Valid until the next call on this thread (it lives in the shared workspace).
+    """
+    N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
+    out = _workspace(N * K, module.codes.device, dtype).view(N, K)
+    return lut.dequantize(module.codes, _books_f32(module), module.scales.detach(), out=out)
+
+
+# ----------------------------------------------------------------------------- forwards
+def _fused_matmul(kernel: str, module, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x2d [R, K] -> [R, N]` through the fused `kernel` ("triton" or "lut")."""
+    if kernel == "triton":
+        from . import triton_vqgemm  # imported lazily: CPU users never need triton
+
+        if x2d.device.type != "cuda" and not triton_vqgemm.INTERPRET:
+            raise RuntimeError(
+                "AVQ_KERNEL=triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
+                f"imported, for testing); got a {x2d.device.type} input"
+            )
+        return triton_vqgemm.vq_matmul(x2d, module.codes, _books_f32(module), module.scales.detach(), bias)
+    books = _books_f32(module) if x2d.dtype != torch.float64 else module.codebooks.detach().double()
+    return lut.lut_matmul(x2d, _lut_index(module), books, module.scales.detach(), bias)
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of `AQLinear`."""
+    forced = kernel_override()
+    if needs_autograd(module, x):
+        return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
+    K, N = module.shape[1], module.shape[0]
+    rows = x.numel() // K if K else 0
+    kernel = forced or choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+    bias = None if module.bias is None else module.bias.detach()
+    if kernel == "dequant" and x.device.type != "cpu":
+        return F.linear(x, dense_weight(module, x.dtype), module._bias(x.dtype))
+    if kernel == "dequant":  # CPU: decode and multiply block by block (see kernels/lut.py)
+        y = lut.dequant_matmul(
+            x.reshape(rows, K), module.codes, _books_f32(module), module.scales.detach(), bias
+        )
+    else:
+        y = _fused_matmul(kernel, module, x.reshape(rows, K), bias)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def conv2d(module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of `AQConv2d`."""
+    forced = kernel_override()
+    geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
+    if needs_autograd(module, x):
+        weight = module._weight().to(x.dtype)
+        return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+    if forced is not None:
+        strategy = "dequant" if forced == "dequant" else "implicit"
+        kernel = forced
+    else:
+        rows = conv.rows_of(x, *geometry)
+        strategy = conv.choose_conv_strategy(x.device, rows, module.shape[0])
+        kernel = "triton" if x.device.type == "cuda" else "lut"
+    if strategy == "dequant" or x.dim() != 4:  # unbatched [C, H, W] input: leave it to F.conv2d
+        weight = dense_weight(module, x.dtype).view(module.shape)
+        return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+    bias = None if module.bias is None else module.bias.detach()
+    return conv.implicit_gemm(x, lambda cols: _fused_matmul(kernel, module, cols, bias), *geometry)

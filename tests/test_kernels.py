@@ -1,0 +1,353 @@
+"""Kernels (`avq.kernels`) against dequantize-then-matmul.
+
+Without CUDA the Triton kernel runs under the Triton interpreter (`tests/conftest.py` sets
+`TRITON_INTERPRET=1`), so shapes stay small. The interpreter's bf16 `tl.dot` is broken (triton 3.9), so
+there the kernel rounds bf16 operands and multiplies in fp32; the native bf16 dot is tested on CUDA only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avq.kernels import conv, dispatch, lut, triton_vqgemm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
+from avq.qweight import code_dtype, decode
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+HYPOTHESIS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# atol relative to the largest |output|: fp32 accumulates identically up to order; fp16/bf16 round the
+# decoded weight (and x is already in that dtype in both paths).
+# On CUDA, sweeps use one fixed config: autotuning every random shape would compile 5 configs each time.
+# Autotuning itself runs in the module tests and the CUDA bf16 test.
+SWEEP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1} if CUDA else None
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-6}
+
+
+def random_qweight(shape: tuple[int, ...], spec: QuantSpec, seed: int = 0, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    K = 1
+    for d in shape[1:]:
+        K *= d
+    M, C, g = spec.num_codebooks, spec.codebook_size, spec.group_size
+    codes = torch.randint(0, C, (shape[0], K // g, M), generator=gen).to(code_dtype(spec.nbits))
+    codebooks = torch.randn(M, C, g, generator=gen).half()
+    scales = (torch.rand(shape[0], generator=gen) + 0.5).half()
+    return QuantizedWeight(spec, shape, codes, codebooks, scales).to(device)
+
+
+def assert_close_scaled(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == ref.shape and got.dtype == dtype
+    scale = max(float(ref.abs().max()), 1.0)
+    torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=ATOL[dtype] * scale)
+
+
+def reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 dequantize-then-matmul of the given (already rounded) inputs."""
+    w = decode(qw.codes, qw.codebooks, qw.scales)
+    return F.linear(x.float(), w.to(x.device), None if bias is None else bias.float())
+
+
+@st.composite
+def gemm_cases(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    g = draw(st.sampled_from([4, 8, 16, 9]))
+    nbits = draw(st.sampled_from([4, 8, 8, 16]))
+    M = draw(st.integers(1, 2 if nbits == 16 else 4))  # B = 16: 65536-entry codebooks, keep them few
+    spec = QuantSpec(M, nbits, g)
+    N = draw(st.integers(1, 40))
+    G = draw(st.integers(1, 6))
+    R = draw(st.sampled_from([1, 3, 16, 17, 33]))  # small-M family, tile tails, several row tiles
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**16))
+    return spec, N, G * g, R, dtype, draw(st.booleans()), seed
+
+
+def make_case(spec, N, K, R, dtype, with_bias, seed):
+    qw = random_qweight((N, K), spec, seed, DEVICE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(R, K, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=gen).to(DEVICE) if with_bias else None
+    return qw, x, bias
+
+
+# ----------------------------------------------------------------------------- Triton VQ-GEMM
+@HYPOTHESIS
+@given(
+    case=gemm_cases(),
+    config=st.sampled_from(
+        [
+            None,  # the interpreter default (SWEEP_CONFIG on CUDA)
+            {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1},  # many N and K tiles
+            {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3},  # split-K with atomics
+        ]
+    ),
+)
+def test_triton_vqgemm_matches_dequant(case, config) -> None:
+    spec, N, K, R, dtype, with_bias, seed = case
+    qw, x, bias = make_case(spec, N, K, R, dtype, with_bias, seed)
+    y = triton_vqgemm.vq_matmul(x, qw.codes, qw.codebooks, qw.scales, bias, config=config or SWEEP_CONFIG)
+    assert_close_scaled(y, reference(x, qw, bias), dtype)
+
+
+@pytest.mark.parametrize("g", [4, 8, 16, 9])
+@pytest.mark.parametrize("nbits", [8, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_triton_vqgemm_every_spec_family(M: int, nbits: int, g: int) -> None:
+    """Every (M, B, g) the presets use, with row, K and N tails; the random sweep above may miss one."""
+    qw, x, bias = make_case(QuantSpec(M, nbits, g), 19, 3 * g, 17, torch.float32, True, M * nbits + g)
+    y = triton_vqgemm.vq_matmul(x, qw.codes, qw.codebooks, qw.scales, bias, config=SWEEP_CONFIG)
+    assert_close_scaled(y, reference(x, qw, bias), torch.float32)
+
+
+def test_suite_runs_triton_in_one_mode() -> None:
+    """conftest.py must set TRITON_INTERPRET before triton is imported (else kernels are compiled)."""
+    assert triton_vqgemm.INTERPRET != CUDA
+
+
+def test_triton_vqgemm_strided_rows_and_errors() -> None:
+    qw, x, bias = make_case(QuantSpec(2, 8, 8), 24, 32, 5, torch.float32, True, 0)
+    wide = torch.randn(5, 48, device=DEVICE)
+    wide[:, :32] = x
+    y = triton_vqgemm.vq_matmul(wide[:, :32], qw.codes, qw.codebooks, qw.scales, bias)  # row stride 48
+    assert_close_scaled(y, reference(x, qw, bias), torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        triton_vqgemm.vq_matmul(x.double(), qw.codes, qw.codebooks, qw.scales)
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_vqgemm.vq_matmul(x[:, :16], qw.codes, qw.codebooks, qw.scales)
+    empty = triton_vqgemm.vq_matmul(x[:0], qw.codes, qw.codebooks, qw.scales)
+    assert empty.shape == (0, 24)
+
+
+@pytest.mark.skipif(not CUDA, reason="native bf16 tl.dot: the Triton interpreter's bf16 dot is broken")
+@pytest.mark.parametrize("R", [1, 7, 300])
+def test_triton_vqgemm_cuda_bf16_native(R: int) -> None:
+    qw, x, bias = make_case(QuantSpec(2, 8, 8), 96, 256, R, torch.bfloat16, True, 3)
+    y = triton_vqgemm.vq_matmul(x, qw.codes, qw.codebooks, qw.scales, bias)
+    assert_close_scaled(y, reference(x, qw, bias), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- CPU LUT path
+@HYPOTHESIS
+@given(
+    case=gemm_cases(dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16)),
+    block_target=st.sampled_from([1, 2, 4, 16]),
+)
+def test_lut_matmul_matches_dequant(case, block_target: int) -> None:
+    spec, N, K, R, dtype, with_bias, seed = case
+    qw, x, bias = make_case(spec, N, K, R, dtype, with_bias, seed)
+    x, bias, qw = x.cpu(), None if bias is None else bias.cpu(), qw.to("cpu")
+    G, M = K // spec.group_size, spec.num_codebooks
+    block = lut.group_block(G, target=block_target)  # 1 .. G groups per LUT block
+    index = lut.lut_index(qw.codes, spec.codebook_size, block)
+    assert index.dtype == torch.int32 and index.shape == (G // block, N, block * M)
+    books = qw.codebooks.double() if dtype == torch.float64 else qw.codebooks.float()
+    y = lut.lut_matmul(x, index, books, qw.scales, bias)
+    ref = reference(x, qw, bias)
+    if dtype in (torch.float16, torch.bfloat16):  # computed in fp32, rounded once at the end
+        torch.testing.assert_close(y, ref.to(dtype), rtol=0, atol=ATOL[dtype] * max(1.0, ref.abs().max()))
+    else:
+        assert_close_scaled(y, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(1, 8, 4), QuantSpec(3, 8, 9), QuantSpec(4, 4, 16), QuantSpec(2, 16, 8)]
+)
+def test_fast_dequantize_is_bit_identical_to_decode(monkeypatch, spec: QuantSpec) -> None:
+    monkeypatch.setattr(lut, "DEQUANT_BLOCK_BYTES", 64)  # several row blocks (16 rows each) + a tail
+    qw = random_qweight((37, 4 * spec.group_size), spec, seed=5)
+    ref = decode(qw.codes, qw.codebooks, qw.scales)
+    assert torch.equal(lut.dequantize(qw.codes, qw.codebooks, qw.scales), ref)
+    half = torch.empty(37, 4 * spec.group_size, dtype=torch.float16)
+    assert torch.equal(lut.dequantize(qw.codes, qw.codebooks, qw.scales, out=half), ref.half())
+    x, bias = torch.randn(5, 4 * spec.group_size), torch.randn(37)
+    y = lut.dequant_matmul(x, qw.codes, qw.codebooks, qw.scales, bias)
+    torch.testing.assert_close(y, F.linear(x, ref, bias), rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- convolutions
+CONV_GEOMETRIES = [
+    # (weight shape, stride, padding, dilation)
+    ((6, 3, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((6, 3, 3, 3), (2, 1), (0, 2), (1, 2)),
+    ((5, 4, 1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1: channels-last view, no unfold
+    ((5, 4, 1, 1), (2, 2), (0, 0), (1, 1)),
+    ((4, 2, 2, 2), (1, 1), "same", (1, 1)),  # even kernel: asymmetric padding
+    ((4, 2, 3, 3), (1, 1), "same", (2, 1)),
+    ((4, 2, 3, 3), (1, 1), "valid", (1, 1)),
+]
+
+
+@pytest.mark.parametrize(("shape", "stride", "padding", "dilation"), CONV_GEOMETRIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_implicit_gemm_matches_conv2d(shape, stride, padding, dilation, channels_last: bool) -> None:
+    w = torch.randn(shape)
+    x = torch.randn(2, shape[1], 7, 6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w2d = w.reshape(shape[0], -1)
+    y = conv.implicit_gemm(x, lambda cols: cols @ w2d.T, shape[2:], stride, padding, dilation)
+    ref = F.conv2d(x, w, None, stride, padding, dilation)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert conv.rows_of(x, shape[2:], stride, padding, dilation) == ref.shape[0] * ref.shape[2] * ref.shape[3]
+
+
+# ----------------------------------------------------------------------------- modules + dispatch
+LINEAR_SPECS = [QuantSpec(1, 8, 4), QuantSpec(2, 8, 8), QuantSpec(3, 4, 16), QuantSpec(1, 16, 8)]
+CONV_SPECS = [QuantSpec(2, 8, 9, "kernel"), QuantSpec(1, 8, 4), QuantSpec(4, 4, 9)]
+KERNEL_VALUES = ["triton", "lut", "dequant", "auto", ""]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_VALUES)
+@pytest.mark.parametrize("spec", LINEAR_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_aqlinear_under_each_kernel_equals_dequant(monkeypatch, kernel, spec, dtype) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", kernel)
+    qw = random_qweight((40, 48), spec, seed=1, device=DEVICE)
+    bias = torch.randn(40, device=DEVICE)
+    layer = AQLinear(qw, bias)
+    x = torch.randn(2, 9, 48, device=DEVICE).to(dtype)
+    ref = F.linear(x, qw.dequantize(dtype), bias.to(dtype))
+    with torch.no_grad():
+        y = layer(x)
+    if kernel == "dequant" and dtype == torch.float32:  # same decoded weight, blocked GEMM
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+    else:
+        assert_close_scaled(y, F.linear(x.float(), qw.dequantize(), bias), dtype)
+    assert y.shape == (2, 9, 40)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_VALUES)
+@pytest.mark.parametrize("spec", CONV_SPECS)
+@pytest.mark.parametrize(("stride", "padding"), [(1, 1), (2, "valid"), (1, "same")])
+def test_aqconv2d_under_each_kernel_equals_dequant(monkeypatch, kernel, spec, stride, padding) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", kernel)
+    qw = random_qweight((20, 4, 3, 3), spec, seed=2, device=DEVICE)
+    bias = torch.randn(20, device=DEVICE)
+    layer = AQConv2d(qw, bias, stride=stride, padding=padding)
+    x = torch.randn(2, 4, 6, 5, device=DEVICE)
+    ref = F.conv2d(x, qw.dequantize(), bias, stride, padding)
+    with torch.no_grad():
+        y = layer(x)
+    if kernel == "dequant":
+        assert torch.equal(y, ref)
+    else:
+        assert_close_scaled(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_VALUES)
+def test_backward_reaches_codebooks_and_scales_under_every_kernel(monkeypatch, kernel) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", kernel)
+    bias = torch.zeros(40, device=DEVICE)
+    lin = AQLinear(random_qweight((40, 32), QuantSpec(2, 8, 8), device=DEVICE), bias)
+    cv = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 9, "kernel"), device=DEVICE), padding=1)
+    x = torch.randn(3, 32, device=DEVICE)
+    (lin(x).square().sum() + cv(torch.randn(1, 4, 5, 5, device=DEVICE)).square().sum()).backward()
+    for module in (lin, cv):
+        for name in ("codebooks", "scales"):
+            grad = getattr(module, name).grad
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_gradient_to_input_through_frozen_layer(monkeypatch) -> None:
+    """A frozen quantized layer inside a trained model: backward must still reach x."""
+    monkeypatch.setenv("AVQ_KERNEL", "lut")
+    layer = AQLinear(random_qweight((40, 32), QuantSpec(2, 8, 8))).requires_grad_(False)
+    x = torch.randn(3, 32, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.qweight.dequantize().sum(0).expand(3, -1).float())
+
+
+@pytest.mark.parametrize("value", ["cuda", "Triton2", "none", "0"])
+def test_invalid_avq_kernel_is_a_clear_error(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", value)
+    layer = AQLinear(random_qweight((6, 16), QuantSpec(1, 8, 4)))
+    message = rf"AVQ_KERNEL='{value}' is not a kernel; use one of triton, lut, dequant"
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(2, 16))
+    monkeypatch.setenv("AVQ_KERNEL", " LUT ")  # case and spaces are forgiven
+    assert dispatch.kernel_override() == "lut"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", "triton")
+    monkeypatch.setattr(triton_vqgemm, "INTERPRET", False)
+    layer = AQLinear(random_qweight((6, 16), QuantSpec(1, 8, 4)))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        layer(torch.randn(2, 16))
+
+
+def test_automatic_rule() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    s28, s116 = QuantSpec(2, 8, 8), QuantSpec(1, 16, 8)
+    choose = dispatch.choose_linear_kernel
+    assert choose(cpu, torch.float32, 1, s28, 320) == "lut"  # one row: the LUT always wins
+    assert choose(cpu, torch.bfloat16, 4, s28, 4096) == "lut"  # 4 * 2 * 256 <= 4096
+    assert choose(cpu, torch.float32, 4, s28, 1280) == "dequant"  # LUT build > decode
+    assert choose(cpu, torch.float32, dispatch.LUT_MAX_ROWS + 1, s28, 4096) == "dequant"
+    assert choose(cpu, torch.float32, 1, s116, 4096) == "dequant"  # B = 16: the LUT never pays on CPU
+    assert choose(cuda, torch.float16, 1, s116, 4096) == "triton"
+    assert choose(cuda, torch.bfloat16, dispatch.TRITON_MAX_ROWS + 1, s28, 4096) == "dequant"
+    assert choose(cuda, torch.float64, 1, s28, 4096) == "dequant"
+    assert conv.choose_conv_strategy(cpu, 1, 320) == "dequant"
+    assert conv.choose_conv_strategy(cuda, 64, 320) == "implicit"
+    assert conv.choose_conv_strategy(cuda, 64, 8) == "dequant"  # patches 8x the weight
+    assert conv.choose_conv_strategy(cuda, conv.GPU_IMPLICIT_MAX_ROWS + 1, 4096) == "dequant"
+
+
+def test_automatic_cpu_dispatch_uses_lut_for_wide_layers(monkeypatch) -> None:
+    monkeypatch.delenv("AVQ_KERNEL", raising=False)
+    calls = []
+    real = lut.lut_matmul
+    monkeypatch.setattr(lut, "lut_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = AQLinear(random_qweight((1024, 16), QuantSpec(1, 8, 4)))
+    with torch.no_grad():
+        layer(torch.randn(1, 16))
+        assert calls == [1]
+        layer(torch.randn(dispatch.LUT_MAX_ROWS + 1, 16))
+        assert calls == [1]
+
+
+def test_cache_follows_code_and_codebook_edits(monkeypatch) -> None:
+    """PV-Tuning edits codes in place; a replaced buffer or an edited codebook must be seen too."""
+    monkeypatch.setenv("AVQ_KERNEL", "lut")
+    layer = AQLinear(random_qweight((8, 16), QuantSpec(1, 8, 4)))
+    x = torch.randn(2, 16)
+
+    def check() -> None:
+        with torch.no_grad():
+            ref = F.linear(x, layer.qweight.dequantize())
+            torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+    check()
+    layer.codes[0, 0, 0] = (int(layer.codes[0, 0, 0]) + 1) % 256  # in place: _version bumps
+    check()
+    layer.codes = torch.randint(0, 256, layer.codes.shape, dtype=torch.uint8)  # replaced buffer
+    check()
+    with torch.no_grad():
+        layer.codebooks.mul_(-1)  # an optimizer step on the codebooks
+    check()
+    monkeypatch.setenv("AVQ_KERNEL", "dequant")
+    check()
+    layer.codes.data[0, 0, 0] ^= 1  # bypasses the version counter: documented, needs invalidate()
+    dispatch.invalidate(layer)
+    check()
+
+
+def test_dequant_workspace_is_reused_and_correct(monkeypatch) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", "dequant")
+    big = AQLinear(random_qweight((32, 64), QuantSpec(1, 8, 4), seed=1))
+    small = AQLinear(random_qweight((16, 32), QuantSpec(2, 8, 8), seed=2))
+    with torch.no_grad():
+        for layer in (big, small, big):
+            w = dispatch.dense_weight(layer, torch.float16)
+            assert torch.equal(w, layer.qweight.dequantize(torch.float16).flatten(1))
+    assert dispatch._WORKSPACE.pool[(torch.device("cpu"), torch.float16)].numel() == 32 * 64
+    conv_layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 9)), padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(conv_layer(x), F.conv2d(x, conv_layer.qweight.dequantize(), None, 1, 1))
