@@ -47,9 +47,13 @@ def assert_close_scaled(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
 
 
 def reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 dequantize-then-matmul of the given (already rounded) inputs."""
-    w = decode(qw.codes, qw.codebooks, qw.scales)
-    return F.linear(x.float(), w.to(x.device), None if bias is None else bias.float())
+    """fp32 dequantize-then-matmul of the given (already rounded) inputs, rounded as the kernel documents:
+    the unscaled codeword sums are cast to the input dtype (the `tl.dot` operand), the scales multiply the
+    fp32 accumulator."""
+    ones = torch.ones_like(qw.scales)
+    w = decode(qw.codes, qw.codebooks, ones).to(x.dtype).float().to(x.device)  # [N, K], as fed to tl.dot
+    y = F.linear(x.float(), w) * qw.scales.float().to(x.device)
+    return y if bias is None else y + bias.float()
 
 
 @st.composite

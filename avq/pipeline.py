@@ -1,0 +1,544 @@
+"""Whole-model quantization: calibrate, choose what to quantize, solve layer by layer, checkpoint.
+
+Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
+
+- `w2a16`: AQ `1x8g4` for every Linear and Conv2d, falling back to `1x4g2` where the codebook overhead of
+  `1x8g4` is too large (small layers). Why `1x8g4` and not `2x8g8` (both 2 code bits): on the real-size
+  synthetic layers `1x8g4` has the lower error at lower total bits (conv 256x256x3x3: 0.0338 at 2.035
+  bits vs 0.0357 at 2.118; linear 512x512: 0.0422 at 2.094 vs 0.0425 at 2.281). On the 32-64-channel
+  layers of `digits-unet-mini` `2x8g8` has ~10x lower error but costs 9.2 total bits per weight against
+  3.8: it wins only by storing almost every group verbatim, which is not 2-bit quantization.
+- `w4a16`: AQ `2x8g4` (4 code bits; about even with GPTQ int4 on real-size layers, 1.1x better on the mini
+  UNet's convs), falling back to `1x8g2` then `2x4g2` on small layers.
+- `w4a8`, `w2a8`: 8-bit activations are not implemented yet; asking for them raises
+  `ActivationQuantizationNotImplementedError` rather than silently returning an A16 model.
+- `--method gptq|rtn`: uniform per-channel int2/int4 with the same FP-keep rule. There is no uniform-
+  quantized module yet, so these are *simulated*: the dense weight is replaced by its dequantized value
+  (the report says so per layer, `simulated: true`).
+
+FP-keep rule (each kept layer's reason is in its report row). A layer stays in full precision when:
+
+1. it is the model's first or last layer (`conv_in`, `conv_out`, the patch embedding `pos_embed.proj`,
+   the final projections `proj_out*` of DiT/PixArt; `QuantizeConfig.keep_fp`): few weights, but every
+   error there reaches the output unfiltered (keeping just `conv_in`/`conv_out` in FP cut a 2-bit GPTQ
+   model's output error 3.4x, design.md);
+2. it is a grouped conv or has a non-zero padding mode (the quantized modules cannot represent it);
+3. no candidate spec fits it: `K` is not divisible by any candidate group size (e.g. `conv_in` of a
+   1-channel model, `K = 9`);
+4. every candidate that fits costs more than `code_bits + max_overhead_bits` total bits per weight:
+   codebooks and scales are stored in fp16, and on a small layer they outweigh the codes (design.md:
+   budget by total bits);
+5. it saw no input during calibration (a branch the sampler never calls).
+
+Resume: with `checkpoint_dir`, each finished layer is written atomically (`layers/<name>.safetensors` +
+`manifest.json`, temporary file then rename), together with the calibration Hessians, and a fingerprint of
+the model (class, config, weights), the `QuantizeConfig` and the calibration settings; `resume=True`
+applies the finished layers and continues with the rest, and a checkpoint of another model or config is
+refused with `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .aq import SolverOptions, quantize_weight
+from .baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from .calibration import CalibrationConfig, calibrate, quantizable_layers
+from .modules import AQModule, replace_module
+from .qweight import QuantizedWeight
+from .spec import QuantSpec
+
+METHODS = ("avq", "gptq", "rtn")
+PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8")
+FP16_BITS = 16
+
+# (pattern on the full dotted layer name, reason). Top-level names only: `proj_out*` does not match the
+# `...attentions.0.proj_out` projections inside UNet transformer blocks.
+DEFAULT_KEEP_FP: tuple[tuple[str, str], ...] = (
+    ("conv_in", "first layer (model input)"),
+    ("pos_embed.proj", "first layer (patch embedding)"),
+    ("conv_out", "last layer (model output)"),
+    ("proj_out*", "last layer (model output)"),
+)
+
+_W2_SPECS = (QuantSpec(1, 8, 4), QuantSpec(1, 4, 2))
+_W4_SPECS = (QuantSpec(2, 8, 4), QuantSpec(1, 8, 2), QuantSpec(2, 4, 2))
+
+
+class PresetError(ValueError):
+    """An unknown preset or method."""
+
+
+class ActivationQuantizationNotImplementedError(NotImplementedError):
+    """A preset asks for quantized activations (a8), which avq does not implement yet."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used: another model/config, or an unfinished run not resumed."""
+
+
+# ============================================================================ config
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to quantize and how.
+
+    `linear_specs` / `conv_specs`: AQ candidates in order of preference (the first one that fits the
+    layer and the overhead limit wins; 1x1 convs use `linear_specs`, they are Linear layers in disguise).
+    `bits`: the uniform grid of `gptq`/`rtn`. `keep_fp`: (name pattern, reason) pairs always kept in FP.
+    `max_overhead_bits`: keep a layer in FP if its total bits would exceed code bits + this (None: no limit).
+    """
+
+    method: str = "avq"
+    linear_specs: tuple[QuantSpec, ...] = _W4_SPECS
+    conv_specs: tuple[QuantSpec, ...] = _W4_SPECS
+    bits: int = 4
+    solver: SolverOptions = field(default_factory=SolverOptions)
+    keep_fp: tuple[tuple[str, str], ...] = DEFAULT_KEEP_FP
+    max_overhead_bits: float | None = 1.0
+    activation_bits: int = 16
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PresetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.activation_bits != 16:
+            raise ActivationQuantizationNotImplementedError(
+                f"{self.activation_bits}-bit activations are not implemented yet (only a16)"
+            )
+        if self.method == "avq" and not (self.linear_specs and self.conv_specs):
+            raise PresetError("QuantizeConfig: avq needs at least one linear and one conv spec")
+        if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:
+            raise PresetError(f"max_overhead_bits must be >= 0 or None, got {self.max_overhead_bits!r}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["linear_specs"] = [s.name for s in self.linear_specs]
+        data["conv_specs"] = [s.name for s in self.conv_specs]
+        data["keep_fp"] = [list(p) for p in self.keep_fp]
+        return data
+
+
+def preset_config(preset: str, method: str = "avq", **overrides: Any) -> QuantizeConfig:
+    """The documented `QuantizeConfig` of a preset (see the module docstring for why these specs)."""
+    if preset not in PRESETS:
+        raise PresetError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    if method not in METHODS:
+        raise PresetError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if preset.endswith("a8"):
+        raise ActivationQuantizationNotImplementedError(
+            f"preset {preset}: 8-bit activations are not implemented yet; use {preset[:2]}a16"
+        )
+    specs = _W2_SPECS if preset.startswith("w2") else _W4_SPECS
+    bits = 2 if preset.startswith("w2") else 4
+    return QuantizeConfig(
+        method=method, linear_specs=specs, conv_specs=specs, bits=bits, preset=preset, **overrides
+    )
+
+
+# ============================================================================ planning
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: str  # "linear" | "conv2d"
+    shape: tuple[int, ...]
+    spec: QuantSpec | None = None  # avq
+    bits: int | None = None  # gptq / rtn
+    reason: str | None = None  # set when kept in FP
+
+    @property
+    def quantized(self) -> bool:
+        return self.reason is None
+
+
+def aq_total_bits(shape: tuple[int, ...], spec: QuantSpec) -> float:
+    """Total bits per weight of `spec` on a weight of `shape`, as `QuantizedWeight.total_bits` counts it."""
+    out, K = shape[0], math.prod(shape[1:])
+    codes = out * (K // spec.group_size) * spec.num_codebooks * spec.nbits
+    stored = codes + (spec.num_codebooks * spec.codebook_size * spec.group_size + out) * FP16_BITS
+    return stored / (out * K)
+
+
+def uniform_total_bits(shape: tuple[int, ...], bits: int) -> float:
+    out, K = shape[0], math.prod(shape[1:])
+    return (out * K * bits + 2 * out * FP16_BITS) / (out * K)
+
+
+def plan_layer(name: str, layer: nn.Module, config: QuantizeConfig) -> LayerPlan:
+    """Apply the FP-keep rule to one layer and pick its spec (or bits)."""
+    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+    shape = tuple(layer.weight.shape)
+    kept = lambda reason: LayerPlan(name, kind, shape, reason=reason)  # noqa: E731
+    for pattern, reason in config.keep_fp:
+        if fnmatch.fnmatchcase(name, pattern):
+            return kept(reason)
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return kept(f"grouped conv (groups={layer.groups})")
+        if layer.padding_mode != "zeros":
+            return kept(f"padding_mode={layer.padding_mode!r}")
+    limit = math.inf if config.max_overhead_bits is None else config.max_overhead_bits
+    if config.method != "avq":
+        total = uniform_total_bits(shape, config.bits)
+        if total > config.bits + limit:
+            return kept(
+                f"overhead: int{config.bits} would cost {total:.2f} total bits (> {config.bits} + {limit})"
+            )
+        return LayerPlan(name, kind, shape, bits=config.bits)
+    K = math.prod(shape[1:])
+    is_1x1 = kind == "linear" or shape[2] * shape[3] == 1
+    candidates = config.linear_specs if is_1x1 else config.conv_specs
+    fitting = [
+        s
+        for s in candidates
+        if K % s.group_size == 0 and (s.conv_grouping == "k" or s.group_size == K // shape[1])
+    ]
+    if not fitting:
+        sizes = ", ".join(str(s.group_size) for s in candidates)
+        return kept(f"K={K} not divisible by any candidate group size ({sizes})")
+    best = None
+    for spec in fitting:
+        total = aq_total_bits(shape, spec)
+        if total <= spec.code_bits + limit:
+            return LayerPlan(name, kind, shape, spec=spec)
+        if best is None or total - spec.code_bits < best[1] - best[0].code_bits:
+            best = (spec, total)
+    spec, total = best
+    return kept(
+        f"codebook overhead: {spec.name} would cost {total:.2f} total bits for {spec.code_bits:g} code bits "
+        f"(limit +{limit:g})"
+    )
+
+
+def plan_model(model: nn.Module, config: QuantizeConfig) -> list[LayerPlan]:
+    """The plan of every Linear/Conv2d of `model`, in module order."""
+    plans = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name:
+            plans.append(plan_layer(name, module, config))
+    return plans
+
+
+# ============================================================================ report
+@dataclass
+class QuantizeReport:
+    """Per-layer rows plus notes. Rows: name, kind, shape, status ("quantized" | "kept_fp"), spec,
+    code_bits, total_bits, relative_error (H-weighted, against the calibration Hessian), seconds,
+    n_rows (calibration rows), simulated (gptq/rtn: dense weight replaced by its dequantized value),
+    reason (kept_fp only)."""
+
+    method: str = ""
+    preset: str | None = None
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Weight-weighted code/total bits over quantized layers and over all layers (FP counted as 16)."""
+        q = [r for r in self.rows if r["status"] == "quantized"]
+        n = lambda r: math.prod(r["shape"])  # noqa: E731
+        nq, nall = sum(n(r) for r in q), sum(n(r) for r in self.rows)
+        return {
+            "layers": len(self.rows),
+            "quantized": len(q),
+            "kept_fp": len(self.rows) - len(q),
+            "code_bits": sum(n(r) * r["code_bits"] for r in q) / nq if nq else None,
+            "total_bits_quantized": sum(n(r) * r["total_bits"] for r in q) / nq if nq else None,
+            "total_bits_all": (
+                sum(n(r) * (r["total_bits"] if r["status"] == "quantized" else FP16_BITS) for r in self.rows)
+                / nall
+                if nall
+                else None
+            ),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "preset": self.preset,
+            "summary": self.summary(),
+            "notes": self.notes,
+            "rows": self.rows,
+        }
+
+    def table(self) -> str:
+        """A plain-text table, one line per layer."""
+        header = (
+            f"{'layer':<48} {'kind':<6} {'shape':<14} {'spec':<7} {'code':>5} {'total':>6} "
+            f"{'rel.err':>9} {'s':>6}"
+        )
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            shape = "x".join(map(str, r["shape"]))
+            kind = "conv" if r["kind"] == "conv2d" else "linear"
+            if r["status"] == "quantized":
+                lines.append(
+                    f"{r['name']:<48} {kind:<6} {shape:<14} {r['spec']:<7} {r['code_bits']:>5.3g} "
+                    f"{r['total_bits']:>6.3f} {r['relative_error']:>9.3g} {r['seconds']:>6.2f}"
+                )
+            else:
+                lines.append(f"{r['name']:<48} {kind:<6} {shape:<14} FP      ({r['reason']})")
+        s = self.summary()
+        if s["quantized"]:
+            lines.append(
+                f"{s['quantized']} of {s['layers']} layers quantized: {s['code_bits']:.3g} code bits, "
+                f"{s['total_bits_quantized']:.3f} total bits per quantized weight, "
+                f"{s['total_bits_all']:.3f} over all Linear/Conv2d weights (FP at 16)"
+            )
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+# ============================================================================ checkpoint
+def _tensor_digest(digest, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{t.dtype}{list(tensor.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> str:
+    """sha256 over the model class, config and weights, the QuantizeConfig and the calibration input."""
+    digest = hashlib.sha256()
+    model_config = dict(getattr(model, "config", {}) or {})
+    model_config = {k: v for k, v in model_config.items() if k not in ("_diffusers_version", "_name_or_path")}
+    digest.update(type(model).__name__.encode())
+    digest.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        _tensor_digest(digest, tensor)
+    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    if isinstance(calibration, CalibrationConfig):
+        digest.update(json.dumps(calibration.to_dict(), sort_keys=True).encode())
+    else:
+        for name in sorted(calibration):
+            value = calibration[name]
+            H = value[0] if isinstance(value, tuple) else value
+            digest.update(name.encode())
+            _tensor_digest(digest, H)
+    return digest.hexdigest()
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _Checkpoint:
+    """`manifest.json` ({fingerprint, n_rows, rows, complete}), `hessians.safetensors`,
+    `layers/<name>.safetensors`; every file written to a temporary name, then renamed."""
+
+    def __init__(self, folder: Path, fp: str, resume: bool):
+        self.folder = folder
+        self.manifest_path = folder / "manifest.json"
+        if self.manifest_path.exists():
+            manifest = json.loads(self.manifest_path.read_text())
+            if not resume:
+                raise CheckpointError(
+                    f"{folder} holds an unfinished run; resume it (resume=True / --resume) "
+                    "or delete the folder"
+                )
+            if manifest.get("fingerprint") != fp:
+                raise CheckpointError(
+                    f"{folder} is a checkpoint of another model or configuration (fingerprint mismatch); "
+                    "delete it or use the original model, preset, method and calibration settings"
+                )
+            self.manifest = manifest
+        else:
+            if folder.exists() and any(folder.iterdir()):
+                raise CheckpointError(f"{folder} exists and is not an avq checkpoint; choose another folder")
+            (folder / "layers").mkdir(parents=True, exist_ok=True)
+            self.manifest = {"fingerprint": fp, "n_rows": {}, "rows": {}, "complete": False}
+            _atomic_write_json(self.manifest, self.manifest_path)
+
+    @property
+    def done(self) -> dict[str, dict]:
+        return self.manifest["rows"]
+
+    def load_hessians(self, names: list[str]) -> dict[str, tuple[torch.Tensor, int]] | None:
+        path = self.folder / "hessians.safetensors"
+        if not path.exists():
+            return None
+        stored = load_file(str(path))
+        if not set(names) <= set(stored):
+            return None
+        return {n: (stored[n], int(self.manifest["n_rows"][n])) for n in names}
+
+    def save_hessians(self, hessians: dict[str, tuple[torch.Tensor, int]]) -> None:
+        _atomic_save_file({n: h for n, (h, _) in hessians.items()}, self.folder / "hessians.safetensors")
+        self.manifest["n_rows"] = {n: c for n, (_, c) in hessians.items()}
+        _atomic_write_json(self.manifest, self.manifest_path)
+
+    def _layer_path(self, name: str) -> Path:
+        return self.folder / "layers" / f"{name}.safetensors"
+
+    def save_layer(self, name: str, row: dict, tensors: dict[str, torch.Tensor]) -> None:
+        _atomic_save_file(tensors, self._layer_path(name))  # first the tensors, then the manifest entry
+        self.manifest["rows"][name] = row
+        _atomic_write_json(self.manifest, self.manifest_path)
+
+    def load_layer(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self._layer_path(name)))
+
+    def finish(self) -> None:
+        self.manifest["complete"] = True
+        _atomic_write_json(self.manifest, self.manifest_path)
+
+
+# ============================================================================ quantize
+def _stored_tensors(result: QuantizedWeight | UniformQuantizedWeight) -> dict[str, torch.Tensor]:
+    return {k: getattr(result, k) for k in result._tensors}
+
+
+def _rebuild(plan: LayerPlan, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | UniformQuantizedWeight:
+    if plan.spec is not None:
+        return QuantizedWeight(spec=plan.spec, shape=plan.shape, **tensors)
+    return UniformQuantizedWeight(bits=plan.bits, shape=plan.shape, **tensors)
+
+
+def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQuantizedWeight) -> None:
+    layer = model.get_submodule(plan.name)
+    if isinstance(result, QuantizedWeight):
+        replace_module(model, plan.name, AQModule.from_layer(layer, result))
+    else:  # simulated: no uniform-quantized module yet
+        with torch.no_grad():
+            layer.weight.copy_(result.dequantize(layer.weight.dtype).to(layer.weight.device))
+
+
+def _solve(model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig):
+    weight = model.get_submodule(plan.name).weight.detach()
+    if config.method == "avq":
+        return quantize_weight(weight, hessian, plan.spec, name=plan.name, **asdict(config.solver))
+    if config.method == "gptq":
+        return quantize_weight_gptq(weight, hessian, plan.bits, name=plan.name)
+    return quantize_weight_rtn(weight, plan.bits, hessian, name=plan.name)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantizeConfig,
+    calibration: CalibrationConfig | Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    conditioning: torch.Tensor | None = None,
+    on_layer: Callable[[dict], None] | None = None,
+    report: QuantizeReport | None = None,
+) -> nn.Module:
+    """Quantize `model` in place and return it (design.md contract).
+
+    Pass an empty `QuantizeReport()` as `report` to receive the per-layer table and notes.
+
+    `calibration`: a `CalibrationConfig` (run the FP sampler, `avq.calibration.calibrate`) or ready
+    Hessians `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are all collected from the FP model before any
+    layer is replaced (no sequential re-calibration). `on_layer(row)` is called after each layer is
+    finished (and checkpointed). See the module docstring for the FP-keep rule and resume.
+    """
+    from tqdm.auto import tqdm
+
+    plans = plan_model(model, config)
+    quantizable = set(quantizable_layers(model))
+    plans = [
+        p if p.name in quantizable or not p.quantized else replace(p, reason="not a quantizable layer")
+        for p in plans
+    ]
+    todo = [p for p in plans if p.quantized]
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = _Checkpoint(Path(checkpoint_dir), fingerprint(model, config, calibration), resume)
+    done = ckpt.done if ckpt else {}
+
+    # Statistics, from the FP model (before anything is replaced).
+    pending = [p.name for p in todo if p.name not in done]
+    if isinstance(calibration, CalibrationConfig):
+        hessians = (ckpt.load_hessians(pending) if ckpt and pending else None) or {}
+        if pending and not hessians:
+            hessians = calibrate(model, pending, calibration, conditioning=conditioning, progress=progress)
+            if ckpt:
+                ckpt.save_hessians(hessians)
+    else:
+        hessians = {}
+        for name in pending:
+            if name not in calibration:
+                raise ValueError(f"quantize: no Hessian given for layer {name!r}")
+            value = calibration[name]
+            hessians[name] = value if isinstance(value, tuple) else (value, -1)
+
+    report = QuantizeReport() if report is None else report
+    report.method, report.preset = config.method, config.preset
+    if config.method != "avq":
+        report.notes.append(
+            f"{config.method} results are simulated: each dense weight is replaced by its dequantized "
+            f"int{config.bits} value (there is no uniform-quantized module yet), so the model is not smaller"
+        )
+    rows: dict[str, dict] = {}
+    bar = tqdm(todo, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    for plan in bar:
+        bar.set_postfix_str(plan.name[-40:])
+        if plan.name in done:
+            _apply(model, plan, _rebuild(plan, ckpt.load_layer(plan.name)))
+            rows[plan.name] = done[plan.name]
+            continue
+        hessian, n_rows = hessians[plan.name]
+        if n_rows == 0:
+            rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
+            continue
+        start = time.perf_counter()
+        result = _solve(model, plan, hessian, config)
+        _apply(model, plan, result)
+        row = {
+            "name": plan.name,
+            "kind": plan.kind,
+            "shape": list(plan.shape),
+            "status": "quantized",
+            "spec": plan.spec.name if plan.spec else f"int{plan.bits}",
+            "code_bits": result.code_bits,
+            "total_bits": result.total_bits,
+            "relative_error": float(result.info["relative_error"]),
+            "seconds": round(time.perf_counter() - start, 3),
+            "n_rows": int(n_rows),
+            "simulated": config.method != "avq",
+        }
+        rows[plan.name] = row
+        if ckpt:
+            ckpt.save_layer(plan.name, row, _stored_tensors(result))
+        if on_layer is not None:
+            on_layer(row)
+    bar.close()
+    if ckpt:
+        ckpt.finish()
+    report.rows = [rows.get(p.name) or _kept_row(p, p.reason) for p in plans]
+    return model
+
+
+def _kept_row(plan: LayerPlan, reason: str) -> dict:
+    return {
+        "name": plan.name,
+        "kind": plan.kind,
+        "shape": list(plan.shape),
+        "status": "kept_fp",
+        "spec": None,
+        "code_bits": None,
+        "total_bits": None,
+        "relative_error": None,
+        "seconds": 0.0,
+        "reason": reason,
+    }

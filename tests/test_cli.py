@@ -1,0 +1,133 @@
+"""`avq quantize`: parses, calls the API, prints the table, saves; user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_calibration import tiny_unet
+
+import avq
+from avq.cli import main
+
+TINY_ARGS = ["--num-samples", "2", "--batch-size", "2", "--steps", "3", "--timesteps-kept", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-unet"
+    tiny_unet().save_pretrained(folder)
+    return folder
+
+
+def test_quantize_folder_saves_loadable_model(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    figures = tmp_path / "figures.json"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_folder),
+            "--preset",
+            "w2a16",
+            "--out",
+            str(out),
+            "--json",
+            str(figures),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "conv_in" in printed and "first layer" in printed and f"saved {out}" in printed
+    data = json.loads(figures.read_text())
+    assert data["preset"] == "w2a16" and data["summary"]["quantized"] > 0
+    assert len(data["rows"]) == data["summary"]["layers"]
+    model = avq.load_quantized(out)
+    assert any(isinstance(m, avq.AQConv2d) for m in model.modules())
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["quantization_config"]["extra"]["preset"] == "w2a16"
+    assert not (tmp_path / "q.partial").exists()  # checkpoint removed after success
+
+
+def test_quantize_shipped_model_rtn(tmp_path, capsys):
+    figures = tmp_path / "f.json"
+    out = tmp_path / "q"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            "digits-unet-mini",
+            "--preset",
+            "w4a16",
+            "--method",
+            "rtn",
+            "--out",
+            str(out),
+            "--json",
+            str(figures),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 0
+    assert "simulated" in capsys.readouterr().out
+    data = json.loads(figures.read_text())
+    assert data["method"] == "rtn" and all(r["simulated"] for r in data["rows"] if r["status"] == "quantized")
+
+
+@pytest.mark.parametrize(
+    "model, preset, message",
+    [
+        ("no-such-model", "w2a16", "unknown model 'no-such-model'"),
+        ("FOLDER_EMPTY", "w2a16", "not a diffusers model folder"),
+        ("FOLDER_NOCLASS", "w2a16", "no _class_name"),
+        ("TINY", "w4a8", "8-bit activations are not implemented"),
+    ],
+)
+def test_user_errors_exit_2(model, preset, message, tmp_path, tiny_folder, capsys):
+    if model == "FOLDER_EMPTY":
+        model = str(tmp_path)
+    elif model == "FOLDER_NOCLASS":
+        (tmp_path / "config.json").write_text('{"in_channels": 3}')
+        model = str(tmp_path)
+    elif model == "TINY":
+        model = str(tiny_folder)
+    code = main(["quantize", "--model", model, "--preset", preset, "--out", str(tmp_path / "q"), *TINY_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+
+
+def test_interrupted_run_needs_resume(tiny_folder, tmp_path, capsys):
+    (tmp_path / "q.partial").mkdir()
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_folder),
+            "--preset",
+            "w2a16",
+            "--out",
+            str(tmp_path / "q"),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "avq", "quantize", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "--preset" in result.stdout

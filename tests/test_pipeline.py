@@ -1,0 +1,196 @@
+"""Whole-model quantization: presets, FP-keep rule, end to end with save/load, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from test_calibration import TINY, tiny_dit, tiny_unet
+
+import avq
+from avq.modules import AQModule
+from avq.pipeline import (
+    ActivationQuantizationNotImplementedError,
+    CheckpointError,
+    PresetError,
+    QuantizeConfig,
+    QuantizeReport,
+    aq_total_bits,
+    plan_layer,
+    plan_model,
+    preset_config,
+    quantize,
+)
+
+FAST = avq.SolverOptions(max_rounds=2, kmeans_iters=5)
+
+
+def quantize_with_report(*args, **kwargs) -> tuple[nn.Module, QuantizeReport]:
+    report = QuantizeReport()
+    return quantize(*args, report=report, **kwargs), report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def w2(method: str = "avq") -> QuantizeConfig:
+    return preset_config("w2a16", method, solver=FAST)
+
+
+@torch.no_grad()
+def outputs(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    return model(x, 500, class_labels=torch.tensor([1, 3])).sample
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model, report = quantize_with_report(tiny_unet(), w2(), TINY, progress=False)
+    return model, report
+
+
+def test_presets():
+    assert [s.name for s in preset_config("w2a16").conv_specs] == ["1x8g4", "1x4g2"]
+    assert [s.name for s in preset_config("w4a16").linear_specs][0] == "2x8g4"
+    assert preset_config("w4a16", "gptq").bits == 4
+    with pytest.raises(
+        ActivationQuantizationNotImplementedError, match="8-bit activations are not implemented"
+    ):
+        preset_config("w4a8")
+    with pytest.raises(PresetError, match="unknown preset"):
+        preset_config("w3a16")
+    with pytest.raises(PresetError, match="unknown method"):
+        preset_config("w2a16", "awq")
+
+
+def test_end_to_end_save_load(quantized, tmp_path):
+    model, report = quantized
+    rows = {r["name"]: r for r in report.rows}
+    assert rows["conv_in"]["status"] == "kept_fp" and "first layer" in rows["conv_in"]["reason"]
+    assert rows["conv_out"]["status"] == "kept_fp" and "last layer" in rows["conv_out"]["reason"]
+    assert "codebook overhead" in rows["down_blocks.1.attentions.0.to_q"]["reason"]
+    q = [r for r in report.rows if r["status"] == "quantized"]
+    assert q, "some layers must be quantized"
+    for r in q:
+        module = model.get_submodule(r["name"])
+        assert isinstance(module, AQModule) and module.spec.name == r["spec"]
+        assert r["code_bits"] == 2 and r["code_bits"] < r["total_bits"] <= 3
+        assert 0 <= r["relative_error"] < 1 and r["n_rows"] > 0
+    assert isinstance(model.conv_in, nn.Conv2d)
+    summary = report.summary()
+    assert summary["quantized"] == len(q) and summary["layers"] == len(report.rows)
+    assert "quantized" in report.table() and "first layer" in report.table()
+    json.dumps(report.to_dict())  # JSON-safe
+
+    folder = avq.save_quantized(model, tmp_path / "q")
+    loaded = avq.load_quantized(folder)
+    assert torch.equal(outputs(loaded), outputs(model))
+    fp = outputs(tiny_unet())
+    assert not torch.equal(outputs(model), fp)
+
+
+def test_predicted_total_bits_match_stored(quantized):
+    model, report = quantized
+    for r in report.rows:
+        if r["status"] == "quantized":
+            module = model.get_submodule(r["name"])
+            assert aq_total_bits(tuple(r["shape"]), module.spec) == pytest.approx(module.total_bits)
+
+
+def test_keep_rule_cases():
+    config = QuantizeConfig(
+        keep_fp=(), max_overhead_bits=None, linear_specs=preset_config("w2a16").linear_specs
+    )
+    assert "K=7 not divisible" in plan_layer("a", nn.Linear(7, 4), config).reason
+    assert "grouped conv" in plan_layer("b", nn.Conv2d(4, 4, 3, groups=2), config).reason
+    assert (
+        "padding_mode='reflect'" in plan_layer("c", nn.Conv2d(4, 4, 3, padding_mode="reflect"), config).reason
+    )
+    assert plan_layer("d", nn.Linear(8, 4), config).spec.name == "1x8g4"  # no overhead limit: first fits
+    strict = QuantizeConfig(keep_fp=(), max_overhead_bits=1.0)
+    assert plan_layer("e", nn.Linear(512, 512), strict).spec.name == "2x8g4"
+    assert plan_layer("f", nn.Linear(64, 64), strict).spec.name == "2x4g2"  # fallback on a small layer
+    assert "codebook overhead" in plan_layer("g", nn.Linear(8, 4), strict).reason
+
+
+def test_dit_first_and_last_layers_kept():
+    plans = {p.name: p for p in plan_model(tiny_dit(), preset_config("w4a16"))}
+    for name in ("pos_embed.proj", "proj_out_1", "proj_out_2"):
+        assert not plans[name].quantized, name
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_baselines_are_simulated(method):
+    model, report = quantize_with_report(tiny_unet(), w2(method), TINY, progress=False)
+    assert "simulated" in report.notes[0]
+    q = [r for r in report.rows if r["status"] == "quantized"]
+    assert q and all(r["simulated"] and r["spec"] == "int2" for r in q)
+    assert not any(isinstance(m, AQModule) for m in model.modules())
+    weight = model.get_submodule(q[0]["name"]).weight
+    assert len(torch.unique(weight[0])) <= 4  # int2 grid per row
+
+
+def test_given_hessians():
+    model = tiny_unet()
+    names = [p.name for p in plan_model(model, w2()) if p.quantized]
+    hessians = avq.calibrate(model, names, TINY, progress=False)
+    _, report = quantize_with_report(
+        tiny_unet(), w2(), {n: h for n, (h, _) in hessians.items()}, progress=False
+    )
+    _, reference = quantize_with_report(tiny_unet(), w2(), TINY, progress=False)
+    assert [r["relative_error"] for r in report.rows] == [r["relative_error"] for r in reference.rows]
+    with pytest.raises(ValueError, match="no Hessian given"):
+        quantize(tiny_unet(), w2(), {}, progress=False)
+
+
+def test_resume_after_interruption(quantized, tmp_path):
+    reference_model, reference = quantized
+    ckpt = tmp_path / "ckpt"
+    finished = []
+
+    def interrupt(row):
+        finished.append(row["name"])
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_unet(), w2(), TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert list(manifest["rows"]) == finished and not manifest["complete"]
+
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        quantize(tiny_unet(), w2(), TINY, checkpoint_dir=ckpt, progress=False)
+    with pytest.raises(CheckpointError, match="another model or configuration"):
+        quantize(
+            tiny_unet(),
+            preset_config("w4a16", solver=FAST),
+            TINY,
+            checkpoint_dir=ckpt,
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(CheckpointError, match="another model or configuration"):
+        quantize(tiny_unet(seed=1), w2(), TINY, checkpoint_dir=ckpt, resume=True, progress=False)
+
+    solved = []
+    model, report = quantize_with_report(
+        tiny_unet(),
+        w2(),
+        TINY,
+        checkpoint_dir=ckpt,
+        resume=True,
+        progress=False,
+        on_layer=lambda r: solved.append(r["name"]),
+    )
+    assert not set(solved) & set(finished)  # finished layers are not solved again
+    assert [r["relative_error"] for r in report.rows] == [r["relative_error"] for r in reference.rows]
+    assert torch.equal(outputs(model), outputs(reference_model))
+    assert json.loads((ckpt / "manifest.json").read_text())["complete"]
