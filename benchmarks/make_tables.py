@@ -61,7 +61,44 @@ def layer_solver_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"layer_solver": layer_solver_table}
+def kernels_table(data: dict, spec: str = "2x8g8") -> str:
+    """Linear layers at one spec: latency of each method per shape and row count, and weight memory."""
+    rows = [r for r in data["rows"] if r.get("op") == "linear"]
+    dense = {(r["N"], r["K"], r["rows"]): r for r in rows if r["method"] == "dense"}
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("spec") == spec:
+            by_key.setdefault((r["family"], r["N"], r["K"], r["rows"]), {})[r["method"]] = r
+
+    def ms(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        return f"{r['latency_ms']:.3g}" if "latency_ms" in r else "skipped"
+
+    lines = [
+        f"| model | N×K | rows | dense | dequant + GEMM | fused | auto (kernel) | aqlm numba, 1 thread"
+        f" | weight MB ({spec}) / fp16 MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for (family, N, K, R), methods in by_key.items():
+        auto = methods.get("auto")
+        chosen = f" ({auto['kernel']})" if auto else ""
+        quant = next(iter(methods.values()))
+        memory = f"{quant['weight_bytes'] / 1e6:.3g} / {quant['dense_fp16_bytes'] / 1e6:.3g}"
+        lines.append(
+            f"| {family} | {N}×{K} | {R} | {ms(dense.get((N, K, R)))} | {ms(methods.get('dequant_gemm'))}"
+            f" | {ms(methods.get('fused'))} | {ms(auto)}{chosen}"
+            f" | {ms(methods.get('aqlm_numba_1thread'))} | {memory} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Milliseconds, median of repeats. From `{data['command']}` at commit `{data['commit'][:12]}` on"
+        f" {data['device']}, {data['date']}."
+    )
+    return "\n".join(lines)
+
+
+TABLES = {"layer_solver": layer_solver_table, "kernels_cpu": kernels_table}
 
 
 def render(readme: str) -> str:
