@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         f" avq.load_quantized: model output error vs FP on 8 noised inputs = {drift:.2e} (relative MSE)"
     )
     print(f"done in {time.perf_counter() - start:.0f} s.")
-    print("Quantizing every layer (time step-aware calibration, LAQ budgets, A8) comes with `avq quantize`.")
+    print("The whole model, every layer calibrated across the sampling trajectory:")
+    print("  avq quantize --model digits-unet-mini --preset w2a16 --out out/digits-unet-mini-w2")
     return 0
 
 

@@ -185,6 +185,7 @@ CONV_GEOMETRIES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize(("shape", "stride", "padding", "dilation"), CONV_GEOMETRIES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_implicit_gemm_matches_conv2d(shape, stride, padding, dilation, channels_last: bool) -> None:
