@@ -152,16 +152,13 @@ def adapter_for(
                 "(only num_class_embeds labels or unconditional)"
             )
 
-        def conditions(n: int, generator: torch.Generator) -> tuple[dict, dict | None]:
-            if n_classes is None:
+        if n_classes is None:
+
+            def conditions(n: int, generator: torch.Generator) -> tuple[dict, dict | None]:
                 return {}, None
-            null = n_classes - 1
-            labels = (
-                pick_rows(n, generator)
-                if fixed is not None
-                else torch.randint(null, (n,), generator=generator)
-            )
-            return {"class_labels": labels.long()}, {"class_labels": torch.full((n,), null, dtype=torch.long)}
+
+        else:
+            conditions = _label_conditions(fixed, n_classes - 1, pick_rows)
 
         def forward(m: nn.Module, x: torch.Tensor, t: torch.Tensor, kw: dict) -> torch.Tensor:
             return m(x, t, **kw).sample
@@ -188,13 +185,7 @@ def adapter_for(
         shape = (cfg.in_channels, *_hw(cfg.sample_size))
         null = cfg.num_embeds_ada_norm
 
-        def conditions(n: int, generator: torch.Generator) -> tuple[dict, dict | None]:
-            labels = (
-                pick_rows(n, generator)
-                if fixed is not None
-                else torch.randint(null, (n,), generator=generator)
-            )
-            return {"class_labels": labels.long()}, {"class_labels": torch.full((n,), null, dtype=torch.long)}
+        conditions = _label_conditions(fixed, null, pick_rows)
 
         def forward(m: nn.Module, x: torch.Tensor, t: torch.Tensor, kw: dict) -> torch.Tensor:
             out = m(x, timestep=t.expand(x.shape[0]), **kw).sample
@@ -221,6 +212,18 @@ def adapter_for(
         f"{type(model).__name__} is not supported; avq calibrates UNet2DModel, UNet2DConditionModel, "
         "DiTTransformer2DModel and PixArtTransformer2DModel"
     )
+
+
+def _label_conditions(fixed, null: int, pick_rows) -> Callable:
+    """Class labels (given ones, or uniform over the real classes `0..null-1`) and the null class for CFG."""
+
+    def conditions(n: int, generator: torch.Generator) -> tuple[dict, dict | None]:
+        labels = (
+            pick_rows(n, generator) if fixed is not None else torch.randint(null, (n,), generator=generator)
+        )
+        return {"class_labels": labels.long()}, {"class_labels": torch.full((n,), null, dtype=torch.long)}
+
+    return conditions
 
 
 def _text_conditions(fixed, dim: int, tokens: int, pick_rows) -> Callable:

@@ -14,15 +14,7 @@ from avq.calibration import (
     quantizable_layers,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine oversubscription makes their
-    forwards ~20x slower; restored afterwards so other test modules are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = CalibrationConfig(num_samples=3, batch_size=2, num_steps=4, num_timesteps_kept=2, guidance_scale=2.0)

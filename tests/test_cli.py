@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from test_calibration import tiny_unet
 
 import avq
@@ -16,12 +15,7 @@ from avq.cli import main
 TINY_ARGS = ["--num-samples", "2", "--batch-size", "2", "--steps", "3", "--timesteps-kept", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

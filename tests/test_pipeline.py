@@ -32,12 +32,7 @@ def quantize_with_report(*args, **kwargs) -> tuple[nn.Module, QuantizeReport]:
     return quantize(*args, report=report, **kwargs), report
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def w2(method: str = "avq") -> QuantizeConfig:
