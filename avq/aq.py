@@ -199,7 +199,7 @@ class _Solver:
 
         For a change `d` of row r's group j (unscaled), the loss changes by
         `-2 s_r p_r.d + s_r^2 d^T H_jj d` with `p = E H[:, J]`, so all `C` candidates of a codebook are
-        scored with one `[rows, g] x [g, C]` product. The current codes are always a candidate, so a
+        scored with one `[rows, g + 2] x [g + 2, C]` product. The current codes are always a candidate, so a
         sweep never increases the loss.
         """
         g = self.g
