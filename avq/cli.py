@@ -2,6 +2,10 @@
 
     avq quantize --model digits-unet-mini|FOLDER --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn]
                  --out FOLDER [--json PATH] [--resume] [--num-samples N] [--seed S]
+                 [--bits-budget B] [--tracker none|wandb]
+    avq sample   --model digits-unet-mini|FOLDER [--quantized FOLDER] --n N [--steps 20] [--guidance G]
+                 [--seed S] [--batch-size B] --out DIR [--json PATH]
+    avq eval     SAMPLES.npz [--fp FP_SAMPLES.npz] [--floor FP2.npz] [--reference test|train] [--json PATH]
 
 User errors (unknown model, a folder that is not a diffusers model, a preset that cannot be met, an
 unusable checkpoint) exit with status 2 and a one-line message.
@@ -11,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .budget import BudgetError
 from .calibration import CalibrationConfig, UnsupportedModelError
 from .pipeline import (
     METHODS,
@@ -86,8 +92,10 @@ def load_model(spec: str):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .pipeline import preset_config, quantize
+    from .tracking import make_tracker
 
-    config = preset_config(args.preset, args.method)  # a8 / unknown: raises before any heavy work
+    # a8 / unknown / budget with gptq|rtn: raises before any heavy work
+    config = preset_config(args.preset, args.method, bits_budget=args.bits_budget)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if out.exists() and (
@@ -104,18 +112,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         num_timesteps_kept=args.timesteps_kept,
         seed=args.seed,
     )
-    start = time.perf_counter()
-    report = QuantizeReport()
-    model = quantize(
-        model,
-        config,
-        calibration,
-        checkpoint_dir=partial,
-        resume=args.resume,
-        progress=not args.quiet,
-        report=report,
+    tracker = make_tracker(
+        args.tracker,
+        {"model": args.model, "quantize": config.to_dict(), "calibration": calibration.to_dict()},
     )
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        report = QuantizeReport()
+        model = quantize(
+            model,
+            config,
+            calibration,
+            checkpoint_dir=partial,
+            resume=args.resume,
+            progress=not args.quiet,
+            report=report,
+        )
+        seconds = time.perf_counter() - start
+        tracker.log_layers(report.rows)
+        budget = {k: v for k, v in (report.budget or {}).items() if k not in ("choice", "sensitivity")}
+        tracker.log_metrics({"seconds": seconds, "summary": report.summary(), "budget": budget})
+    finally:
+        tracker.finish()
     print(report.table())
     figures = {
         "command": " ".join(["avq", *sys.argv[1:]]) if args.argv is None else " ".join(["avq", *args.argv]),
@@ -128,7 +146,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save_quantized(
             model,
             out,
-            extra_config={"preset": args.preset, "method": args.method, "summary": report.summary()},
+            extra_config={
+                "preset": args.preset,
+                "method": args.method,
+                "summary": report.summary(),
+                **({"bits_budget": args.bits_budget} if args.bits_budget is not None else {}),
+            },
         )
         print(f"saved {out}")
     else:
@@ -138,6 +161,120 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import generate_samples, save_samples
+
+    if args.quantized:
+        from .serialization import load_quantized
+
+        model = load_quantized(args.quantized)
+    else:
+        model = load_model(args.model)
+    start = time.perf_counter()
+    samples, labels = generate_samples(
+        model,
+        args.n,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - start
+    meta = {
+        "model": args.model,
+        "quantized": args.quantized,
+        "n": args.n,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    path = save_samples(args.out, samples, labels, meta)
+    print(f"wrote {path} ({args.n} samples, {seconds:.1f} s) and {path.with_suffix('.png')}")
+    if args.json:
+        _write_json(args.json, {**meta, "out": str(path), "seconds": round(seconds, 2)})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_digits_images
+    from .metrics import evaluate
+    from .sampling import load_samples
+
+    def read(path: str):
+        try:
+            return load_samples(path)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+    samples, labels, meta = read(args.samples)
+    fp = read(args.fp)[0] if args.fp else None
+    floor = read(args.floor)[0] if args.floor else None
+    if fp is not None and fp.shape != samples.shape:
+        raise UserError(
+            f"--fp {args.fp}: shape {list(fp.shape)} differs from the samples' {list(samples.shape)}"
+        )
+    if samples.shape[1:] != (1, 16, 16):
+        raise UserError(
+            f"{args.samples}: the digit classifier needs [N, 1, 16, 16] samples, got {list(samples.shape)}"
+        )
+    start = time.perf_counter()
+    figures = evaluate(
+        samples,
+        labels,
+        reference=load_digits_images(args.reference),
+        fp_samples=fp,
+        floor_samples=floor,
+    )
+    figures["seconds"] = round(time.perf_counter() - start, 2)
+    fid_line = f"FID {figures['fid']:.3f}  sFID {figures['sfid']:.3f}  (vs {args.reference} split)"
+    print(fid_line)
+    if "fid_to_fp" in figures or "fid_floor" in figures:
+        to_fp = (
+            f"FID to FP {figures['fid_to_fp']:.3f}  sFID to FP {figures['sfid_to_fp']:.3f}"
+            if fp is not None
+            else ""
+        )
+        floor_text = (
+            f"floor FID {figures['fid_floor']:.3f}  sFID {figures['sfid_floor']:.3f}"
+            if floor is not None
+            else ""
+        )
+        print("  ".join(t for t in (to_fp, f"({floor_text})" if floor_text else "") if t))
+    print(
+        f"IS {figures['is']:.3f} ± {figures['is_std']:.3f}  precision {figures['precision']:.3f}  "
+        f"recall {figures['recall']:.3f}"
+    )
+    print(
+        f"class accuracy {figures['class_accuracy']:.4f} (classifier on the reference: "
+        f"{figures['reference_accuracy']:.4f})"
+    )
+    if fp is not None:
+        print(f"PSNR to FP {figures['psnr']:.2f} dB  SSIM to FP {figures['ssim']:.4f}")
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "samples": args.samples,
+                "fp": args.fp,
+                "floor": args.floor,
+                "reference": args.reference,
+                "sample_meta": meta,
+                **figures,
+            },
+        )
+    return 0
+
+
+def _write_json(path: str, figures: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # json cannot hold inf (identical images' PSNR): written as null.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in figures.items()}
+    target.write_text(json.dumps(clean, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,8 +309,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--timesteps-kept", type=_positive, default=10, help="steps whose inputs feed the statistics"
     )
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--bits-budget",
+        type=_positive_float,
+        default=None,
+        metavar="B",
+        help="LAQ: choose each layer's spec (preset candidates or FP) from its measured effect on the model "
+        "output, under B total bits per weight over all Linear/Conv2d weights (codebooks, scales and FP "
+        "layers counted); default: the preset's first fitting spec",
+    )
+    q.add_argument(
+        "--tracker",
+        choices=("none", "wandb"),
+        default="none",
+        help="log config, per-layer table and figures (wandb: offline unless logged in or WANDB_MODE is set)",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser(
+        "sample",
+        help="class-balanced DDIM samples (classifier-free guidance) to samples.npz + samples.png",
+        description="Sample N images with labels i %% 10 (DDIM, classifier-free guidance) from a shipped "
+        "model, a diffusers folder or an avq save (--quantized). Same seed and batch size: same noise.",
+    )
+    s.add_argument("--model", default="digits-unet-mini", help="shipped model or diffusers folder")
+    s.add_argument("--quantized", help="avq save folder (avq.load_quantized); takes precedence over --model")
+    s.add_argument("--n", type=_positive, required=True, help="number of samples")
+    s.add_argument("--steps", type=_positive, default=20, help="DDIM steps (default 20)")
+    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (default 2.0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=_positive, default=100, help="samples per batch (default 100)")
+    s.add_argument("--out", required=True, help="output folder (samples.npz, samples.png)")
+    s.add_argument("--json", help="write the run's settings and time to this JSON file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser(
+        "eval",
+        help="FID, sFID, IS, precision/recall, class accuracy (+ PSNR/SSIM to FP) of a samples.npz",
+        description="Metrics on the shipped digit classifier's features against a digits split; with "
+        "--fp, fidelity to FP samples on identical noise; with --floor, the FID floor between two FP "
+        "sample sets of different seeds.",
+    )
+    e.add_argument("samples", help="samples.npz written by `avq sample`")
+    e.add_argument("--fp", help="FP samples.npz of the same seed and batch size (PSNR, SSIM, FID to FP)")
+    e.add_argument("--floor", help="FP samples.npz of another seed: FID floor")
+    e.add_argument(
+        "--reference", default="test", choices=("test", "train"), help="real images (default test)"
+    )
+    e.add_argument("--json", help="write the figures to this JSON file")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -181,6 +367,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -195,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PresetError,
         ActivationQuantizationNotImplementedError,
         CheckpointError,
+        BudgetError,
         UnsupportedModelError,
         FormatError,
         FileNotFoundError,

@@ -30,6 +30,13 @@ FP-keep rule (each kept layer's reason is in its report row). A layer stays in f
    budget by total bits);
 5. it saw no input during calibration (a branch the sampler never calls).
 
+LAQ (`QuantizeConfig.bits_budget`, `--bits-budget B`): instead of the first fitting spec, each layer that
+passes rules 1-3 and 5 gets every fitting candidate spec (rule 4's overhead limit is dropped: the budget
+counts total bits itself) plus FP; `avq.budget` measures each option's effect on the model output and an
+integer program picks one per layer so that the total bits per weight over *all* Linear/Conv2d weights
+(FP-kept ones at 16, as `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the
+sensitivity table are in `QuantizeReport.budget`; the solved candidates are reused, not solved again.
+
 Resume: with `checkpoint_dir`, each finished layer is written atomically (`layers/<name>.safetensors` +
 `manifest.json`, temporary file then rename), together with the calibration Hessians, and a fingerprint of
 the model (class, config, weights), the `QuantizeConfig` and the calibration settings; `resume=True`
@@ -99,6 +106,8 @@ class QuantizeConfig:
     layer and the overhead limit wins; 1x1 convs use `linear_specs`, they are Linear layers in disguise).
     `bits`: the uniform grid of `gptq`/`rtn`. `keep_fp`: (name pattern, reason) pairs always kept in FP.
     `max_overhead_bits`: keep a layer in FP if its total bits would exceed code bits + this (None: no limit).
+    `bits_budget`: LAQ (avq only): choose per-layer specs or FP under this many total bits per weight over
+    all Linear/Conv2d weights (module docstring); None: the first fitting candidate, as above.
     """
 
     method: str = "avq"
@@ -110,6 +119,7 @@ class QuantizeConfig:
     max_overhead_bits: float | None = 1.0
     activation_bits: int = 16
     preset: str | None = None
+    bits_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -120,6 +130,8 @@ class QuantizeConfig:
             )
         if self.method == "avq" and not (self.linear_specs and self.conv_specs):
             raise PresetError("QuantizeConfig: avq needs at least one linear and one conv spec")
+        if self.bits_budget is not None and (self.method != "avq" or not self.bits_budget > 0):
+            raise PresetError(f"bits_budget needs method avq and a value > 0, got {self.bits_budget!r}")
         if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:
             raise PresetError(f"max_overhead_bits must be >= 0 or None, got {self.max_overhead_bits!r}")
 
@@ -197,14 +209,8 @@ def plan_layer(name: str, layer: nn.Module, config: QuantizeConfig) -> LayerPlan
                 f"overhead: int{config.bits} would cost {total:.2f} total bits (> {config.bits} + {limit})"
             )
         return LayerPlan(name, kind, shape, bits=config.bits)
+    candidates, fitting = _fitting_specs(kind, shape, config)
     K = math.prod(shape[1:])
-    is_1x1 = kind == "linear" or shape[2] * shape[3] == 1
-    candidates = config.linear_specs if is_1x1 else config.conv_specs
-    fitting = [
-        s
-        for s in candidates
-        if K % s.group_size == 0 and (s.conv_grouping == "k" or s.group_size == K // shape[1])
-    ]
     if not fitting:
         sizes = ", ".join(str(s.group_size) for s in candidates)
         return kept(f"K={K} not divisible by any candidate group size ({sizes})")
@@ -220,6 +226,21 @@ def plan_layer(name: str, layer: nn.Module, config: QuantizeConfig) -> LayerPlan
         f"codebook overhead: {spec.name} would cost {total:.2f} total bits for {spec.code_bits:g} code bits "
         f"(limit +{limit:g})"
     )
+
+
+def _fitting_specs(
+    kind: str, shape: tuple[int, ...], config: QuantizeConfig
+) -> tuple[tuple[QuantSpec, ...], list[QuantSpec]]:
+    """(the config's candidates for this layer kind, those whose group size fits the layer)."""
+    K = math.prod(shape[1:])
+    is_1x1 = kind == "linear" or shape[2] * shape[3] == 1
+    candidates = config.linear_specs if is_1x1 else config.conv_specs
+    fitting = [
+        s
+        for s in candidates
+        if K % s.group_size == 0 and (s.conv_grouping == "k" or s.group_size == K // shape[1])
+    ]
+    return candidates, fitting
 
 
 def plan_model(model: nn.Module, config: QuantizeConfig) -> list[LayerPlan]:
@@ -243,6 +264,7 @@ class QuantizeReport:
     preset: str | None = None
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    budget: dict | None = None  # LAQ: `BudgetChoice.to_dict()` + "sensitivity" table; None without
 
     def summary(self) -> dict:
         """Weight-weighted code/total bits over quantized layers and over all layers (FP counted as 16)."""
@@ -270,6 +292,7 @@ class QuantizeReport:
             "summary": self.summary(),
             "notes": self.notes,
             "rows": self.rows,
+            **({"budget": self.budget} if self.budget is not None else {}),
         }
 
     def table(self) -> str:
@@ -454,13 +477,34 @@ def quantize(
     """
     from tqdm.auto import tqdm
 
-    plans = plan_model(model, config)
+    # LAQ: rule 4 (overhead) is left to the budget, so those layers are candidates too.
+    plans = plan_model(
+        model, config if config.bits_budget is None else replace(config, max_overhead_bits=None)
+    )
     quantizable = set(quantizable_layers(model))
     plans = [
         p if p.name in quantizable or not p.quantized else replace(p, reason="not a quantizable layer")
         for p in plans
     ]
     todo = [p for p in plans if p.quantized]
+    if config.bits_budget is not None:  # fail before calibrating when even the cheapest choice is over
+        from .budget import FP, choose_specs
+
+        cheapest = {
+            p.name: {
+                "min": (
+                    0.0,
+                    min(
+                        [aq_total_bits(p.shape, s) for s in _fitting_specs(p.kind, p.shape, config)[1]]
+                        + [FP16_BITS]
+                    ),
+                )
+            }
+            if p.quantized
+            else {FP: (0.0, float(FP16_BITS))}
+            for p in plans
+        }
+        choose_specs(cheapest, {p.name: math.prod(p.shape) for p in plans}, config.bits_budget)
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = _Checkpoint(Path(checkpoint_dir), fingerprint(model, config, calibration), resume)
@@ -484,6 +528,12 @@ def quantize(
 
     report = QuantizeReport() if report is None else report
     report.method, report.preset = config.method, config.preset
+    solved: dict[str, QuantizedWeight] = {}
+    if config.bits_budget is not None:
+        plans, solved = _laq_plans(
+            model, plans, hessians, config, calibration, conditioning, ckpt, progress, report
+        )
+        todo = [p for p in plans if p.quantized]
     if config.method != "avq":
         report.notes.append(
             f"{config.method} results are simulated: each dense weight is replaced by its dequantized "
@@ -502,7 +552,7 @@ def quantize(
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
             continue
         start = time.perf_counter()
-        result = _solve(model, plan, hessian, config)
+        result = solved.get(plan.name) or _solve(model, plan, hessian, config)
         _apply(model, plan, result)
         row = {
             "name": plan.name,
@@ -517,6 +567,10 @@ def quantize(
             "n_rows": int(n_rows),
             "simulated": config.method != "avq",
         }
+        if report.budget is not None:
+            row["sensitivity"] = (
+                report.budget["sensitivity"].get(plan.name, {}).get(row["spec"], {}).get("error")
+            )
         rows[plan.name] = row
         if ckpt:
             ckpt.save_layer(plan.name, row, _stored_tensors(result))
@@ -527,6 +581,82 @@ def quantize(
         ckpt.finish()
     report.rows = [rows.get(p.name) or _kept_row(p, p.reason) for p in plans]
     return model
+
+
+def _laq_plans(
+    model: nn.Module,
+    plans: list[LayerPlan],
+    hessians: dict[str, tuple[torch.Tensor, int]],
+    config: QuantizeConfig,
+    calibration: Any,
+    conditioning: torch.Tensor | None,
+    ckpt: _Checkpoint | None,
+    progress: bool,
+    report: QuantizeReport,
+) -> tuple[list[LayerPlan], dict[str, QuantizedWeight]]:
+    """Replace each quantizable plan's spec by the LAQ choice (`avq.budget`); return the new plans and the
+    already solved weights of the chosen specs. A resumed run reuses the choice stored in the checkpoint
+    (the finished layers were solved with it)."""
+    from .budget import FP, choose_specs, make_probe, measure_sensitivity
+
+    candidates: dict[str, list] = {}
+    forced: dict[str, str] = {}  # layers kept in FP whatever the budget: they count 16 bits in it
+    for p in plans:
+        if not p.quantized or hessians.get(p.name, (None, 1))[1] == 0:
+            forced[p.name] = p.reason or "no calibration input (never called while sampling)"
+            candidates[p.name] = [FP]
+        else:
+            candidates[p.name] = [*_fitting_specs(p.kind, p.shape, config)[1], FP]
+    solved: dict[str, QuantizedWeight] = {}
+    if ckpt is not None and "laq" in ckpt.manifest:
+        report.budget = ckpt.manifest["laq"]
+    else:
+        probe_config = None
+        if isinstance(calibration, CalibrationConfig):
+            probe_config = replace(
+                calibration,
+                num_samples=min(8, calibration.num_samples),
+                batch_size=min(8, calibration.num_samples),
+                num_timesteps_kept=min(5, calibration.num_steps),
+                seed=calibration.seed + 1,  # not the calibration trajectories
+                layers_per_pass=None,
+            )
+        probe = make_probe(model, probe_config, conditioning=conditioning)
+        measured = [n for n, opts in candidates.items() if opts != [FP]]
+        table = measure_sensitivity(
+            model, measured, candidates, probe, hessians, solver=config.solver, progress=progress
+        )
+        for name, opts in candidates.items():  # forced-FP layers: only their fixed cost in the budget
+            if opts == [FP]:
+                table.errors[name], table.bits[name] = {FP: 0.0}, {FP: float(FP16_BITS)}
+                table.sizes[name] = math.prod(next(p.shape for p in plans if p.name == name))
+        choice = choose_specs(table, table.sizes, config.bits_budget, verbose=progress)
+        report.budget = {**choice.to_dict(), "sensitivity": table.to_dict()}
+        solved = {
+            name: table.results[name][key]
+            for name, key in choice.choice.items()
+            if key in table.results.get(name, {})
+        }
+        if ckpt is not None:
+            ckpt.manifest["laq"] = report.budget
+            _atomic_write_json(ckpt.manifest, ckpt.manifest_path)
+    choice = report.budget["choice"]
+    specs = {s.name: s for opts in candidates.values() for s in opts if isinstance(s, QuantSpec)}
+    new_plans = []
+    for p in plans:
+        key = choice.get(p.name, FP)
+        if p.name in forced:
+            new_plans.append(replace(p, spec=None, reason=forced[p.name]))
+        elif key == FP:
+            new_plans.append(replace(p, spec=None, reason="LAQ: FP chosen under the bit budget"))
+        else:
+            new_plans.append(replace(p, spec=specs[key], reason=None))
+    report.notes.append(
+        f"LAQ: budget {report.budget['budget_total_bits']:g} total bits per weight over all Linear/Conv2d "
+        f"weights, chosen {report.budget['total_bits']:.3f} (predicted output error "
+        f"{report.budget['predicted_error']:.3g})"
+    )
+    return new_plans, solved
 
 
 def _kept_row(plan: LayerPlan, reason: str) -> dict:
