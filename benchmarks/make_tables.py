@@ -98,7 +98,36 @@ def kernels_table(data: dict, spec: str = "2x8g8") -> str:
     return "\n".join(lines)
 
 
-TABLES = {"layer_solver": layer_solver_table, "kernels_cpu": kernels_table}
+def e2e_table(data: dict) -> str:
+    """Per model: stored weight bytes vs fp16, and one denoising step FP vs W2 (latency, peak memory)."""
+    rows = data["rows"]
+    memory = {r["model"]: r for r in rows if r.get("kind") == "memory"}
+    steps = {
+        (r["model"], r["variant"], r["batch"]): r for r in rows if r.get("kind") == "step" and "variant" in r
+    }
+    lines = [
+        "| model | params | W2 layer weights / fp16 | batch | FP ms | W2 ms (auto)"
+        " | FP peak MiB | W2 peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, mem in memory.items():
+        for batch in sorted({b for (m, v, b) in steps if m == model}):
+            fp, q = steps.get((model, "fp", batch)), steps.get((model, "auto", batch))
+            if fp is None or q is None:
+                continue
+            lines.append(
+                f"| {model} | {mem['params'] / 1e6:.1f} M | {mem['layer_ratio']:.3f} | {batch}"
+                f" | {fp['latency_ms']:.4g} | {q['latency_ms']:.4g}"
+                f" | {fp['peak_mib']:.0f} | {q['peak_mib']:.0f} |"
+            )
+    lines.append("")
+    lines.append(
+        f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}."
+    )
+    return "\n".join(lines)
+
+
+TABLES = {"layer_solver": layer_solver_table, "kernels_cpu": kernels_table, "e2e_step_cpu": e2e_table}
 
 
 def render(readme: str) -> str:
