@@ -46,7 +46,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from avq.kernels import dispatch
 
 from avq.calibration import quantizable_layers
 from avq.modules import AQModule, replace_module
@@ -261,22 +261,6 @@ def time_step(
     }
 
 
-@contextlib.contextmanager
-def avq_kernel(value: str | None) -> Iterator[None]:
-    old = os.environ.get("AVQ_KERNEL")
-    if value is None:
-        os.environ.pop("AVQ_KERNEL", None)
-    else:
-        os.environ["AVQ_KERNEL"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("AVQ_KERNEL", None)
-        else:
-            os.environ["AVQ_KERNEL"] = old
-
-
 def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
     """Rows of one (model, variant): the memory row (quantized variants) and one step row per batch."""
     device = torch.device(args.device)
@@ -318,7 +302,7 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
             row["values"] = "random codes/codebooks/scales (latency does not depend on the values)"
         if device.type == "cpu":
             row["threads"] = torch.get_num_threads()
-        with torch.no_grad(), avq_kernel(kernel), peak_memory(device) as mem:
+        with torch.no_grad(), dispatch.forced_kernel(kernel), peak_memory(device) as mem:
             timing = time_step(
                 lambda kw=kwargs: model(**kw), device, args.warmup, args.repeats, args.target_s
             )
@@ -328,7 +312,7 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
         kwargs = model_inputs(model, args.batches[0], device, dtype)
         with torch.no_grad():
             y = model(**kwargs).sample.float()
-            with avq_kernel("dequant"):
+            with dispatch.forced_kernel("dequant"):
                 ref = model(**kwargs).sample.float()
         rows[-1]["rel_err_vs_dequant"] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     return rows

@@ -40,8 +40,6 @@ recorded with `"skipped"` and the reason instead of a latency.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 import time
@@ -143,22 +141,6 @@ def time_call(fn: Callable[[], torch.Tensor], device: torch.device, max_call_s: 
         else:
             times.append(timed())
     return {"latency_ms": statistics.median(times) * 1e3, "repeats": repeats, "out": out}
-
-
-@contextlib.contextmanager
-def avq_kernel(value: str | None):
-    old = os.environ.get("AVQ_KERNEL")
-    if value is None:
-        os.environ.pop("AVQ_KERNEL", None)
-    else:
-        os.environ["AVQ_KERNEL"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("AVQ_KERNEL", None)
-        else:
-            os.environ["AVQ_KERNEL"] = old
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -289,7 +271,7 @@ def linear_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         out.append({**row, "skipped": reason})
                         continue
                     try:
-                        with torch.no_grad(), avq_kernel(kernel):
+                        with torch.no_grad(), dispatch.forced_kernel(kernel):
                             timing = time_call(fn, device, args.max_call_seconds)
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         out.append({**row, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})
@@ -347,7 +329,7 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         out.append({**row, "skipped": f"LUT of {lut_mib:.0f} MiB > --max-lut-mib"})
                         continue
                     try:
-                        with torch.no_grad(), avq_kernel(kernel):
+                        with torch.no_grad(), dispatch.forced_kernel(kernel):
                             timing = time_call(fn, device, args.max_call_seconds)
                     except Exception as exc:  # noqa: BLE001
                         out.append({**row, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})

@@ -37,10 +37,11 @@ safe there, but layers run concurrently on several CUDA streams would need their
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,23 @@ def kernel_override() -> str | None:
             "(or leave it unset for automatic dispatch)"
         )
     return value
+
+
+@contextlib.contextmanager
+def forced_kernel(value: str | None) -> Iterator[None]:
+    """Set `AVQ_KERNEL` to `value` (None: unset, i.e. automatic) for a block, then restore it."""
+    old = os.environ.get("AVQ_KERNEL")
+    if value is None:
+        os.environ.pop("AVQ_KERNEL", None)
+    else:
+        os.environ["AVQ_KERNEL"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("AVQ_KERNEL", None)
+        else:
+            os.environ["AVQ_KERNEL"] = old
 
 
 def needs_autograd(module: torch.nn.Module, x: torch.Tensor) -> bool:
