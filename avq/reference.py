@@ -57,9 +57,16 @@ def asset_path(name: str) -> Path:
 
 def load_reference(name: str = "digits-unet-mini", *, dtype: torch.dtype = torch.float32):
     """Load a shipped reference model offline, in `dtype` (weights are stored in fp16), in eval mode."""
-    from diffusers import UNet2DModel
+    import json
 
-    model = UNet2DModel.from_pretrained(asset_path(name), torch_dtype=dtype, low_cpu_mem_usage=False)
+    import diffusers
+
+    folder = asset_path(name)
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    model_class = getattr(diffusers, class_name, None)
+    if model_class is None:
+        raise ValueError(f"{folder}/config.json names an unknown diffusers class {class_name!r}")
+    model = model_class.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.eval()
 
 
@@ -180,6 +187,8 @@ def sample(
     """
     from diffusers import DDIMScheduler
 
+    from .calibration import adapter_for
+
     labels = torch.as_tensor(labels, dtype=torch.int64)
     n = labels.shape[0]
     config = model.config
@@ -190,8 +199,9 @@ def sample(
     dtype = next(model.parameters()).dtype
     x = torch.randn(shape, generator=generator).to(dtype)
     null = torch.full_like(labels, NULL_CLASS)
+    forward = adapter_for(model).forward  # UNet2DModel or DiT: timestep shape, learned-sigma halves
     for t in scheduler.timesteps:
-        both = model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+        both = forward(model, torch.cat([x, x]), t, {"class_labels": torch.cat([labels, null])})
         eps_label, eps_null = both.chunk(2)
         eps = eps_null + guidance * (eps_label - eps_null)
         x = scheduler.step(eps, t, x).prev_sample

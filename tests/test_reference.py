@@ -20,6 +20,7 @@ from avq.reference import (
     collect_hessians,
     load_reference,
     reference_layers,
+    sample,
 )
 from avq.results import current_command, write_results
 
@@ -213,3 +214,31 @@ def test_layer_solver_quick_runs_end_to_end(tmp_path):
     summary = [r for r in data["rows"] if r["layer"] == "summary"]
     assert summary and all(r["mean_ratio"] > 0 and r["median_ratio"] > 0 for r in summary)
     assert "rel.err" in result.stdout
+
+
+def test_sample_drives_a_class_conditional_dit():
+    # digits-dit goes through the same sampler: DiT needs a 1-D timestep and its eps half.
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,  # learned sigma: the sampler must keep only the eps half
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,  # digits; index 10 is the null class
+        norm_num_groups=1,
+    ).eval()
+    with torch.no_grad():
+        a = sample(dit, [0, 3, 9], steps=3, seed=5)
+        b = sample(dit, [0, 3, 9], steps=3, seed=5)
+    assert a.shape == (3, 1, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+def test_load_reference_reads_the_model_class_from_config():
+    model = load_reference("digits-unet-mini")
+    assert type(model).__name__ == "UNet2DModel" and not model.training
