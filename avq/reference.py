@@ -11,17 +11,14 @@ guidance needs (labels are dropped to it with probability 0.1 in training).
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .data import load_digits_images, random_affine
+from .data import load_digits_images
 from .hessian import HessianAccumulator
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -57,7 +54,6 @@ def asset_path(name: str) -> Path:
 
 def load_reference(name: str = "digits-unet-mini", *, dtype: torch.dtype = torch.float32):
     """Load a shipped reference model offline, in `dtype` (weights are stored in fp16), in eval mode."""
-    import json
 
     import diffusers
 
@@ -92,83 +88,25 @@ def train_mini_unet(
 ) -> Path:
     """Train `digits-unet-mini` from scratch on the train split and save it to `out_dir` (fp16).
 
-    Epsilon prediction, MSE loss, uniform timesteps over the 1000-step DDPM schedule, random affine
-    augmentation, labels dropped to `NULL_CLASS` with probability `label_dropout`; AdamW with linear
-    warm-up and cosine decay; the saved weights are an exponential moving average (`ema_decay`, with the
-    usual `(1 + n) / (10 + n)` warm-up). Deterministic for a given `seed` (and thread count): the
-    initialisation follows `torch.manual_seed(seed)`, every batch, noise, timestep and label drop comes from
-    one generator seeded with `seed`.
-
-    Writes `config.json` + `diffusion_pytorch_model.safetensors` (diffusers `save_pretrained`, fp16),
-    `scheduler_config.json` (the DDPM schedule used) and `training.json` (arguments, final loss, time).
+    The shared reference trainer (`avq.training.train`: epsilon prediction, random affine augmentation,
+    label dropout to `NULL_CLASS`, AdamW with warm-up and cosine decay, EMA weights), with the settings the
+    shipped model was trained with; deterministic for a given `seed` (and thread count). Writes
+    `config.json` + `diffusion_pytorch_model.safetensors`, `scheduler_config.json` and `training.json`.
     """
-    from diffusers import UNet2DModel
-    from tqdm.auto import tqdm
+    from .training import TrainConfig, train
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    out_dir = Path(out_dir)
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = load_digits_images("train", size=16, seed=0)
-    model = UNet2DModel(**MINI_UNET_CONFIG).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    scheduler = make_scheduler()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    bar = tqdm(range(steps), desc="train digits-unet-mini", disable=not progress, unit="step")
-    running = None
-    for step in bar:
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
-        x0 = random_affine(images[idx], generator)
-        y = labels[idx].clone()
-        y[torch.rand(batch_size, generator=generator) < label_dropout] = NULL_CLASS
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)
-        xt = scheduler.add_noise(x0, noise, t)
-        loss = nn.functional.mse_loss(model(xt, t, class_labels=y).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-    seconds = time.perf_counter() - start
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ema.half().save_pretrained(out_dir, safe_serialization=True)
-    scheduler.save_pretrained(out_dir)
-    info = {
-        "steps": steps,
-        "seed": seed,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": warmup,
-        "ema_decay": ema_decay,
-        "label_dropout": label_dropout,
-        "final_loss_ema": running,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    # Fail here, not later, if the folder does not load back.
-    UNet2DModel.from_pretrained(out_dir, low_cpu_mem_usage=False)
-    return out_dir
+    config = TrainConfig(
+        "digits-unet-mini",
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        ema_decay=ema_decay,
+        label_dropout=label_dropout,
+    )
+    train(config, Path(out_dir), progress=progress)
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

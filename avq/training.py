@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .data import load_digits_images, random_affine
-from .reference import NULL_CLASS, NUM_CLASSES, NUM_TRAIN_TIMESTEPS, make_scheduler
+from .reference import MINI_UNET_CONFIG, NULL_CLASS, NUM_CLASSES, NUM_TRAIN_TIMESTEPS, make_scheduler
 
 CHECKPOINT_FORMAT = 1
 
@@ -70,13 +70,21 @@ DIGITS_DIT_CONFIG: dict[str, Any] = dict(
     norm_num_groups=32,
 )
 
-MODEL_CLASSES = {"digits-unet": "UNet2DModel", "digits-dit": "DiTTransformer2DModel"}
-MODEL_CONFIGS = {"digits-unet": DIGITS_UNET_CONFIG, "digits-dit": DIGITS_DIT_CONFIG}
+MODEL_CLASSES = {
+    "digits-unet": "UNet2DModel",
+    "digits-dit": "DiTTransformer2DModel",
+    "digits-unet-mini": "UNet2DModel",  # the shipped interim model (avq.reference.train_mini_unet)
+}
+MODEL_CONFIGS = {
+    "digits-unet": DIGITS_UNET_CONFIG,
+    "digits-dit": DIGITS_DIT_CONFIG,
+    "digits-unet-mini": MINI_UNET_CONFIG,
+}
 
 # Default steps: <= ~90 min on 2 CPU cores at batch 64. Measured (torch 2.13, 2 threads, steady state after
 # the first 2-3 slow warm-up steps): ~0.87 s/step for both models -> 5000 steps ~ 73 min, leaving margin
 # for a loaded machine. With another job on the same cores, steps were 2-10x slower.
-DEFAULT_STEPS = {"digits-unet": 5000, "digits-dit": 5000}
+DEFAULT_STEPS = {"digits-unet": 5000, "digits-dit": 5000, "digits-unet-mini": 4000}
 
 
 @dataclass(frozen=True)
@@ -123,10 +131,14 @@ class TrainConfig:
 
 def default_config(model: str, *, steps: int | None = None, seed: int = 0) -> TrainConfig:
     """Per-model defaults: the transformer gets the smaller learning rate that transformers need."""
-    if model == "digits-unet":
-        return TrainConfig(model, steps=DEFAULT_STEPS[model] if steps is None else steps, seed=seed, lr=1e-3)
-    if model == "digits-dit":
-        return TrainConfig(model, steps=DEFAULT_STEPS[model] if steps is None else steps, seed=seed, lr=5e-4)
+    optimisation = {
+        "digits-unet": {"lr": 1e-3},
+        "digits-dit": {"lr": 5e-4},
+        "digits-unet-mini": {"lr": 2e-3, "warmup": 100},
+    }
+    if model in optimisation:
+        steps = DEFAULT_STEPS[model] if steps is None else steps
+        return TrainConfig(model, steps=steps, seed=seed, **optimisation[model])
     raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODEL_CLASSES)}")
 
 
