@@ -19,8 +19,9 @@ A small adapter per model family (`adapter_for`) knows the latent shape and how 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -275,18 +276,26 @@ def calibrate(
     conditioning: torch.Tensor | None = None,
     scheduler=None,
     progress: bool = True,
+    observers: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Input Hessians of the named layers along the FP sampling trajectory: `{name: (H [K, K], n_rows)}`.
 
     `n_rows` is the number of input rows (tokens, or conv patches) averaged into `H`. Deterministic for
     `config.seed` (and thread count), and the same with any `layers_per_pass`. `scheduler`: a diffusers
-    scheduler to copy the noise schedule from (default `make_ddim_scheduler()`).
+    scheduler to copy the noise schedule from (default `make_ddim_scheduler()`). `observers`: `{name:
+    obj}` whose `obj.observe(input)` sees the same inputs as the Hessian of layer `name` (8-bit activation
+    ranges, `avq.activations.RangeObserver`); every key must be one of `layer_names`.
     """
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
     config = config or CalibrationConfig()
     names = list(dict.fromkeys(layer_names))
+    observers = dict(observers or {})
+    if not set(observers) <= set(names):
+        raise ValueError(
+            f"calibrate: observers for layers not calibrated: {sorted(set(observers) - set(names))}"
+        )
     for name in names:
         try:
             model.get_submodule(name)
@@ -316,15 +325,18 @@ def calibrate(
             accumulators = {name: HessianAccumulator(model.get_submodule(name)) for name in chunk}
             state = {"active": False}
 
-            def make_hook(acc: HessianAccumulator, state: dict = state):
+            def make_hook(acc: HessianAccumulator, observer, state: dict = state):
                 def hook(module: nn.Module, inputs: tuple, output) -> None:
                     if state["active"]:
                         acc.add(inputs[0])
+                        if observer is not None:
+                            observer.observe(inputs[0])
 
                 return hook
 
             handles = [
-                model.get_submodule(n).register_forward_hook(make_hook(a)) for n, a in accumulators.items()
+                model.get_submodule(n).register_forward_hook(make_hook(a, observers.get(n)))
+                for n, a in accumulators.items()
             ]
             try:
                 # The same generator sequence every pass: identical trajectories for every chunk.

@@ -27,14 +27,13 @@ from .calibration import CalibrationConfig, UnsupportedModelError
 from .pipeline import (
     METHODS,
     PRESETS,
-    ActivationQuantizationNotImplementedError,
     CheckpointError,
     PresetError,
     QuantizeReport,
 )
 from .serialization import FormatError, save_quantized
 
-SHIPPED_MODELS = ("digits-unet-mini",)
+SHIPPED_MODELS = ("digits-unet", "digits-dit", "digits-unet-mini")
 SUPPORTED_CLASSES = (
     "UNet2DModel",
     "UNet2DConditionModel",
@@ -386,7 +385,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         UserError,
         PresetError,
-        ActivationQuantizationNotImplementedError,
         CheckpointError,
         BudgetError,
         UnsupportedModelError,

@@ -10,8 +10,11 @@ Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
   3.8: it wins only by storing almost every group verbatim, which is not 2-bit quantization.
 - `w4a16`: AQ `2x8g4` (4 code bits; about even with GPTQ int4 on real-size layers, 1.1x better on the mini
   UNet's convs), falling back to `1x8g2` then `2x4g2` on small layers.
-- `w4a8`, `w2a8`: 8-bit activations are not implemented yet; asking for them raises
-  `ActivationQuantizationNotImplementedError` rather than silently returning an A16 model.
+- `w4a8`, `w2a8`: the same weights plus 8-bit fake quantization of every quantized layer's input
+  (`avq.activations`): asymmetric per-tensor ranges from the FP sampling trajectory (the calibration
+  timesteps, MSE-clipped), with separate ranges for the two halves of each UNet skip concatenation
+  (`QuantizeConfig.split_shortcuts`). FP-kept layers keep FP inputs. Simulated (fake) quantization: the
+  8-bit inputs are not fed to an integer kernel.
 - `--method gptq|rtn`: uniform per-channel int2/int4 with the same FP-keep rule. There is no uniform-
   quantized module yet, so these are *simulated*: the dense weight is replaced by its dequantized value
   (the report says so per layer, `simulated: true`).
@@ -61,6 +64,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .activations import (
+    ActQuantizer,
+    RangeObserver,
+    attach_input_quantizer,
+    channel_dim_of,
+    in_channels_of,
+    shortcut_splits,
+)
 from .aq import SolverOptions, quantize_weight
 from .baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from .calibration import CalibrationConfig, calibrate, quantizable_layers
@@ -89,10 +100,6 @@ class PresetError(ValueError):
     """An unknown preset or method."""
 
 
-class ActivationQuantizationNotImplementedError(NotImplementedError):
-    """A preset asks for quantized activations (a8), which avq does not implement yet."""
-
-
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be used: another model/config, or an unfinished run not resumed."""
 
@@ -108,6 +115,8 @@ class QuantizeConfig:
     `max_overhead_bits`: keep a layer in FP if its total bits would exceed code bits + this (None: no limit).
     `bits_budget`: LAQ (avq only): choose per-layer specs or FP under this many total bits per weight over
     all Linear/Conv2d weights (module docstring); None: the first fitting candidate, as above.
+    `activation_bits`: 16 (inputs untouched) or 8 (fake-quantized inputs of quantized layers);
+    `split_shortcuts`: separate 8-bit ranges for the halves of UNet skip concatenations.
     """
 
     method: str = "avq"
@@ -120,14 +129,13 @@ class QuantizeConfig:
     activation_bits: int = 16
     preset: str | None = None
     bits_budget: float | None = None
+    split_shortcuts: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PresetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.activation_bits != 16:
-            raise ActivationQuantizationNotImplementedError(
-                f"{self.activation_bits}-bit activations are not implemented yet (only a16)"
-            )
+        if self.activation_bits not in (8, 16):
+            raise PresetError(f"activation_bits must be 8 or 16, got {self.activation_bits!r}")
         if self.method == "avq" and not (self.linear_specs and self.conv_specs):
             raise PresetError("QuantizeConfig: avq needs at least one linear and one conv spec")
         if self.bits_budget is not None and (self.method != "avq" or not self.bits_budget > 0):
@@ -149,12 +157,9 @@ def preset_config(preset: str, method: str = "avq", **overrides: Any) -> Quantiz
         raise PresetError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     if method not in METHODS:
         raise PresetError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if preset.endswith("a8"):
-        raise ActivationQuantizationNotImplementedError(
-            f"preset {preset}: 8-bit activations are not implemented yet; use {preset[:2]}a16"
-        )
     specs = _W2_SPECS if preset.startswith("w2") else _W4_SPECS
     bits = 2 if preset.startswith("w2") else 4
+    overrides.setdefault("activation_bits", 8 if preset.endswith("a8") else 16)
     return QuantizeConfig(
         method=method, linear_specs=specs, conv_specs=specs, bits=bits, preset=preset, **overrides
     )
@@ -404,10 +409,28 @@ class _Checkpoint:
             return None
         return {n: (stored[n], int(self.manifest["n_rows"][n])) for n in names}
 
-    def save_hessians(self, hessians: dict[str, tuple[torch.Tensor, int]]) -> None:
+    def save_hessians(
+        self, hessians: dict[str, tuple[torch.Tensor, int]], quantizers: dict[str, ActQuantizer]
+    ) -> None:
+        if quantizers:  # before the manifest names them
+            tensors = {f"{n}.{k}": t for n, q in quantizers.items() for k, t in q.state_dict().items()}
+            _atomic_save_file(tensors, self.folder / "activations.safetensors")
         _atomic_save_file({n: h for n, (h, _) in hessians.items()}, self.folder / "hessians.safetensors")
         self.manifest["n_rows"] = {n: c for n, (_, c) in hessians.items()}
+        self.manifest["activations"] = {n: q.to_entry() for n, q in quantizers.items()}
         _atomic_write_json(self.manifest, self.manifest_path)
+
+    def load_quantizers(self) -> dict[str, ActQuantizer]:
+        entries = self.manifest.get("activations") or {}
+        if not entries:
+            return {}
+        stored = load_file(str(self.folder / "activations.safetensors"))
+        quantizers = {}
+        for name, entry in entries.items():
+            quantizer = ActQuantizer.from_entry(entry)
+            quantizer.load_state_dict({k: stored[f"{name}.{k}"] for k in ("lo", "hi")})
+            quantizers[name] = quantizer
+        return quantizers
 
     def _layer_path(self, name: str) -> Path:
         return self.folder / "layers" / f"{name}.safetensors"
@@ -512,12 +535,26 @@ def quantize(
 
     # Statistics, from the FP model (before anything is replaced).
     pending = [p.name for p in todo if p.name not in done]
+    quantizers: dict[str, ActQuantizer] = {}
+    a8 = config.activation_bits < 16
+    if a8 and not isinstance(calibration, CalibrationConfig):
+        raise ValueError(
+            "quantize: 8-bit activations need a CalibrationConfig (their ranges come from the FP sampler), "
+            "not ready Hessians"
+        )
     if isinstance(calibration, CalibrationConfig):
         hessians = (ckpt.load_hessians(pending) if ckpt and pending else None) or {}
-        if pending and not hessians:
-            hessians = calibrate(model, pending, calibration, conditioning=conditioning, progress=progress)
+        if a8 and ckpt:
+            quantizers = ckpt.load_quantizers()
+        if (pending and not hessians) or (a8 and not quantizers):
+            # A fresh run: pending == every layer to quantize, so the ranges cover all of them.
+            observers = _range_observers(model, pending, config) if a8 else {}
+            hessians = calibrate(
+                model, pending, calibration, conditioning=conditioning, progress=progress, observers=observers
+            )
+            quantizers = {n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count}
             if ckpt:
-                ckpt.save_hessians(hessians)
+                ckpt.save_hessians(hessians, quantizers)
     else:
         hessians = {}
         for name in pending:
@@ -577,10 +614,31 @@ def quantize(
         if on_layer is not None:
             on_layer(row)
     bar.close()
+    if a8:
+        quantized = [name for name, row in rows.items() if row["status"] == "quantized"]
+        for name in quantized:
+            attach_input_quantizer(model.get_submodule(name), quantizers[name])
+            rows[name]["activation_splits"] = list(quantizers[name].splits)
+        n_split = sum(1 for name in quantized if quantizers[name].splits)
+        report.notes.append(
+            f"A{config.activation_bits}: inputs of {len(quantized)} quantized layers fake-quantized "
+            f"({n_split} with split ranges at skip concatenations); FP-kept layers keep FP inputs"
+        )
     if ckpt:
         ckpt.finish()
     report.rows = [rows.get(p.name) or _kept_row(p, p.reason) for p in plans]
     return model
+
+
+def _range_observers(model: nn.Module, names: list[str], config: QuantizeConfig) -> dict[str, RangeObserver]:
+    """One activation-range observer per layer; split at the skip concatenation where there is one."""
+    splits = shortcut_splits(model) if config.split_shortcuts else {}
+    observers = {}
+    for i, name in enumerate(names):
+        layer = model.get_submodule(name)
+        split = [splits[name]] if name in splits else []
+        observers[name] = RangeObserver(in_channels_of(layer), split, channel_dim_of(layer), seed=i)
+    return observers
 
 
 def _laq_plans(

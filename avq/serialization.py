@@ -2,7 +2,8 @@
 
 `config.json` is the model's diffusers config plus a `quantization_config` block::
 
-    {"format": "avq", "version": 1, "activation_bits": 16,
+    {"format": "avq", "version": 1, "activation_bits": 16 | 8,
+     "activations": {name: {"bits": 8, "channels": C, "splits": [..], "channel_dim": 1 | -1}}  (a8 only),
      "layers": {name: {"kind": "linear" | "conv2d", "spec": {...}, "shape": [...], "bias": bool,
                        "param_dtype": "float32" | "float16" | ...,
                        "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..]  (convs)}},
@@ -11,6 +12,7 @@
 
 `model.safetensors` holds `model.state_dict()`: for each quantized layer `name.codes` (uint8 for B <= 8,
 else uint16), `name.codebooks` and `name.scales` (fp16) and `name.bias`; every other tensor as is.
+Layers with an 8-bit input quantizer (`avq.activations`) also hold `name.input_quantizer.lo/hi`.
 `param_dtype` is the dtype of the module's codebook/scale parameters in memory (see `avq.modules`); the
 file always holds fp16, and loading casts back, so a round trip is bit-exact.
 Loading uses safetensors only (no pickle) and never touches the network.
@@ -32,6 +34,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .activations import (
+    QUANTIZER_ATTR,
+    ActQuantizer,
+    attach_input_quantizer,
+    in_channels_of,
+    input_quantizers,
+)
 from .layout import effective_group_size
 from .modules import AQConv2d, AQLinear, AQModule, replace_module
 from .qweight import QuantizedWeight
@@ -89,6 +98,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
         for key in _AQ_TENSORS:
             tensors[f"{name}.{key}"] = getattr(qweight, key)
         layers[name] = _layer_entry(module)
+    quantizers = input_quantizers(model)
     config = _model_config(model)
     if "quantization_config" in config:
         raise FormatError("save_quantized: the model's config already has a 'quantization_config' entry")
@@ -102,6 +112,12 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
         "layers": layers,
         "checksum": {},
     }
+    if quantizers:
+        bits = {q.bits for q in quantizers.values()}
+        if len(bits) != 1:
+            raise FormatError(f"save_quantized: input quantizers of mixed bit widths {sorted(bits)}")
+        quantization_config["activation_bits"] = bits.pop()
+        quantization_config["activations"] = {name: q.to_entry() for name, q in quantizers.items()}
     if extra_config is not None:
         quantization_config["extra"] = _json_safe(dict(extra_config), "extra_config")
 
@@ -270,6 +286,24 @@ def load_quantized(
     expected: dict[str, torch.Tensor | None] = {  # None: a quantized layer's tensor, checked when built
         key: tensor for key, tensor in current.items() if not any(key.startswith(f"{n}.") for n in layers)
     }
+    dense_quantizers = {}  # input quantizers of layers that stay dense (simulated or FP)
+    for name, entry in quantization_config.get("activations", {}).items():
+        quantizer = ActQuantizer.from_entry(entry)
+        if name in modules:  # fresh module: fill its quantizer from the file now
+            keys = {k: f"{name}.{QUANTIZER_ATTR}.{k}" for k in ("lo", "hi")}
+            if not all(key in tensors for key in keys.values()):
+                raise FormatError(f"load_quantized: {WEIGHTS_NAME} is missing the input ranges of {name!r}")
+            _attach(modules[name], name, quantizer, {k: tensors[key] for k, key in keys.items()})
+        else:
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise FormatError(f"load_quantized: activations entry {name!r} names no layer") from None
+            if in_channels_of(layer) != quantizer.channels:
+                raise FormatError(f"load_quantized: activations entry {name!r} does not fit the layer")
+            dense_quantizers[name] = quantizer
+            for key, tensor in quantizer.state_dict().items():
+                expected[f"{name}.{QUANTIZER_ATTR}.{key}"] = tensor
     for name, module in modules.items():
         expected.update({f"{name}.{key}": None for key in module.state_dict()})
     missing = sorted(set(expected) - set(tensors))
@@ -298,6 +332,8 @@ def load_quantized(
 
     for name, module in modules.items():
         replace_module(model, name, module)
+    for name, quantizer in dense_quantizers.items():
+        attach_input_quantizer(model.get_submodule(name), quantizer)
     result = model.load_state_dict(rest, strict=False, assign=True)
     aq_keys = {key for key, tensor in expected.items() if tensor is None}
     if result.unexpected_keys or set(result.missing_keys) != aq_keys:  # guarded above; defensive
@@ -335,11 +371,21 @@ def _check_quantization_config(config: dict, folder: Path) -> dict:
             f"load_quantized: unsupported quantization_config version {qc.get('version')!r}; "
             f"this avq reads version {VERSION}"
         )
-    if qc.get("activation_bits") != 16:
+    if qc.get("activation_bits") not in (8, 16):
         raise FormatError(
             f"load_quantized: activation_bits={qc.get('activation_bits')!r} is not supported by this "
-            "version of avq (only 16: activations untouched)"
+            "version of avq (16: activations untouched, or 8)"
         )
+    activations = qc.get("activations", {})
+    if qc["activation_bits"] == 8 and not activations:
+        raise FormatError("load_quantized: activation_bits=8 but no 'activations' entries")
+    if not isinstance(activations, dict):
+        raise FormatError("load_quantized: quantization_config.activations must be an object")
+    for name, entry in activations.items():
+        try:
+            ActQuantizer.from_entry(entry)
+        except (KeyError, TypeError, ValueError) as error:
+            raise FormatError(f"load_quantized: activations entry {name!r} is malformed: {error}") from None
     layers = qc.get("layers")
     if not isinstance(layers, dict):
         raise FormatError("load_quantized: quantization_config.layers must be an object")
@@ -469,6 +515,14 @@ def _build_layer(model: nn.Module, name: str, entry: dict, tensors: dict[str, to
     except ValueError as error:
         raise FormatError(f"load_quantized: layer {name!r}: {error}") from error
     return module
+
+
+def _attach(module: AQModule, name: str, quantizer: ActQuantizer, ranges: dict[str, torch.Tensor]) -> None:
+    try:
+        quantizer.set_ranges(ranges["lo"], ranges["hi"])
+        attach_input_quantizer(module, quantizer)
+    except ValueError as error:
+        raise FormatError(f"load_quantized: input quantizer of {name!r}: {error}") from None
 
 
 def _names(keys: list[str], limit: int = 10) -> str:

@@ -86,7 +86,7 @@ def test_quantize_shipped_model_rtn(tmp_path, capsys):
         ("no-such-model", "w2a16", "unknown model 'no-such-model'"),
         ("FOLDER_EMPTY", "w2a16", "not a diffusers model folder"),
         ("FOLDER_NOCLASS", "w2a16", "no _class_name"),
-        ("TINY", "w4a8", "8-bit activations are not implemented"),
+        ("PIPELINE", "w2a16", "not a diffusers model folder"),
     ],
 )
 def test_user_errors_exit_2(model, preset, message, tmp_path, tiny_folder, capsys):
@@ -95,8 +95,9 @@ def test_user_errors_exit_2(model, preset, message, tmp_path, tiny_folder, capsy
     elif model == "FOLDER_NOCLASS":
         (tmp_path / "config.json").write_text('{"in_channels": 3}')
         model = str(tmp_path)
-    elif model == "TINY":
-        model = str(tiny_folder)
+    elif model == "PIPELINE":  # a pipeline folder without unet/ or transformer/
+        (tmp_path / "model_index.json").write_text("{}")
+        model = str(tmp_path)
     code = main(["quantize", "--model", model, "--preset", preset, "--out", str(tmp_path / "q"), *TINY_ARGS])
     err = capsys.readouterr().err
     assert code == 2

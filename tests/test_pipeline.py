@@ -12,7 +12,6 @@ from test_calibration import TINY, tiny_dit, tiny_unet
 import avq
 from avq.modules import AQModule
 from avq.pipeline import (
-    ActivationQuantizationNotImplementedError,
     CheckpointError,
     PresetError,
     QuantizeConfig,
@@ -56,10 +55,10 @@ def test_presets():
     assert [s.name for s in preset_config("w2a16").conv_specs] == ["1x8g4", "1x4g2"]
     assert [s.name for s in preset_config("w4a16").linear_specs][0] == "2x8g4"
     assert preset_config("w4a16", "gptq").bits == 4
-    with pytest.raises(
-        ActivationQuantizationNotImplementedError, match="8-bit activations are not implemented"
-    ):
-        preset_config("w4a8")
+    assert preset_config("w4a8").activation_bits == 8 and preset_config("w4a16").activation_bits == 16
+    assert preset_config("w2a8").conv_specs == preset_config("w2a16").conv_specs
+    with pytest.raises(PresetError, match="activation_bits must be 8 or 16"):
+        preset_config("w4a16", activation_bits=4)
     with pytest.raises(PresetError, match="unknown preset"):
         preset_config("w3a16")
     with pytest.raises(PresetError, match="unknown method"):

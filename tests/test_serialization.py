@@ -333,8 +333,8 @@ def test_unknown_version(copy: Path, version) -> None:
 
 
 def test_unsupported_activation_bits(copy: Path) -> None:
-    rewrite(copy, config=lambda c: c["quantization_config"].update(activation_bits=8))
-    with pytest.raises(FormatError, match="activation_bits=8 is not supported"):
+    rewrite(copy, config=lambda c: c["quantization_config"].update(activation_bits=4))
+    with pytest.raises(FormatError, match="activation_bits=4 is not supported"):
         load_quantized(copy)
 
 

@@ -1,0 +1,163 @@
+"""8-bit activations: the fake quantizer, range calibration, shortcut splitting, and A8 through the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from test_calibration import TINY, tiny_dit, tiny_unet
+from test_pipeline import FAST, outputs
+
+import avq
+from avq.activations import (
+    ActQuantizer,
+    RangeObserver,
+    attach_input_quantizer,
+    input_quantizers,
+    shortcut_splits,
+)
+from avq.modules import AQModule
+from avq.pipeline import QuantizeReport, preset_config, quantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quantizer_grid_error_and_straight_through():
+    q = ActQuantizer(channels=6, bits=8, splits=(2,), channel_dim=1)
+    q.set_ranges(torch.tensor([-1.0, -10.0]), torch.tensor([1.0, 10.0]))
+    x = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    x[:, 2:] *= 10
+    x.requires_grad_(True)
+    y = q(x)
+    step = torch.tensor([2 / 255] * 2 + [20 / 255] * 4)[None, :, None, None]
+    err = (y - x).abs()
+    assert (err <= step / 2 + 1e-6).all()  # inside the range: at most half a step
+    assert (err[:, 2:].amax() > 2 / 255) and (err[:, :2].amax() <= 1 / 255 + 1e-6)  # per-segment steps
+    assert len(torch.unique(torch.round((y[:, :2] + 1) / (2 / 255)))) <= 256
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
+    clipped = q(torch.full((1, 6, 1, 1), 100.0))
+    assert torch.allclose(clipped[0, :2, 0, 0], torch.ones(2), atol=1e-2)  # saturates at hi
+    with pytest.raises(ValueError, match="input has 5 channels"):
+        q(torch.zeros(1, 5, 2, 2))
+    with pytest.raises(ValueError, match="splits"):
+        ActQuantizer(channels=4, splits=(4,))
+
+
+def test_observer_clips_heavy_tails_when_that_lowers_error():
+    laplace = torch.distributions.Laplace(0.0, 1.0)
+    torch.manual_seed(0)
+    obs = RangeObserver(channels=8)
+    for _ in range(5):  # heavy tails: the extreme values are rare, clipping them buys finer steps
+        obs.observe(laplace.sample((512, 8)))
+    lo, hi = obs.ranges(bits=4)
+    assert hi.item() < obs.maxs[0] and lo.item() > obs.mins[0]
+    fresh = laplace.sample((4096, 8))
+
+    def mse(lo_: float, hi_: float) -> torch.Tensor:
+        q = ActQuantizer(channels=8, bits=4)
+        q.set_ranges(torch.tensor([lo_]), torch.tensor([hi_]))
+        return (q(fresh) - fresh).pow(2).mean()
+
+    assert mse(lo.item(), hi.item()) < 0.8 * mse(obs.mins[0], obs.maxs[0])
+    with pytest.raises(ValueError, match="no input observed"):
+        RangeObserver(channels=2).ranges()
+
+
+def test_shortcut_splits_match_the_runtime_concatenation():
+    model = tiny_unet()
+    splits = shortcut_splits(model)
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(j):
+        def hook(block, args, kwargs):
+            hidden, skips = (
+                args[0] if args else kwargs["hidden_states"],
+                kwargs.get("res_hidden_states_tuple"),
+            )
+            skips = skips if skips is not None else args[1]
+            for i, resnet in enumerate(block.resnets):
+                h = hidden.shape[1] if i == 0 else block.resnets[i - 1].out_channels
+                seen[f"up_blocks.{j}.resnets.{i}"] = (h, skips[-1 - i].shape[1])
+
+        return hook
+
+    for j, block in enumerate(model.up_blocks):
+        block.register_forward_pre_hook(record(j), with_kwargs=True)
+    with torch.no_grad():
+        outputs(model)
+    for prefix, (h, skip) in seen.items():
+        resnet = model.get_submodule(prefix)
+        assert splits[f"{prefix}.conv1"] == h and resnet.conv1.in_channels == h + skip
+        if resnet.conv_shortcut is not None:
+            assert splits[f"{prefix}.conv_shortcut"] == h
+    assert len(seen) == 4 and all(name.startswith("up_blocks.") for name in splits)
+    assert shortcut_splits(tiny_dit()) == {}
+
+
+@pytest.fixture(scope="module")
+def a8_model():
+    report = QuantizeReport()
+    model = quantize(tiny_unet(), preset_config("w2a8", solver=FAST), TINY, progress=False, report=report)
+    return model, report
+
+
+def test_a8_pipeline_attaches_split_quantizers(a8_model):
+    model, report = a8_model
+    quantizers = input_quantizers(model)
+    quantized = [r["name"] for r in report.rows if r["status"] == "quantized"]
+    assert sorted(quantizers) == sorted(quantized)
+    assert all(isinstance(model.get_submodule(n), AQModule) for n in quantizers)
+    splits = shortcut_splits(tiny_unet())
+    split_layers = [n for n in quantized if n in splits]
+    assert split_layers and all(quantizers[n].splits == (splits[n],) for n in split_layers)
+    assert any("A8" in note for note in report.notes)
+    # The quantizers act: removing them changes the output, a little.
+    a8 = outputs(model)
+    for name in quantizers:
+        model.get_submodule(name).input_quantizer.set_ranges(
+            torch.tensor([-1e4] * len(quantizers[name].lo)), torch.tensor([1e4] * len(quantizers[name].lo))
+        )
+    coarse = outputs(model)
+    assert not torch.allclose(a8, coarse)
+
+
+def test_a8_save_load_and_resume(tmp_path):
+    config = preset_config("w2a8", solver=FAST)
+    model = quantize(tiny_unet(), config, TINY, progress=False)
+    expected = outputs(model)
+    avq.save_quantized(model, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["activation_bits"] == 8 and sorted(qc["activations"]) == sorted(input_quantizers(model))
+    loaded = avq.load_quantized(tmp_path / "q")
+    assert torch.equal(outputs(loaded), expected)
+
+    ckpt, finished = tmp_path / "ckpt", []
+
+    def interrupt(row):
+        finished.append(row["name"])
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)
+    resumed = quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert torch.equal(outputs(resumed), expected)
+
+
+def test_a8_on_dense_layers_of_simulated_baselines(tmp_path):
+    model = quantize(tiny_unet(), preset_config("w2a8", "rtn"), TINY, progress=False)
+    quantizers = input_quantizers(model)
+    assert quantizers and all(isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d)) for n in quantizers)
+    expected = outputs(model)
+    avq.save_quantized(model, tmp_path / "q")
+    assert torch.equal(outputs(avq.load_quantized(tmp_path / "q")), expected)
+
+
+def test_a8_needs_the_sampler_and_rejects_bad_channel_counts():
+    with pytest.raises(ValueError, match="need a CalibrationConfig"):
+        quantize(tiny_unet(), preset_config("w2a8"), {"x": torch.eye(2)}, progress=False)
+    with pytest.raises(ValueError, match="quantizer for 3 channels"):
+        attach_input_quantizer(nn.Linear(4, 2), ActQuantizer(channels=3))
