@@ -1,4 +1,4 @@
-"""8-bit activations: the fake quantizer, range calibration, shortcut splitting, and A8 through the pipeline."""
+"""8-bit activations: fake quantizer, range calibration, shortcut splitting, A8 through the pipeline."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_shortcut_splits_match_the_runtime_concatenation():
                 kwargs.get("res_hidden_states_tuple"),
             )
             skips = skips if skips is not None else args[1]
-            for i, resnet in enumerate(block.resnets):
+            for i in range(len(block.resnets)):
                 h = hidden.shape[1] if i == 0 else block.resnets[i - 1].out_channels
                 seen[f"up_blocks.{j}.resnets.{i}"] = (h, skips[-1 - i].shape[1])
 
