@@ -146,6 +146,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             model,
             out,
             extra_config={
+                "model": args.model,  # the FP source: `avq finetune` takes its teacher from here
                 "preset": args.preset,
                 "method": args.method,
                 "summary": report.summary(),
