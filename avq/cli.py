@@ -3,6 +3,8 @@
     avq quantize --model digits-unet-mini|FOLDER --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn]
                  --out FOLDER [--json PATH] [--resume] [--num-samples N] [--seed S]
                  [--bits-budget B] [--tracker none|wandb]
+    avq finetune --quantized FOLDER --steps N --out FOLDER [--resume] [--tracker none|wandb]
+                 [--teacher MODEL] [--semi selective|none|all] [--checkpoint-every N] [--json PATH]
     avq sample   --model digits-unet-mini|FOLDER [--quantized FOLDER] --n N [--steps 20] [--guidance G]
                  [--seed S] [--batch-size B] --out DIR [--json PATH]
     avq eval     SAMPLES.npz [--fp FP_SAMPLES.npz] [--floor FP2.npz] [--reference test|train] [--json PATH]
@@ -160,6 +162,72 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
+    return 0
+
+
+# `avq finetune` option -> FinetuneConfig field (options left unset keep the config's defaults)
+_FINETUNE_OPTIONS = {
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "lr_codebooks": "lr_codebooks",
+    "lr_scales": "lr_scales",
+    "lr_fp": "lr_fp",
+    "lr_shadow": "lr_shadow",
+    "v_every": "v_every",
+    "max_code_change": "max_code_change",
+    "trust_ratio": "trust_ratio",
+    "beam_width": "beam_width",
+    "semi": "semi",
+    "trajectories": "trajectories_per_epoch",
+    "sampling_steps": "sampling_steps",
+    "guidance": "guidance_scale",
+    "timestep_sampling": "timestep_sampling",
+    "block_loss_weight": "block_loss_weight",
+    "checkpoint_every": "checkpoint_every",
+    "sample_every": "sample_every",
+}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, FinetuneError, finetune_folder
+    from .training import CheckpointMismatchError
+
+    overrides = {
+        field: getattr(args, option)
+        for option, field in _FINETUNE_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
+    try:
+        config = FinetuneConfig(steps=args.steps, **overrides)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
+        figures = finetune_folder(
+            args.quantized,
+            args.out,
+            config,
+            teacher=args.teacher,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            tracker=args.tracker,
+            progress=not args.quiet,
+        )
+    except (FinetuneError, CheckpointMismatchError) as error:
+        raise UserError(str(error)) from None
+    if figures["rank"] != 0:
+        return 0
+    history = figures["history"]
+    if history:
+        print(
+            f"fine-tuned {figures['steps_done']} steps (SeMI {config.semi}, {figures['world_size']} "
+            f"process(es)): loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g}, "
+            f"{figures['codes_changed_total']:.2%} of codes changed in all, {figures['seconds']:.1f} s"
+        )
+    if figures["saved"]:
+        print(f"saved {args.out}")
+    if args.json:
+        command = sys.argv[1:] if args.argv is None else args.argv
+        _write_json(args.json, {"command": " ".join(["avq", *command]), **figures})
     return 0
 
 
@@ -326,6 +394,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser(
+        "finetune",
+        help="SeMI-PV: fine-tune an avq save against its FP model (data-free distillation)",
+        description="PV-Tuning with selective momentum invalidation (avq.finetune): distill the FP teacher "
+        "(the save's recorded source model, or --teacher) into the quantized model on the teacher's own "
+        "sampling trajectories; AdamW on codebooks, scales and FP parameters, straight-through code "
+        "updates. Checkpoints every --checkpoint-every steps to <out>.partial/ (atomic; --resume after an "
+        "interruption). Under `torchrun --nproc_per_node=N` the batches are shared out among the processes.",
+    )
+    f.add_argument("--quantized", required=True, help="avq save folder (from `avq quantize`)")
+    f.add_argument("--steps", type=_positive, required=True, help="optimizer steps")
+    f.add_argument("--out", required=True, help="output folder for the fine-tuned avq save")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    f.add_argument(
+        "--tracker",
+        choices=("none", "wandb"),
+        default="none",
+        help="log loss, fraction of codes changed, learning rates and sample grids (wandb: offline unless "
+        "logged in or WANDB_MODE is set)",
+    )
+    f.add_argument(
+        "--teacher", help="FP teacher (shipped model or diffusers folder); default: the recorded source"
+    )
+    f.add_argument("--checkpoint-dir", help="checkpoint folder (default <out>.partial)")
+    f.add_argument("--checkpoint-every", type=_positive, help="steps between checkpoints (default 50)")
+    f.add_argument("--batch-size", type=_positive, help="trajectory points per step over all processes (16)")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--semi", choices=("selective", "none", "all"), help="momentum reset on code changes")
+    f.add_argument("--lr-codebooks", type=float, help="P step: AdamW rate of the codebooks")
+    f.add_argument("--lr-scales", type=float, help="P step: AdamW rate of the scales")
+    f.add_argument("--lr-fp", type=float, help="P step: AdamW rate of the parameters left in FP")
+    f.add_argument("--lr-shadow", type=float, help="V step: AdamW rate of the straight-through weights")
+    f.add_argument("--v-every", type=_positive, help="steps between code updates (1)")
+    f.add_argument("--max-code-change", type=float, help="max fraction of a layer's codes changed per V step")
+    f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
+    f.add_argument("--beam-width", type=_positive, help="beam width of the code search")
+    f.add_argument("--trajectories", type=_positive, help="teacher trajectories sampled per epoch (32)")
+    f.add_argument("--sampling-steps", type=_positive, help="DDIM steps of the teacher trajectories (20)")
+    f.add_argument("--guidance", type=float, help="classifier-free guidance of the teacher sampler (2.0)")
+    f.add_argument("--timestep-sampling", choices=("uniform", "stratified"))
+    f.add_argument("--block-loss-weight", type=float, help="weight of block-output matching (0: off)")
+    f.add_argument("--sample-every", type=int, help="log a sample grid every N steps (0: never)")
+    f.add_argument("--json", help="write the settings, figures and per-step history to this JSON file")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser(
         "sample",

@@ -1,91 +1,129 @@
-"""`python -m avq.demo` (`make demo`): quantize one layer of a real diffusers model, offline.
+"""`python -m avq.demo` (`make demo`): compress the shipped `digits-unet` to W2A8 and compare it to FP.
 
-Loads the shipped `digits-unet-mini` (a class-conditional diffusers `UNet2DModel` trained on 16x16 digits),
-collects the input Hessian of one mid-network 3x3 resnet conv, and quantizes that layer with RTN and GPTQ
-at 2 and 4 bits and with AQ `1x8g4`, `2x8g8` (2 code bits) and `2x8g4` (4 code bits). The table shows the
-relative H-weighted error `tr(dW H dW^T) / tr(W H W^T)`, code bits and total bits (codebooks and scales
-counted) and the time of each quantizer.
+1. Loads `digits-unet` (a class-conditional diffusers `UNet2DModel`, 13 M parameters, shipped with avq).
+2. `avq.quantize` with preset `w2a8`: time step-aware calibration on the FP DDIM-20 guided trajectory,
+   AQ `1x8g4` per layer (FP-keep rule for the first/last layers), 8-bit inputs with split ranges at the
+   skip concatenations. Prints the per-layer table.
+3. Saves the compressed model (`avq.save_quantized`, reports its size against fp16) and loads it back.
+4. Samples `--n` digits (10 per class) with the FP and the loaded W2A8 model on identical noise and
+   prints FID / class accuracy (classifier features, vs the real test split), PSNR / SSIM to FP, and
+   writes the side-by-side grid `<out>/fp_vs_w2a8.png` (left FP, right W2A8).
+
+Calibration is lighter than `avq quantize`'s default (`--calibration-samples`, 32) to keep the demo within
+a few minutes on 2 CPU cores; `avq quantize --model digits-unet --preset w2a8` is the full-size run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import avq
-from avq.modules import AQModule, replace_module
-from avq.reference import collect_hessians, load_reference
+from avq.calibration import CalibrationConfig
+from avq.metrics import evaluate
+from avq.reference import load_reference
+from avq.sampling import generate_samples
 
-DEFAULT_LAYER = "mid_block.resnets.0.conv1"
+MODEL = "digits-unet"
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+
+
+def _side_by_side(fp: torch.Tensor, q: torch.Tensor, path: Path) -> None:
+    """Two 10x10 grids (FP | quantized), 3x upscaled, written atomically."""
+    from PIL import Image
+
+    def grid(x: torch.Tensor) -> np.ndarray:
+        imgs = ((x[:100, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # [100, 16, 16]
+        rows = [np.concatenate(list(imgs[r * 10 : (r + 1) * 10]), axis=1) for r in range(len(imgs) // 10)]
+        return np.concatenate(rows, axis=0)
+
+    left, right = grid(fp), grid(q)
+    gap = np.full((left.shape[0], 8), 255, dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+    image = image.resize((image.width * 3, image.height * 3), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avq.demo", description=__doc__)
-    parser.add_argument("--layer", default=DEFAULT_LAYER, help="layer to quantize (default: %(default)s)")
-    parser.add_argument("--n-samples", type=int, default=1024, help="calibration images (default: 1024)")
-    parser.add_argument("--out", type=Path, default=None, help="save the quantized model here")
+    parser = argparse.ArgumentParser(
+        prog="python -m avq.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default %(default)s)"
+    )
+    parser.add_argument("--n", type=int, default=100, help="samples per model (default %(default)s)")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="default %(default)s")
+    parser.add_argument("--preset", default="w2a8", choices=("w2a8", "w4a8", "w2a16", "w4a16"))
+    parser.add_argument("--model", default=MODEL, choices=("digits-unet", "digits-dit", "digits-unet-mini"))
     args = parser.parse_args(argv)
-
     start = time.perf_counter()
-    model = load_reference("digits-unet-mini")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model = load_reference(args.model)
     n_params = sum(p.numel() for p in model.parameters())
-    layer = model.get_submodule(args.layer)
-    weight = layer.weight.detach().float()
-    print(f"digits-unet-mini: diffusers UNet2DModel, {n_params / 1e6:.2f}M parameters (shipped with avq)")
     print(
-        f"layer {args.layer}: {type(layer).__name__} weight {list(weight.shape)}, {weight.numel():,} weights"
+        f"{args.model}: diffusers {type(model).__name__}, {n_params / 1e6:.1f} M parameters (shipped with avq)"
     )
-    hessian = collect_hessians(model, [args.layer], n_samples=args.n_samples, seed=0)[args.layer]
-    print(f"Hessian [{hessian.shape[0]}, {hessian.shape[1]}] from {args.n_samples} noised training images\n")
+    fp_mb = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    )
+    fp_mb = fp_mb * 2 / 1e6
 
-    jobs = [
-        ("rtn", f"int{b}", lambda b=b: avq.quantize_weight_rtn(weight, b, hessian=hessian)) for b in (2, 4)
-    ]
-    jobs += [("gptq", f"int{b}", lambda b=b: avq.quantize_weight_gptq(weight, hessian, b)) for b in (2, 4)]
-    jobs += [
-        ("aq", text, lambda text=text: avq.quantize_weight(weight, hessian, avq.QuantSpec.parse(text)))
-        for text in ("1x8g4", "2x8g8", "2x8g4")
-    ]
-    print(f"{'method':<6} {'spec':<6} {'code bits':>9} {'total bits':>10} {'rel. error':>11} {'seconds':>8}")
-    results = {}
-    for method, spec, job in jobs:
-        t0 = time.perf_counter()
-        q = job()
-        seconds = time.perf_counter() - t0
-        results[spec] = q
-        error = avq.relative_error(weight, q.dequantize(), hessian)
-        print(
-            f"{method:<6} {spec:<6} {q.code_bits:>9.2f} {q.total_bits:>10.3f} {error:>11.5f} {seconds:>8.2f}"
-        )
-        sys.stdout.flush()
+    report = avq.QuantizeReport()
+    calibration = CalibrationConfig(num_samples=args.calibration_samples, batch_size=16)
+    t0 = time.perf_counter()
+    avq.quantize(model, avq.preset_config(args.preset), calibration, report=report)
+    quantize_s = time.perf_counter() - t0
+    print(report.table())
 
-    # The layer goes into the model as an AQConv2d, through save/load, and the output is compared to FP.
-    torch.manual_seed(0)
-    x = torch.randn(8, 1, 16, 16)
-    t = torch.linspace(50, 950, 8).long()
-    labels = torch.arange(8)
-    with torch.no_grad():
-        reference = model(x, t, class_labels=labels).sample
-    replace_module(model, args.layer, AQModule.from_layer(layer, results["2x8g8"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = avq.save_quantized(model, args.out or Path(tmp) / "digits-unet-mini-2x8g8")
-        size = sum(f.stat().st_size for f in folder.iterdir())
-        loaded = avq.load_quantized(folder)
-        with torch.no_grad():
-            output = loaded(x, t, class_labels=labels).sample
-    drift = float((output - reference).pow(2).sum() / reference.pow(2).sum())
+    folder = avq.save_quantized(
+        model, args.out / f"{args.model}-{args.preset}", extra_config={"model": args.model}
+    )
+    quantized = avq.load_quantized(folder)
     print(
-        f"\nsaved with {args.layer} as AQConv2d 2x8g8 ({size / 1e6:.2f} MB folder), loaded back with"
-        f" avq.load_quantized: model output error vs FP on 8 noised inputs = {drift:.2e} (relative MSE)"
+        f"\nsaved {folder} ({_folder_mb(folder):.2f} MB; the FP model's Linear/Conv2d weights alone are "
+        f"{fp_mb:.2f} MB in fp16) and loaded it back with avq.load_quantized"
     )
-    print(f"done in {time.perf_counter() - start:.0f} s.")
-    print("The whole model, every layer calibrated across the sampling trajectory:")
-    print("  avq quantize --model digits-unet-mini --preset w2a16 --out out/digits-unet-mini-w2")
+
+    fp_model = load_reference(args.model)
+    kw = dict(steps=20, guidance=2.0, seed=0, batch_size=min(args.n, 100))
+    t0 = time.perf_counter()
+    fp, labels = generate_samples(fp_model, args.n, **kw)
+    fp_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q, _ = generate_samples(quantized, args.n, **kw)
+    q_s = time.perf_counter() - t0
+    fp_fig = evaluate(fp, labels)
+    q_fig = evaluate(q, labels, fp_samples=fp)
+
+    s = report.summary()
+    print(f"\n{args.n} samples each, DDIM 20 steps, guidance 2, identical noise (FID at this N is noisy;")
+    print("benchmarks/quality.py has the 1,000-sample table):")
+    print(
+        f"{'':<10} {'total bits':>10} {'FID':>8} {'class acc':>9} {'PSNR to FP':>10} {'SSIM to FP':>10} {'s/image':>8}"
+    )
+    print(
+        f"{'FP':<10} {16:>10.2f} {fp_fig['fid']:>8.2f} {fp_fig['class_accuracy']:>9.3f} {'':>10} {'':>10} "
+        f"{fp_s / args.n:>8.3f}"
+    )
+    print(
+        f"{args.preset.upper():<10} {s['total_bits_all']:>10.2f} {q_fig['fid']:>8.2f} "
+        f"{q_fig['class_accuracy']:>9.3f} {q_fig['psnr']:>10.2f} {q_fig['ssim']:>10.3f} {q_s / args.n:>8.3f}"
+    )
+    grid = args.out / f"fp_vs_{args.preset}.png"
+    _side_by_side(fp, q, grid)
+    print(f"\ngrid (left FP, right {args.preset.upper()}): {grid}")
+    print(f"quantization {quantize_s:.0f} s; demo done in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -134,8 +134,9 @@ def sample(
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (n, config.in_channels, config.sample_size, config.sample_size)
-    dtype = next(model.parameters()).dtype
-    x = torch.randn(shape, generator=generator).to(dtype)
+    param = next(model.parameters())
+    x = torch.randn(shape, generator=generator).to(param.device, param.dtype)  # CPU noise: same on any device
+    labels = labels.to(param.device)
     null = torch.full_like(labels, NULL_CLASS)
     forward = adapter_for(model).forward  # UNet2DModel or DiT: timestep shape, learned-sigma halves
     for t in scheduler.timesteps:
@@ -143,7 +144,7 @@ def sample(
         eps_label, eps_null = both.chunk(2)
         eps = eps_null + guidance * (eps_label - eps_null)
         x = scheduler.step(eps, t, x).prev_sample
-    return x.float().clamp(-1, 1)
+    return x.float().clamp(-1, 1).cpu()
 
 
 # ---------------------------------------------------------------------------------------------- layers

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{model_name}: FID {figures['fid']:.3f} (floor {figures['fid_floor']:.3f}), "
             f"class acc {figures['class_accuracy']:.4f}, IS {figures['is']:.2f}, "
-            f"{per_image if per_image is not None else float('nan'):.4f} s/image"
+            f"{per_image:.4f} s/image"
         )
         grid_dir = CACHE / f"{model_name}-grid"
         save_samples(grid_dir, samples[:100], labels[:100], {"model": model_name})

@@ -1,31 +1,36 @@
-"""Cached sample sets shared by the benchmark scripts (`reference_fp.py`, `quality.py`).
+"""Cached, resumable sample sets shared by the benchmark scripts (`reference_fp.py`, `quality.py`).
 
-A set is identified by (model tag, n, seed, guidance, steps, batch_size) and cached under `runs/samples/`
-(outside git) as `avq sample` writes it, so that the FP sets that feed both the FP row and the
-PSNR/SSIM-to-FP columns of the quality table are sampled once. Batch `b` of a set uses the noise of
-`(seed, b)` (`avq.sampling.generate_samples`), so the first `k * batch_size` samples of a bigger set equal a
-smaller set of the same seed: `get_samples` reuses a cached bigger set.
+A set is identified by (tag, seed, guidance, steps, batch_size); its batches are cached one file each under
+`runs/samples/<tag>-s<seed>-g<guidance>-t<steps>-b<batch_size>/` (outside git). Batch `b` uses the noise
+of `(seed, b)` (`avq.reference.sample` seeded as in `avq.sampling.generate_samples`), so a set of `n`
+samples is the first `ceil(n / batch_size)` batches: FP sets are sampled once and reused by every script
+and every N, and a run killed midway (a 5,000-sample set of `digits-unet` takes ~30 min on 2 CPU cores)
+continues from its last finished batch. Batch files are written atomically (`save_samples`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from avq.sampling import generate_samples, load_samples, save_samples
+from avq.reference import NUM_CLASSES, sample
+from avq.sampling import load_samples, save_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "runs" / "samples"
 
 
-def _folder(tag: str, n: int, seed: int, guidance: float, steps: int, batch_size: int) -> Path:
-    return CACHE / f"{tag}-n{n}-s{seed}-g{guidance:g}-t{steps}-b{batch_size}"
+def set_folder(tag: str, seed: int, guidance: float, steps: int, batch_size: int) -> Path:
+    return CACHE / f"{tag}-s{seed}-g{guidance:g}-t{steps}-b{batch_size}"
 
 
 def get_samples(
-    model_or_loader,
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
     tag: str,
     n: int,
     *,
@@ -34,33 +39,31 @@ def get_samples(
     steps: int = 20,
     batch_size: int = 250,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """`(samples [n, 1, 16, 16], labels [n], seconds per image or None when read from the cache)`.
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`(samples [n, 1, 16, 16], labels [n] = i % 10, sampling seconds per image)`; the time is the one
+    measured when each batch was sampled (stored with it), so a cached set reports it too.
 
-    `model_or_loader`: the model, or a callable returning it (not called on a cache hit).
+    `model`: the model, or a callable returning it (called only if a batch is missing).
     """
-    for path in sorted(CACHE.glob(f"{tag}-n*-s{seed}-g{guidance:g}-t{steps}-b{batch_size}/samples.npz")):
-        samples, labels, meta = load_samples(path)
-        if meta.get("n") == n or (meta.get("n", 0) >= n and n % batch_size == 0):
-            return samples[:n], labels[:n], None
-    model = (
-        model_or_loader()
-        if callable(model_or_loader) and not isinstance(model_or_loader, torch.nn.Module)
-        else model_or_loader
-    )
-    start = time.perf_counter()
-    samples, labels = generate_samples(
-        model, n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress
-    )
-    seconds = time.perf_counter() - start
-    meta = {
-        "tag": tag,
-        "n": n,
-        "seed": seed,
-        "guidance": guidance,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seconds": seconds,
-    }
-    save_samples(_folder(tag, n, seed, guidance, steps, batch_size), samples, labels, meta)
-    return samples, labels, seconds / n
+    folder = set_folder(tag, seed, guidance, steps, batch_size)
+    labels = torch.arange(n, dtype=torch.int64) % NUM_CLASSES
+    chunks, seconds = [], 0.0
+    n_batches = -(-n // batch_size)
+    for b in tqdm(range(n_batches), desc=f"sample {tag} s{seed}", unit="batch", disable=not progress):
+        path = folder / f"batch{b:05d}"
+        if (path / "samples.npz").is_file():
+            chunk, _, meta = load_samples(path / "samples.npz")
+            seconds += meta["seconds"]
+        else:
+            if not isinstance(model, torch.nn.Module):
+                model = model()
+            batch_labels = torch.arange(b * batch_size, (b + 1) * batch_size) % NUM_CLASSES  # full batches
+            batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
+            start = time.perf_counter()
+            chunk = sample(model, batch_labels, steps=steps, guidance=guidance, seed=batch_seed)
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
+            save_samples(path, chunk, batch_labels, {"tag": tag, "batch": b, "seconds": elapsed}, grid=0)
+        chunks.append(chunk)
+    samples = torch.cat(chunks)[:n]
+    return samples, labels, seconds / (n_batches * batch_size)

@@ -1,0 +1,215 @@
+"""The quality table: FP, RTN, GPTQ and AVQ at W4A8 and W2A8 on the reference models -> quality.json.
+
+    python benchmarks/quality.py                                   # both models, 1,000 samples per row
+    python benchmarks/quality.py --models digits-unet --n 500 --configs avq:w2a8 gptq:w2a8
+    python benchmarks/quality.py --plot-only                       # redraw the Pareto plot from the JSON
+
+Each row quantizes a fresh copy of the FP model with `avq.quantize` (layer-wise; the default
+`CalibrationConfig`: 64 samples along the DDIM-20 guided trajectory, 10 timesteps kept), samples `--n`
+class-balanced images with the FP model's noise (seed 0, DDIM 20 steps, guidance 2) and evaluates them
+against the real test split and against the FP samples on identical noise (PSNR, SSIM, FID to FP). Every
+row carries the FID floor at the same N: FP samples of seed 0 vs FP samples of seed 1. Bits: `code_bits`
+per quantized weight, `total_bits` over all Linear/Conv2d weights with codebooks, scales and FP-kept
+layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included).
+`avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
+equal-total-bits comparison. GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no saving.
+
+Rows are appended to `runs/quality/<name>.partial.json` as they finish, so an interrupted run continues
+where it stopped (`--fresh` to start over); `benchmarks/results/<name>.json` and the Pareto plot
+(`<name>.png`: total bits vs FID, one panel per model) are written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sample_sets import REPO, get_samples, set_folder
+
+from avq.calibration import CalibrationConfig
+from avq.data import load_digits_images
+from avq.metrics import evaluate
+from avq.pipeline import QuantizeReport, preset_config, quantize
+from avq.reference import load_reference
+from avq.results import default_results_dir, write_results
+
+MODELS = ("digits-unet", "digits-dit")
+CONFIGS = ("rtn:w4a8", "gptq:w4a8", "avq:w4a8", "rtn:w2a8", "gptq:w2a8", "avq:w2a8", "avq-laq:w2a8")
+FIGURES = (
+    "fid",
+    "sfid",
+    "is",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "psnr",
+    "ssim",
+    "fid_to_fp",
+    "fid_floor",
+    "sfid_floor",
+)
+
+
+def _quantized(model_name: str, method: str, preset: str, budget: float | None, seed: int):
+    model = load_reference(model_name)
+    config = preset_config(preset, method.removesuffix("-laq"), bits_budget=budget)
+    report = QuantizeReport()
+    start = time.perf_counter()
+    quantize(model, config, CalibrationConfig(seed=seed), report=report, progress=True)
+    return model.eval(), report, (time.perf_counter() - start) / 60
+
+
+def _done(rows: list[dict], model: str, config: str) -> dict | None:
+    return next((r for r in rows if r["model"] == model and r["config"] == config), None)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    partial = REPO / "runs" / "quality" / f"{args.name}.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"n": args.n, "guidance": args.guidance, "batch_size": args.batch_size}
+    rows: list[dict] = []
+    if partial.exists() and not args.fresh:
+        saved = json.loads(partial.read_text())
+        if saved["settings"] == settings:
+            rows = saved["rows"]
+            print(f"continuing {partial}: {len(rows)} rows done")
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        os.replace(tmp, partial)
+
+    test = load_digits_images("test")
+    kw = dict(guidance=args.guidance, batch_size=args.batch_size)
+    for model_name in args.models:
+        fp_model = load_reference(model_name).eval()
+        fp, labels, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=0, **kw)
+        floor, _, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=1, **kw)
+        if not _done(rows, model_name, "fp"):
+            figures = evaluate(fp, labels, reference=test, floor_samples=floor)
+            keep(
+                {
+                    "model": model_name,
+                    "config": "fp",
+                    "method": "fp",
+                    "preset": "w16a16",
+                    "code_bits": 16.0,
+                    "total_bits": 16.0,
+                    "quantize_minutes": 0.0,
+                    "n": args.n,
+                    **{k: figures[k] for k in FIGURES if k in figures},
+                }
+            )
+        for entry in args.configs:
+            method, preset = entry.split(":")
+            if _done(rows, model_name, entry):
+                continue
+            budget = None
+            if method == "avq-laq":
+                gptq = _done(rows, model_name, f"gptq:{preset}")
+                if gptq is None:
+                    print(f"skip {entry}: needs the gptq:{preset} row for its budget")
+                    continue
+                budget = gptq["total_bits"]
+            print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
+            model, report, minutes = _quantized(model_name, method, preset, budget, args.seed)
+            tag = f"{model_name}-{method}-{preset}"
+            shutil.rmtree(set_folder(tag, 0, args.guidance, 20, args.batch_size), ignore_errors=True)  # stale
+            samples, _, _ = get_samples(model, tag, args.n, seed=0, **kw)
+            figures = evaluate(samples, labels, reference=test, fp_samples=fp, floor_samples=floor)
+            summary = report.summary()
+            row = {
+                "model": model_name,
+                "config": entry,
+                "method": method,
+                "preset": preset,
+                "code_bits": summary["code_bits"],
+                "total_bits": summary["total_bits_all"],
+                "layers_quantized": summary["quantized"],
+                "layers": summary["layers"],
+                "quantize_minutes": round(minutes, 2),
+                "n": args.n,
+                "simulated": method in ("gptq", "rtn"),
+                **({"bits_budget": budget} if budget else {}),
+                **{k: figures[k] for k in FIGURES if k in figures},
+            }
+            keep(row)
+            print(
+                f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  "
+                f"class acc {row['class_accuracy']:.4f}"
+                f"  PSNR {row['psnr']:.2f}  total bits {row['total_bits']:.3f}  {minutes:.1f} min"
+            )
+            del model
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Total bits vs FID per model (log x), the FP row's floor band shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-laq": "D"}
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        for method in markers:
+            pts = sorted((r["total_bits"], r["fid"], r["preset"]) for r in mine if r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method)
+                for x, y, preset in pts:
+                    ax.annotate(preset, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fp = next((r for r in mine if r["method"] == "fp"), None)
+        if fp is not None:
+            ax.axhspan(fp["fid"], fp["fid"] + fp["fid_floor"], color="grey", alpha=0.2, label="FP + floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("total bits per weight (all Linear/Conv2d weights)")
+        ax.set_ylabel(f"FID to test split (N={mine[0]['n']})")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "digits-unet-mini"])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--n", type=int, default=1000, help="samples per row (default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed")
+    parser.add_argument("--name", default="quality")
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows of an interrupted run")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the results JSON")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = default_results_dir()
+    if args.plot_only:
+        rows = json.loads((results / f"{args.name}.json").read_text())["rows"]
+    else:
+        rows = run(args)
+        path = write_results(args.name, rows)
+        print(f"wrote {path}")
+    plot(rows, results / f"{args.name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""The SeMI-PV fine-tuning loop (`finetune`), its held-out loss (`distillation_loss`), and the folder-to-
+folder job behind `avq finetune` (`finetune_folder`).
+
+One step: this rank's shard of the step's teacher-trajectory batch (`avq.finetune.data`) -> student
+forward with the straight-through shadows installed (`avq.finetune.pv.straight_through`) -> loss = MSE of
+the model output against the teacher's (conditional and, with `distill_null`, null-conditioned rows), plus
+`block_loss_weight` x the mean over top-level blocks of the MSE of their outputs -> backward -> gradients
+averaged over ranks and clipped -> AdamW (`SlotAdamW`): P step on codebooks / scales / FP parameters and
+the straight-through step on the shadows -> every `v_every` steps the code update (`v_step`) and SeMI
+(`semi_reset`). The student runs in eval mode (no dropout): the run is a deterministic function of the
+models, the config and the thread count, so a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from avq.calibration import _to, adapter_for
+
+from . import distributed
+from .checkpoint import has_checkpoint, load_checkpoint, restore, run_identity, save_checkpoint
+from .config import FinetuneConfig, FinetuneError
+from .data import Batch, TeacherData, _stack_kwargs, build_pool, pool_batch, run_sampler, trajectory_inputs
+from .optim import SlotAdamW
+from .pv import make_shadows, p_step_parameters, shadow_name, straight_through, v_step
+from .semi import semi_reset
+
+History = list[dict[str, Any]]
+SAMPLE_GRID = 16  # samples in each logged grid
+
+
+# ============================================================================ checks
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher must be the FP architecture of the student (same class and diffusers config)."""
+    from .checkpoint import architecture_config
+
+    if type(student) is not type(teacher):
+        raise FinetuneError(
+            f"the teacher is a {type(teacher).__name__}, the quantized student a {type(student).__name__}: "
+            "the teacher must be the FP model the student was quantized from"
+        )
+    a, b = architecture_config(student), architecture_config(teacher)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise FinetuneError(
+            f"the teacher's {type(teacher).__name__} config differs from the student's in "
+            f"{', '.join(diff[:8])}: the teacher must be the FP model the student was quantized from"
+        )
+
+
+# ============================================================================ block outputs
+def block_names(model: nn.Module) -> list[str]:
+    """Top-level blocks whose outputs the optional block term matches: `down_blocks.*`, `mid_block`,
+    `up_blocks.*` (UNets), `transformer_blocks.*` (DiT / PixArt)."""
+    names = []
+    for attr in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks"):
+        block = getattr(model, attr, None)
+        if isinstance(block, nn.ModuleList):
+            names += [f"{attr}.{i}" for i in range(len(block))]
+        elif isinstance(block, nn.Module):
+            names.append(attr)
+    return names
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """`{name: first tensor output}` of the named submodules during the block (forward hooks)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            while isinstance(output, (tuple, list)):
+                output = output[0]
+            captured[name] = output
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ============================================================================ the loop
+def _model_inputs(batch: Batch, distill_null: bool, device: torch.device, dtype: torch.dtype):
+    """`(x, t, kwargs, target)` rows for the student: the conditional rows, then the null rows."""
+    if distill_null and batch.null is not None:
+        x = torch.cat([batch.x, batch.x])
+        t = torch.cat([batch.t, batch.t])
+        kwargs = _stack_kwargs([batch.cond, batch.null])
+        target = torch.cat([batch.target_cond, batch.target_null])
+    else:
+        x, t, kwargs, target = batch.x, batch.t, batch.cond, batch.target_cond
+    return x.to(device, dtype), t.to(device), _to(kwargs, device, dtype), target.to(device)
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: FinetuneConfig | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    tracker=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device | None = None,
+    conditioning: torch.Tensor | None = None,
+) -> tuple[nn.Module, History]:
+    """Fine-tune the quantized `student` (in place) against its FP `teacher` with SeMI-PV.
+
+    `checkpoint_dir`: write a checkpoint every `config.checkpoint_every` steps and at the end; `resume`:
+    continue from it (refused with `FinetuneCheckpointError` for another model, spec, teacher or config).
+    `tracker`: an `avq.tracking` tracker (metrics every `log_every` steps; sample grids every
+    `sample_every`); only the main rank logs. `stop_after`: end after that many steps (with a checkpoint),
+    as an interruption would. Under torchrun the process group is set up here unless the caller did
+    (`avq.finetune.distributed`). `conditioning`: class labels / prompt embeddings for the trajectories
+    (`avq.calibration.adapter_for`). Returns `(student, history)`: one dict per step done (this call and
+    the resumed ones): step, loss, learning rates, code-change and SeMI counts.
+    """
+    config = FinetuneConfig() if config is None else config
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be an avq.finetune.FinetuneConfig, got {type(config).__name__}")
+    if resume and checkpoint_dir is None:
+        raise FinetuneError("resume=True needs a checkpoint_dir")
+    ctx = distributed.setup(device)
+    try:
+        return _finetune(
+            student, teacher, config, ctx, checkpoint_dir, resume, tracker, progress, stop_after, conditioning
+        )
+    finally:
+        distributed.teardown(ctx)
+
+
+def _finetune(
+    student, teacher, config, ctx, checkpoint_dir, resume, tracker, progress, stop_after, conditioning
+) -> tuple[nn.Module, History]:
+    from tqdm.auto import tqdm
+
+    from avq.tracking import NullTracker
+
+    check_pair(student, teacher)
+    if config.batch_size % ctx.world_size:
+        raise FinetuneError(
+            f"batch_size {config.batch_size} cannot be split evenly over {ctx.world_size} processes"
+        )
+    student.to(ctx.device)
+    teacher.to(ctx.device).eval().requires_grad_(False)
+    was_training = student.training
+    student.eval()
+    shadows = make_shadows(student)
+    if not shadows:
+        raise FinetuneError(
+            f"the student {type(student).__name__} has no AQLinear/AQConv2d layers: nothing to fine-tune "
+            "(pass a model quantized with the avq method)"
+        )
+    for param in student.parameters():
+        param.requires_grad_(True)
+    if ctx.distributed:  # every rank starts from rank 0's tensors, as DDP does
+        distributed.broadcast_(list(student.state_dict().values()), ctx)
+    identity = run_identity(student, teacher)
+    optimizer = SlotAdamW(
+        p_step_parameters(student) + [(shadow_name(s.name), "shadow", s.delta, 2) for s in shadows],
+        config.learning_rates(),
+        betas=config.betas,
+        weight_decay=config.weight_decay,
+    )
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    history: History = []
+    start, seconds_before = 0, 0.0
+    if resume:
+        meta, tensors = load_checkpoint(ckpt, config=config, identity=identity)
+        restore(meta, tensors, student=student, shadows=shadows, optimizer=optimizer)
+        start, history, seconds_before = int(meta["step"]), list(meta["history"]), float(meta["seconds"])
+    end = config.steps if stop_after is None else max(start, min(config.steps, stop_after))
+    tracker = tracker if (tracker is not None and ctx.is_main) else NullTracker()
+    adapter = adapter_for(teacher, conditioning=conditioning)
+    data = TeacherData(teacher, adapter, config, ctx)
+    blocks = block_names(student) if config.block_loss_weight > 0 else []
+    param = next(student.parameters())
+    total_codes = sum(s.num_codes for s in shadows)
+    trained = optimizer.params()
+    started = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        if ckpt is not None and ctx.is_main:
+            save_checkpoint(
+                ckpt,
+                step=step,
+                config=config,
+                identity=identity,
+                student=student,
+                shadows=shadows,
+                optimizer=optimizer,
+                history=history,
+                seconds=seconds_before + time.perf_counter() - started,
+                world_size=ctx.world_size,
+            )
+        distributed.barrier(ctx)
+
+    def log_samples(step: int) -> None:
+        if ctx.is_main and config.sample_every:
+            tracker.log_images("samples", sample_grid(student, adapter, config), caption=f"step {step}")
+
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=config.steps,
+        desc="finetune (SeMI-PV)",
+        unit="step",
+        disable=not (progress and ctx.is_main),
+    )
+    try:
+        with straight_through(shadows):
+            for step in bar:
+                batch = data.batch(step)
+                x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
+                optimizer.zero_grad()
+                with contextlib.ExitStack() as stack:
+                    got = stack.enter_context(capture_outputs(student, blocks)) if blocks else {}
+                    out = adapter.forward(student, x, t, kwargs)
+                loss = F.mse_loss(out.float(), target.float())
+                if blocks:
+                    with torch.no_grad(), capture_outputs(teacher, blocks) as want:
+                        adapter.forward(teacher, x, t, kwargs)
+                    block = sum(F.mse_loss(got[n].float(), want[n].float()) for n in blocks) / len(blocks)
+                    loss = loss + config.block_loss_weight * block
+                loss.backward()
+                for p in trained:  # an unused tensor gets a zero gradient on every rank alike
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                value = loss.detach().reshape(1).clone()
+                distributed.all_reduce_mean_([p.grad for p in trained] + [value], ctx)
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+                scale = config.lr_factor(step)
+                optimizer.step(scale)
+                record: dict[str, Any] = {"step": step + 1, "loss": float(value)}
+                record.update({f"lr/{g}": optimizer.lr(g, scale) for g in optimizer.lrs})
+                record.update(dict.fromkeys(("groups_changed", "trust_rejected"), 0), codes_changed=0.0)
+                record.update(dict.fromkeys(("reset_groups", "reset_codewords", "reset_all"), 0))
+                if config.is_v_step(step):
+                    changes = v_step(
+                        shadows,
+                        max_code_change=config.max_code_change,
+                        trust_ratio=config.trust_ratio,
+                        beam_width=config.beam_width,
+                    )
+                    distributed.check_same(
+                        [c.codes_changed for c in changes] + [float(c.new_codes.sum()) for c in changes],
+                        ctx,
+                        "the codes changed by the V step",
+                    )
+                    record.update(semi_reset(config.semi, optimizer, shadows, changes))
+                    changed = sum(c.codes_changed for c in changes)
+                    record["codes_changed"] = changed / total_codes
+                    record["groups_changed"] = sum(int(c.groups.numel()) for c in changes)
+                    record["trust_rejected"] = sum(c.trust_rejected for c in changes)
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3g}", changed=f"{record['codes_changed']:.2%}")
+                done = step + 1
+                if done % config.log_every == 0:
+                    tracker.log_metrics(record)
+                if config.sample_every and done % config.sample_every == 0:
+                    log_samples(done)
+                if config.checkpoint_every and done % config.checkpoint_every == 0 and done < end:
+                    checkpoint(done)
+    finally:
+        bar.close()
+        student.train(was_training)
+    if end > start or not resume:
+        checkpoint(end)
+    if end == config.steps and config.sample_every and config.steps % config.sample_every:
+        log_samples(end)
+    return student, history
+
+
+# ============================================================================ evaluation
+@torch.no_grad()
+def sample_grid(model: nn.Module, adapter, config: FinetuneConfig, n: int = SAMPLE_GRID) -> torch.Tensor:
+    """`n` samples `[n, C, H, W]` of `model` with the teacher's sampler, from fixed noise and conditions
+    (the "sample" stream of `config.seed`), so grids of successive steps are comparable."""
+    noise, cond, null = trajectory_inputs(adapter, config.seed, "sample", 0, range(n))
+    run = run_sampler(
+        model,
+        adapter,
+        noise,
+        cond,
+        null,
+        steps=config.sampling_steps,
+        guidance=config.guidance_scale,
+        record=False,
+    )
+    return run.final.float().clamp(-1, 1).cpu()
+
+
+@torch.no_grad()
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: FinetuneConfig | None = None,
+    *,
+    trajectories: int = 16,
+    batch_size: int = 64,
+    conditioning: torch.Tensor | None = None,
+) -> float:
+    """The fine-tuning loss (model-output term) of `student` over every point of `trajectories` held-out
+    teacher trajectories (a stream the training never draws), on one process."""
+    config = FinetuneConfig() if config is None else config
+    adapter = adapter_for(teacher, conditioning=conditioning)
+    ctx = distributed.DistContext(device=next(teacher.parameters()).device)
+    pool = build_pool(teacher, adapter, config, 0, ctx, stream="heldout", trajectories=trajectories)
+    points = torch.arange(pool.x.shape[0] * pool.x.shape[1])
+    param = next(student.parameters())
+    total, count = 0.0, 0
+    for lo in range(0, points.numel(), batch_size):
+        batch = pool_batch(pool, points[lo : lo + batch_size])
+        x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
+        out = adapter.forward(student, x, t, kwargs)
+        total += float(F.mse_loss(out.float(), target.float(), reduction="sum"))
+        count += target.numel()
+    return total / count
+
+
+# ============================================================================ folders (the CLI job)
+def finetune_folder(
+    quantized: str | os.PathLike,
+    out: str | os.PathLike,
+    config: FinetuneConfig,
+    *,
+    teacher: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    tracker: str = "none",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """`avq finetune`: load the avq save `quantized` and its teacher, fine-tune, save to `out`.
+
+    The teacher is `teacher` (a shipped model name or a diffusers folder) or else the FP source recorded
+    in the save (`quantization_config.extra.model`, written by `avq quantize`). Checkpoints go to
+    `checkpoint_dir` (default `<out>.partial`), which is removed after the final save. The save records
+    the fine-tuning settings and figures under `quantization_config.extra.finetune`. Returns the figures
+    (on every rank; only the main rank writes files).
+    """
+    from avq.serialization import CONFIG_NAME, load_quantized, save_quantized
+    from avq.tracking import NullTracker, make_tracker
+
+    quantized, out = Path(quantized), Path(out)
+    partial = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".partial")
+    if out.exists() and out.resolve() == quantized.resolve():
+        raise FinetuneError(f"--out {out} is the input folder; write the fine-tuned model elsewhere")
+    if out.exists() and (
+        not out.is_dir() or any(p.name not in (CONFIG_NAME, "model.safetensors") for p in out.iterdir())
+    ):
+        raise FinetuneError(f"--out {out}: exists and is not an avq save; choose another folder")
+    if has_checkpoint(partial) and not resume:
+        raise FinetuneError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+    if resume and not has_checkpoint(partial):
+        raise FileNotFoundError(f"no fine-tuning checkpoint to resume in {partial}")
+    ctx = distributed.setup()
+    try:
+        student = load_quantized(quantized)
+        extra = json.loads((quantized / CONFIG_NAME).read_text())["quantization_config"].get("extra") or {}
+        source = teacher or extra.get("model")
+        if not source:
+            raise FinetuneError(
+                f"{quantized} records no FP source model (quantization_config.extra.model); pass --teacher"
+            )
+        from avq.cli import load_model
+
+        fp = load_model(str(source))
+        run_tracker = (
+            make_tracker(
+                tracker,
+                {"quantized": str(quantized), "teacher": str(source), "finetune": config.to_dict()},
+            )
+            if ctx.is_main
+            else NullTracker()
+        )
+        started = time.perf_counter()
+        try:
+            student, history = finetune(
+                student,
+                fp,
+                config,
+                checkpoint_dir=partial,
+                resume=resume,
+                tracker=run_tracker,
+                progress=progress,
+                stop_after=stop_after,
+            )
+        finally:
+            run_tracker.finish()
+        seconds = time.perf_counter() - started
+        steps_done = history[-1]["step"] if history else 0
+        summary = {
+            "config": config.to_dict(),
+            "teacher": str(source),
+            "steps_done": steps_done,
+            "final_loss": history[-1]["loss"] if history else None,
+            "codes_changed_total": sum(h["codes_changed"] for h in history),
+            "world_size": ctx.world_size,
+        }
+        figures = {
+            **summary,
+            "quantized": str(quantized),
+            "out": str(out),
+            "seconds": round(seconds, 2),
+            "saved": False,
+            "rank": ctx.rank,
+            "history": history,
+        }
+        if steps_done == config.steps:
+            if ctx.is_main:
+                save_quantized(student.cpu(), out, extra_config={**extra, "finetune": summary})
+                shutil.rmtree(partial, ignore_errors=True)
+            figures["saved"] = True
+            distributed.barrier(ctx)
+        return figures
+    finally:
+        distributed.teardown(ctx)

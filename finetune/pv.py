@@ -1,0 +1,232 @@
+"""The P and V steps of PV-Tuning on `AQLinear` / `AQConv2d` layers.
+
+P step: AdamW on the continuous parameters: every layer's codebooks and scales, and every parameter left
+in FP (norms, biases, embeddings, FP-kept layers); `p_step_parameters` names them and their groups.
+
+V step (codes), in two parts:
+
+1. Straight-through update of the dequantized weights. Each quantized layer gets a dense fp32 *shadow*
+   `delta [out, G, g]` (zero at the start), the offset of the weights the optimizer wants from the decoded
+   ones: the target is `W~ = decode(codes, codebooks, scales) + delta`. While `straight_through` is
+   active, the layer's forward uses `W + (delta - delta.detach())`, which *is* `W` (exactly: `x - x = 0`)
+   but sends `dL/dW` into `delta.grad`; AdamW (group "shadow", one step count per group) then moves
+   `delta` like a latent full-precision weight. Because `delta` is an offset, a P step that moves the
+   codebooks moves the target with them.
+2. Code update (`v_step`), per layer: the groups whose shadow moved most (`||delta_g||`, L2) are the
+   candidates, at most `max_code_change` of the layer's groups; each is re-encoded by the AQ solver's beam
+   search in plain L2 around its target `W~_g` (the `H = I` case of `avq.aq`, with the row's scale and
+   the current codebooks); a candidate is kept only if its new codes lower `||W~_g - W_g||`; kept changes
+   are accepted in order of decreasing move while the layer's weight change stays within
+   `trust_ratio * ||W||_F`. For an accepted group the decoded weight jumps to the new codewords and the
+   shadow keeps the remainder, `delta_g = W~_g - W_g(new)`, so the target itself never moves in a V step.
+
+What the optimizer state of changed groups and codewords becomes is `avq.finetune.semi`'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from avq.aq import SolverOptions, _Solver
+from avq.modules import AQModule
+from avq.qweight import decode
+
+
+# ============================================================================ layers and shadows
+@dataclass
+class ShadowLayer:
+    """One quantized layer and its straight-through shadow `delta [out, G, g]` (fp32, requires grad)."""
+
+    name: str
+    module: AQModule
+    delta: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.delta.shape[0] * self.delta.shape[1]
+
+    @property
+    def num_codes(self) -> int:
+        return self.module.codes.numel()
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, AQModule]]:
+    """`(name, module)` of every `AQLinear` / `AQConv2d` of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AQModule)]
+
+
+def make_shadows(model: nn.Module) -> list[ShadowLayer]:
+    """A zero shadow per quantized layer, on the layer's device."""
+    layers = []
+    for name, module in quantized_layers(model):
+        out, G, _ = module.codes.shape
+        g = module.codebooks.shape[-1]
+        delta = torch.zeros(out, G, g, dtype=torch.float32, device=module.codes.device, requires_grad=True)
+        layers.append(ShadowLayer(name, module, delta))
+    return layers
+
+
+@contextlib.contextmanager
+def straight_through(layers: Sequence[ShadowLayer]) -> Iterator[None]:
+    """Route `dL/dW` of each layer's decoded weight into its shadow's `.grad` for the duration.
+
+    Sets an instance attribute `_weight` on each module (shadowing `AQModule._weight`, which the kernel
+    dispatch calls whenever autograd is on) and removes it on exit. The forward values are unchanged.
+    """
+
+    def patched(module: AQModule, delta: torch.Tensor):
+        def weight() -> torch.Tensor:
+            w = decode(module.codes, module.codebooks, module.scales)  # [out, K], float32
+            return (w + (delta - delta.detach()).reshape(w.shape)).reshape(module.shape)
+
+        return weight
+
+    installed = []
+    try:
+        for layer in layers:
+            if "_weight" in layer.module.__dict__:
+                raise RuntimeError(f"straight_through: layer {layer.name!r} is already patched")
+            layer.module.__dict__["_weight"] = patched(layer.module, layer.delta)
+            installed.append(layer.module)
+        yield
+    finally:
+        for module in installed:
+            module.__dict__.pop("_weight", None)
+
+
+def p_step_parameters(model: nn.Module) -> list[tuple[str, str, torch.Tensor, int]]:
+    """`(name, group, parameter, slot_dims)` for `SlotAdamW`: codebooks (one slot per codeword, so SeMI
+    can reset codewords), scales, and every other parameter ("fp")."""
+    aq = {name for name, _ in quantized_layers(model)}
+    params = []
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if owner in aq and leaf == "codebooks":
+            params.append((name, "codebooks", param, 2))  # [M, C, g]: slots (codebook, codeword)
+        elif owner in aq and leaf == "scales":
+            params.append((name, "scales", param, 0))
+        else:
+            params.append((name, "fp", param, 0))
+    return params
+
+
+def shadow_name(layer: str) -> str:
+    """The optimizer / checkpoint name of a layer's shadow."""
+    return f"shadow:{layer}"
+
+
+# ============================================================================ beam search in L2
+def l2_beam_search(
+    target: torch.Tensor,  # [n, g] groups to approximate (weight units)
+    current: torch.Tensor,  # [n, M] current codes
+    codebooks: torch.Tensor,  # [M, C, g]
+    scales: torch.Tensor,  # [n] scale of each group's row
+    beam_width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes `[n, M]` (int64) minimising `||target - s * sum_m codebooks[m, c_m]||`, by the AQ solver's beam
+    search (`avq.aq`) with an identity metric, starting from `current`; and the change `[n, g]` they make
+    to the unscaled group.
+
+    With `H = I` the groups do not interact, so every `(row, group)` pair is searched independently: the
+    pairs are passed to the solver as the rows of one group.
+    """
+    n, M = current.shape
+    g = codebooks.shape[-1]
+    books = codebooks.float()
+    if n == 0:
+        return current.long(), target.new_zeros(0, g)
+    eye = torch.eye(g, dtype=torch.float32, device=books.device)
+    solver = _Solver(books.new_zeros(1, g), eye, M, g, SolverOptions(beam_width=beam_width))
+    cur = current.long()
+    unscaled = books[torch.arange(M, device=books.device)[None, :], cur].sum(1)  # [n, g]
+    residual = target.float() - scales.float()[:, None] * unscaled  # [n, g]: E H[:, J] with H = I
+    norms = books.pow(2).sum(-1)  # [M, C]: c^T I c
+    ones = torch.ones_like(norms)[:, None]
+    rhs = torch.cat([books.transpose(1, 2), norms[:, None], ones], 1)  # [M, g + 2, C]
+    return solver._beam_search(cur, books, rhs, eye, residual, scales.float())
+
+
+# ============================================================================ V step
+@dataclass
+class LayerChange:
+    """What one V step did to one layer."""
+
+    name: str
+    groups: torch.Tensor  # [k] flat indices (row * G + group) of groups whose codes changed
+    old_codes: torch.Tensor  # [k, M] int64
+    new_codes: torch.Tensor  # [k, M] int64
+    candidates: int  # groups re-encoded (after the max_code_change cap)
+    trust_rejected: int  # improving re-encodings dropped by the trust ratio
+    relative_change: float  # ||W_new - W_old||_F / ||W_old||_F
+
+    @property
+    def codes_changed(self) -> int:
+        return int((self.old_codes != self.new_codes).sum())
+
+
+@torch.no_grad()
+def v_step(
+    layers: Sequence[ShadowLayer],
+    *,
+    max_code_change: float,
+    trust_ratio: float | None,
+    beam_width: int,
+) -> list[LayerChange]:
+    """Update codes (and shadows) of every layer as described in the module docstring; one `LayerChange`
+    per layer. Deterministic for given tensors."""
+    return [_v_step_layer(layer, max_code_change, trust_ratio, beam_width) for layer in layers]
+
+
+def _v_step_layer(
+    layer: ShadowLayer, max_code_change: float, trust_ratio: float | None, beam_width: int
+) -> LayerChange:
+    module, delta = layer.module, layer.delta
+    codes = module.codes  # [out, G, M]
+    out, G, M = codes.shape
+    g = delta.shape[-1]
+    books = module.codebooks.detach().float()  # [M, C, g]
+    scales = module.scales.detach().float()  # [out]
+    empty = codes.new_zeros(0, M, dtype=torch.int64)
+
+    def unchanged(candidates: int = 0, rejected: int = 0) -> LayerChange:
+        return LayerChange(layer.name, empty[:, 0], empty, empty, candidates, rejected, 0.0)
+
+    drift = delta.detach().pow(2).sum(-1).reshape(-1)  # [out*G]: squared L2 move of each group
+    k = min(int(max_code_change * out * G), int((drift > 0).sum()))
+    if k == 0:
+        return unchanged()
+    candidates = drift.topk(k).indices  # [k], largest move first
+    rows = candidates // G
+    flat_codes = codes.reshape(-1, M)  # [out*G, M] (a view: writes reach the buffer)
+    current = flat_codes[candidates].long()  # [k, M]
+    s = scales[rows]  # [k]
+    unscaled = books[torch.arange(M, device=books.device)[None, :], current].sum(1)  # [k, g]
+    flat_delta = delta.detach().reshape(-1, g)  # [out*G, g] (a view)
+    move = flat_delta[candidates]  # [k, g]
+    target = s[:, None] * unscaled + move  # [k, g]: W~ of the candidates
+    new, change = l2_beam_search(target, current, books, s, beam_width)  # [k, M], [k, g] unscaled
+    step = s[:, None] * change  # [k, g]: change of the decoded weights
+    err_old = move.pow(2).sum(-1)
+    err_new = (move - step).pow(2).sum(-1)
+    improved = (new != current).any(1) & (err_new < err_old * (1 - 1e-6))
+    cost = torch.where(improved, step.pow(2).sum(-1), torch.zeros_like(err_old))  # [k]
+    w_norm2 = decode(codes, books, scales).pow(2).sum()  # ||W_old||_F^2
+    if trust_ratio is None:
+        within = torch.ones_like(improved)
+    else:
+        within = torch.cumsum(cost, 0) <= (trust_ratio**2) * w_norm2
+    accept = improved & within
+    rejected = int((improved & ~within).sum())
+    if not bool(accept.any()):
+        return unchanged(k, rejected)
+    idx = candidates[accept]
+    old_codes, new_codes = current[accept], new[accept]
+    flat_codes[idx] = new_codes.to(codes.dtype)
+    flat_delta[idx] = move[accept] - step[accept]  # the target stays where it was
+    relative = float(cost[accept].sum().sqrt() / w_norm2.sqrt().clamp_min(1e-30))
+    return LayerChange(layer.name, idx, old_codes, new_codes, k, rejected, relative)
