@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_reference(args.model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{args.model}: diffusers {type(model).__name__}, {n_params / 1e6:.1f} M parameters (shipped with avq)"
-    )
+    print(f"{args.model}: diffusers {type(model).__name__}, {n_params / 1e6:.1f} M parameters (shipped)")
     fp_mb = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     )
@@ -110,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.n} samples each, DDIM 20 steps, guidance 2, identical noise (FID at this N is noisy;")
     print("benchmarks/quality.py has the 1,000-sample table):")
     print(
-        f"{'':<10} {'total bits':>10} {'FID':>8} {'class acc':>9} {'PSNR to FP':>10} {'SSIM to FP':>10} {'s/image':>8}"
+        f"{'':<10} {'total bits':>10} {'FID':>8} {'class acc':>9} {'PSNR to FP':>10} {'SSIM to FP':>10} "
+        f"{'s/image':>8}"
     )
     print(
         f"{'FP':<10} {16:>10.2f} {fp_fig['fid']:>8.2f} {fp_fig['class_accuracy']:>9.3f} {'':>10} {'':>10} "
