@@ -40,7 +40,8 @@ class FinetuneConfig:
         norms, biases, embeddings, FP-kept layers). All rates follow `lr_factor` (linear warm-up over
         `warmup` steps, cosine decay to `min_lr_fraction`). grad_clip: global gradient-norm clip (None:
         off), over all trained tensors including the shadows.
-    V step: lr_shadow: AdamW rate of the straight-through shadow weights; every `v_every` steps the codes
+    V step: lr_shadow: AdamW rate of the straight-through shadow weights, which live in the codebooks'
+        units (a fraction of the row's scale per step; `avq.finetune.pv`); every `v_every` steps the codes
         are updated: at most `max_code_change` of each layer's groups (so at most that fraction of its
         codes) are re-encoded by beam search (`beam_width`) in L2 around the shadow target, and changes
         are accepted, largest moves first, while `||W_new - W_old||_F <= trust_ratio * ||W_old||_F` per
@@ -63,7 +64,7 @@ class FinetuneConfig:
     min_lr_fraction: float = 0.1
     grad_clip: float | None = 1.0
     # V step
-    lr_shadow: float = 3e-4
+    lr_shadow: float = 1e-2
     v_every: int = 1
     max_code_change: float = 0.01
     trust_ratio: float | None = 0.01

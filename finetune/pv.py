@@ -6,19 +6,24 @@ in FP (norms, biases, embeddings, FP-kept layers); `p_step_parameters` names the
 V step (codes), in two parts:
 
 1. Straight-through update of the dequantized weights. Each quantized layer gets a dense fp32 *shadow*
-   `delta [out, G, g]` (zero at the start), the offset of the weights the optimizer wants from the decoded
-   ones: the target is `W~ = decode(codes, codebooks, scales) + delta`. While `straight_through` is
-   active, the layer's forward uses `W + (delta - delta.detach())`, which *is* `W` (exactly: `x - x = 0`)
-   but sends `dL/dW` into `delta.grad`; AdamW (group "shadow", one step count per group) then moves
-   `delta` like a latent full-precision weight. Because `delta` is an offset, a P step that moves the
-   codebooks moves the target with them.
+   `delta [out, G, g]` (zero at the start): the offset, in the codebooks' units (each row divided by its
+   scale), of the weights the optimizer wants from the decoded ones. The target is
+   `W~ = scales * (A + delta)`, `A` the sum of the group's codewords (`W = scales * A` is the decoded
+   weight). While `straight_through` is active the layer's forward uses
+   `W + scales * (delta - delta.detach())`, which *is* `W` (exactly: `x - x = 0`) but sends
+   `scales * dL/dW` into `delta.grad`; AdamW (group "shadow", one step count per group) then moves `delta`
+   like a latent full-precision weight. Adam's steps are about `lr` per element whatever the gradient's
+   size, so in these units `lr_shadow` is a fraction of a row's scale per step in every layer, however
+   large its weights. Because `delta` is an offset, a P step that moves codebooks or scales moves the
+   target with them.
 2. Code update (`v_step`), per layer: the groups whose shadow moved most (`||delta_g||`, L2) are the
    candidates, at most `max_code_change` of the layer's groups; each is re-encoded by the AQ solver's beam
    search in plain L2 around its target `W~_g` (the `H = I` case of `avq.aq`, with the row's scale and
    the current codebooks); a candidate is kept only if its new codes lower `||W~_g - W_g||`; kept changes
    are accepted in order of decreasing move while the layer's weight change stays within
    `trust_ratio * ||W||_F`. For an accepted group the decoded weight jumps to the new codewords and the
-   shadow keeps the remainder, `delta_g = W~_g - W_g(new)`, so the target itself never moves in a V step.
+   shadow keeps the remainder, `delta_g = A_g(old) + delta_g - A_g(new)`, so the target never moves in a
+   V step.
 
 What the optimizer state of changed groups and codewords becomes is `avq.finetune.semi`'s job.
 """
@@ -82,7 +87,8 @@ def straight_through(layers: Sequence[ShadowLayer]) -> Iterator[None]:
     def patched(module: AQModule, delta: torch.Tensor):
         def weight() -> torch.Tensor:
             w = decode(module.codes, module.codebooks, module.scales)  # [out, K], float32
-            return (w + (delta - delta.detach()).reshape(w.shape)).reshape(module.shape)
+            zero = (delta - delta.detach()) * module.scales.detach().float()[:, None, None]  # [out, G, g]
+            return (w + zero.reshape(w.shape)).reshape(module.shape)
 
         return weight
 
@@ -196,7 +202,7 @@ def _v_step_layer(
     def unchanged(candidates: int = 0, rejected: int = 0) -> LayerChange:
         return LayerChange(layer.name, empty[:, 0], empty, empty, candidates, rejected, 0.0)
 
-    drift = delta.detach().pow(2).sum(-1).reshape(-1)  # [out*G]: squared L2 move of each group
+    drift = delta.detach().pow(2).sum(-1).reshape(-1)  # [out*G]: squared move of each group (book units)
     k = min(int(max_code_change * out * G), int((drift > 0).sum()))
     if k == 0:
         return unchanged()
@@ -207,7 +213,7 @@ def _v_step_layer(
     s = scales[rows]  # [k]
     unscaled = books[torch.arange(M, device=books.device)[None, :], current].sum(1)  # [k, g]
     flat_delta = delta.detach().reshape(-1, g)  # [out*G, g] (a view)
-    move = flat_delta[candidates]  # [k, g]
+    move = s[:, None] * flat_delta[candidates]  # [k, g]: W~ - W of the candidates (weight units)
     target = s[:, None] * unscaled + move  # [k, g]: W~ of the candidates
     new, change = l2_beam_search(target, current, books, s, beam_width)  # [k, M], [k, g] unscaled
     step = s[:, None] * change  # [k, g]: change of the decoded weights
@@ -227,6 +233,6 @@ def _v_step_layer(
     idx = candidates[accept]
     old_codes, new_codes = current[accept], new[accept]
     flat_codes[idx] = new_codes.to(codes.dtype)
-    flat_delta[idx] = move[accept] - step[accept]  # the target stays where it was
+    flat_delta[idx] -= change[accept]  # the target stays where it was
     relative = float(cost[accept].sum().sqrt() / w_norm2.sqrt().clamp_min(1e-30))
     return LayerChange(layer.name, idx, old_codes, new_codes, k, rejected, relative)

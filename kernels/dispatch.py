@@ -4,7 +4,8 @@ Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped betw
     unset, ""  or "auto"  automatic choice (rule below)
     "triton"              fused Triton VQ-GEMM (`kernels/triton_vqgemm.py`); needs CUDA, or
                           `TRITON_INTERPRET=1` set before triton is first imported (tests)
-    "lut"                 lookup-table GEMM (`kernels/lut.py`); plain torch, any device
+    "lut"                 lookup-table GEMM (`kernels/lut.py`): the compiled (numba) gather-sum on CPU
+                          when numba is installed and the compute is fp32, else plain torch
     "dequant"             decode the dense weight, then `F.linear` / `F.conv2d`
 Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
 unfolded input (`kernels/conv.py`).
@@ -24,8 +25,9 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
 The thresholds are measured by `benchmarks/kernels.py` (CPU figures in its results file; the GPU ones
 are first guesses until it runs on a GPU).
 
-Per-module derived data (an fp32 copy of the codebooks; the int32 LUT index, 4 bytes per code, e.g.
-1 byte per weight for 2x8g8, held only by modules that ran the LUT path) is cached in a weak dictionary
+Per-module derived data (an fp32 copy of the codebooks; the codes in the compiled LUT kernel's blocked
+layout, 1-2 bytes per code, or without numba the int32 LUT index, 4 bytes per code, held only by modules
+that ran the LUT path) is cached in a weak dictionary
 keyed by module and invalidated when a source tensor is replaced or edited in place (`_version`), e.g.
 when PV-Tuning updates codes. Edits that bypass the version counter (`tensor.data[...] = ...`, or
 in-place ops on inference-mode tensors) are not seen: call `invalidate(module)` after those.
@@ -158,6 +160,10 @@ def _lut_index(module) -> torch.Tensor:
     return cached(module, "lut_index", (module.codes,), lambda c: lut.lut_index(c, C))
 
 
+def _blocked_codes(module) -> torch.Tensor:
+    return cached(module, "blocked_codes", (module.codes,), lut.blocked_codes)
+
+
 # ----------------------------------------------------------------------------- workspace
 _WORKSPACE = threading.local()  # per thread: {(device, dtype): flat buffer}
 
@@ -199,6 +205,10 @@ def _fused_matmul(kernel: str, module, x2d: torch.Tensor, bias: torch.Tensor | N
                 f"imported, for testing); got a {x2d.device.type} input"
             )
         return triton_vqgemm.vq_matmul(x2d, module.codes, _books_f32(module), module.scales.detach(), bias)
+    if x2d.dtype != torch.float64 and x2d.device.type == "cpu" and lut.numba_available():
+        return lut.lut_matmul_codes(
+            x2d, _blocked_codes(module), _books_f32(module), module.scales.detach(), bias
+        )
     books = _books_f32(module) if x2d.dtype != torch.float64 else module.codebooks.detach().double()
     return lut.lut_matmul(x2d, _lut_index(module), books, module.scales.detach(), bias)
 

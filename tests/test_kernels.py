@@ -304,11 +304,33 @@ def test_automatic_rule() -> None:
     assert conv.choose_conv_strategy(cuda, conv.GPU_IMPLICIT_MAX_ROWS + 1, 4096) == "dequant"
 
 
+@pytest.mark.skipif(not lut.numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("spec_text", ["1x8g4", "2x8g8", "2x4g2", "3x6g4"])
+@pytest.mark.parametrize(
+    "R, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16), (1, torch.bfloat16)]
+)
+def test_compiled_lut_matches_dequant(spec_text: str, R: int, dtype: torch.dtype) -> None:
+    spec = QuantSpec.parse(spec_text)
+    N, K = 40, spec.group_size * 24  # 24 groups: blocks of 8, and N not a multiple of the thread split
+    qw, x, bias = make_case(spec, N, K, R, dtype, True, seed=R)
+    x, bias, qw = x.cpu(), bias.cpu(), qw.to("cpu")
+    blocked = lut.blocked_codes(qw.codes)
+    assert blocked.dtype == qw.codes.dtype and blocked.shape == (3, N, 8 * spec.num_codebooks)
+    y = lut.lut_matmul_codes(x, blocked, qw.codebooks.float(), qw.scales, bias)
+    ref = reference(x, qw, bias)
+    assert y.dtype == dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        torch.testing.assert_close(y, ref.to(dtype), rtol=0, atol=ATOL[dtype] * max(1.0, ref.abs().max()))
+    else:
+        assert_close_scaled(y, ref, dtype)
+
+
 def test_automatic_cpu_dispatch_uses_lut_for_wide_layers(monkeypatch) -> None:
     monkeypatch.delenv("AVQ_KERNEL", raising=False)
     calls = []
-    real = lut.lut_matmul
-    monkeypatch.setattr(lut, "lut_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    name = "lut_matmul_codes" if lut.numba_available() else "lut_matmul"  # the CPU LUT backend in use
+    real = getattr(lut, name)
+    monkeypatch.setattr(lut, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = AQLinear(random_qweight((1024, 16), QuantSpec(1, 8, 4)))
     with torch.no_grad():
         layer(torch.randn(1, 16))
