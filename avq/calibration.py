@@ -11,7 +11,9 @@ Streamed: hooks add each batch into a float64 `[K, K]` sum (`avq.HessianAccumula
 never kept. Peak memory is the model's own forward plus the Hessians of the hooked layers; with
 `layers_per_pass=n` only `n` layers are hooked per sampling pass and the sampler is re-run (same seed,
 identical trajectory) for the next `n`, which bounds memory by those layers' Hessians at the cost of
-more passes. (Caching one block's inputs and running block by block is not implemented.)
+more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float64 accumulators
+(`8 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its own).
+(Caching one block's inputs and running block by block is not implemented.)
 
 A small adapter per model family (`adapter_for`) knows the latent shape and how to condition the model.
 """
@@ -53,6 +55,7 @@ class CalibrationConfig:
     num_timesteps_kept: int | None = 10
     seed: int = 0
     layers_per_pass: int | None = None
+    max_hessian_gib: float | None = None
     prompt_tokens: int = 8
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class CalibrationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
+        if self.max_hessian_gib is not None and not self.max_hessian_gib > 0:
+            raise ValueError(f"CalibrationConfig.max_hessian_gib must be > 0, got {self.max_hessian_gib!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
             raise ValueError(
                 f"CalibrationConfig.guidance_scale must be a finite number, got {self.guidance_scale!r}"
@@ -259,6 +264,24 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     ]
 
 
+def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> list[list[str]]:
+    """Layers hooked per sampling pass: at most `layers_per_pass`, accumulators within `max_hessian_gib`."""
+    per_pass = config.layers_per_pass or max(1, len(names))
+    budget = math.inf if config.max_hessian_gib is None else config.max_hessian_gib * 2**30
+    chunks: list[list[str]] = [[]]
+    used = 0.0
+    for name in names:
+        layer = model.get_submodule(name)
+        K = layer.in_features if isinstance(layer, nn.Linear) else math.prod(layer.weight.shape[1:])
+        size = 8.0 * K * K
+        if chunks[-1] and (len(chunks[-1]) >= per_pass or used + size > budget):
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(name)
+        used += size
+    return chunks
+
+
 # ============================================================================ sampler
 def make_ddim_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
     """DDIM (eta 0) over the standard linear-beta 1000-step schedule (the reference models' schedule)."""
@@ -305,8 +328,7 @@ def calibrate(
     scheduler = make_ddim_scheduler() if scheduler is None else DDIMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(config.num_steps)
     kept = set(config.kept_step_indices())
-    per_pass = config.layers_per_pass or max(1, len(names))
-    chunks = [names[i : i + per_pass] for i in range(0, len(names), per_pass)] or [[]]
+    chunks = _passes(model, names, config)
     n_batches = -(-config.num_samples // config.batch_size)
 
     param = next(model.parameters())
