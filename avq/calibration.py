@@ -21,6 +21,7 @@ A small adapter per model family (`adapter_for`) knows the latent shape and how 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,7 +44,10 @@ class CalibrationConfig:
     """How much of the FP sampler to run for statistics.
 
     `num_timesteps_kept` of the `num_steps` DDIM steps (spread uniformly, first and last included) feed
-    the Hessians; None keeps every step. `guidance_scale` > 1 runs classifier-free guidance (conditional
+    the Hessians; None keeps every step. `max_rows_per_call`: each layer adds a random subset of at most
+    this many input rows (tokens / conv patches) per forward (`HessianAccumulator(max_rows=...)`): with
+    the defaults a layer still sees >= 40k rows, and calibrating `digits-unet` is ~4x faster than with
+    all of them (None). `guidance_scale` > 1 runs classifier-free guidance (conditional
     and null inputs both recorded); 1 runs the conditional input only. `prompt_tokens` is the sequence
     length of the random prompt embeddings of text-conditioned models when none are given.
     """
@@ -56,6 +60,7 @@ class CalibrationConfig:
     seed: int = 0
     layers_per_pass: int | None = None
     max_hessian_gib: float | None = None
+    max_rows_per_call: int | None = 1024
     prompt_tokens: int = 8
 
     def __post_init__(self) -> None:
@@ -63,7 +68,7 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CalibrationConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("num_timesteps_kept", "layers_per_pass"):
+        for name in ("num_timesteps_kept", "layers_per_pass", "max_rows_per_call"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
@@ -344,7 +349,14 @@ def calibrate(
     )
     try:
         for chunk in chunks:
-            accumulators = {name: HessianAccumulator(model.get_submodule(name)) for name in chunk}
+            accumulators = {
+                name: HessianAccumulator(
+                    model.get_submodule(name),
+                    max_rows=config.max_rows_per_call,
+                    seed=config.seed ^ zlib.crc32(name.encode()),  # per layer: any layers_per_pass agrees
+                )
+                for name in chunk
+            }
             state = {"active": False}
 
             def make_hook(acc: HessianAccumulator, observer, state: dict = state):

@@ -173,6 +173,7 @@ _FINETUNE_OPTIONS = {
     "lr_scales": "lr_scales",
     "lr_fp": "lr_fp",
     "lr_shadow": "lr_shadow",
+    "warmup": "warmup",
     "v_every": "v_every",
     "max_code_change": "max_code_change",
     "trust_ratio": "trust_ratio",
@@ -211,6 +212,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             resume=args.resume,
             tracker=args.tracker,
             progress=not args.quiet,
+            device=args.device,
         )
     except (FinetuneError, CheckpointMismatchError) as error:
         raise UserError(str(error)) from None
@@ -427,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr-scales", type=float, help="P step: AdamW rate of the scales")
     f.add_argument("--lr-fp", type=float, help="P step: AdamW rate of the parameters left in FP")
     f.add_argument("--lr-shadow", type=float, help="V step: AdamW rate of the straight-through weights")
+    f.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up (10)")
     f.add_argument("--v-every", type=_positive, help="steps between code updates (1)")
     f.add_argument("--max-code-change", type=float, help="max fraction of a layer's codes changed per V step")
     f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
@@ -437,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--timestep-sampling", choices=("uniform", "stratified"))
     f.add_argument("--block-loss-weight", type=float, help="weight of block-output matching (0: off)")
     f.add_argument("--sample-every", type=int, help="log a sample grid every N steps (0: never)")
+    f.add_argument(
+        "--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
+    )
     f.add_argument("--json", help="write the settings, figures and per-step history to this JSON file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)

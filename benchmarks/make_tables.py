@@ -127,7 +127,80 @@ def e2e_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"layer_solver": layer_solver_table, "kernels_cpu": kernels_table, "e2e_step_cpu": e2e_table}
+def _source(data: dict) -> str:
+    return f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}."
+
+
+def reference_fp_table(data: dict) -> str:
+    """FP reference models with their floors, then the sanity rows (real vs real, broken models)."""
+    lines = [
+        "| model | params | N | FID (floor) | sFID (floor) | IS | precision | recall | class acc | s/image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        if r["kind"] == "model":
+            lines.append(
+                f"| {r['model']} | {r['parameters'] / 1e6:.1f} M | {r['n_samples']} | {r['fid']:.3f}"
+                f" ({r['fid_floor']:.3f}) | {r['sfid']:.2f} ({r['sfid_floor']:.2f}) | {r['is']:.2f}"
+                f" | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.4f}"
+                f" | {r['seconds_per_image']:.3f} |"
+            )
+        else:
+            lines.append(
+                f"| *{r['model']}* | | {r['n_samples']} | {r['fid']:.3f} | {r['sfid']:.2f} | {r['is']:.2f}"
+                f" | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.4f} | |"
+            )
+    lines += ["", "FID/sFID against the real test split (359 images). " + _source(data)]
+    return "\n".join(lines)
+
+
+def quality_table(data: dict) -> str:
+    """One row per (model, config): bits, fidelity to the data and to the FP model, time."""
+    lines = [
+        "| model | config | code bits | total bits | FID (floor) | sFID | IS | class acc | PSNR to FP"
+        " | SSIM to FP | quantize min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        psnr = f"{r['psnr']:.2f}" if "psnr" in r else "—"
+        ssim = f"{r['ssim']:.3f}" if "ssim" in r else "—"
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
+            f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
+            f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f} |"
+        )
+    n = data["rows"][0]["n"] if data["rows"] else 0
+    lines += ["", f"N = {n} samples per row, identical noise for every row of a model. " + _source(data)]
+    return "\n".join(lines)
+
+
+def calibration_rss_table(data: dict) -> str:
+    rows = data["rows"]
+    lines = [
+        "| block | layers | passes | seconds | peak RSS GiB | largest K |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['block']} | {r['layers']} | {r['passes']} | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f}"
+            f" | {r['largest_K']} |"
+        )
+    if rows:
+        lines += [
+            "",
+            f"{rows[0]['parameters'] / 1e6:.0f} M parameters, {rows[0]['samples']} samples. " + _source(data),
+        ]
+    return "\n".join(lines)
+
+
+TABLES = {
+    "layer_solver": layer_solver_table,
+    "kernels_cpu": kernels_table,
+    "e2e_step_cpu": e2e_table,
+    "reference_fp": reference_fp_table,
+    "quality": quality_table,
+    "calibration_rss_cpu": calibration_rss_table,
+}
 
 
 def render(readme: str) -> str:

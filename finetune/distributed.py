@@ -52,6 +52,11 @@ def setup(device: str | torch.device | None = None) -> DistContext:
     if device is None:
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"process {local_rank} would use {device}, but only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible: start at most one process per GPU (or pass device='cpu' / --device cpu)"
+        )
     if world <= 1:
         return DistContext(device=device)
     initialized_here = False

@@ -33,7 +33,7 @@ from .checkpoint import has_checkpoint, load_checkpoint, restore, run_identity, 
 from .config import FinetuneConfig, FinetuneError
 from .data import Batch, TeacherData, _stack_kwargs, build_pool, pool_batch, run_sampler, trajectory_inputs
 from .optim import SlotAdamW
-from .pv import make_shadows, p_step_parameters, shadow_name, straight_through, v_step
+from .pv import ShadowLayer, make_shadows, p_step_parameters, shadow_name, straight_through, v_step
 from .semi import semi_reset
 
 History = list[dict[str, Any]]
@@ -105,6 +105,51 @@ def _model_inputs(batch: Batch, distill_null: bool, device: torch.device, dtype:
     else:
         x, t, kwargs, target = batch.x, batch.t, batch.cond, batch.target_cond
     return x.to(device, dtype), t.to(device), _to(kwargs, device, dtype), target.to(device)
+
+
+def _distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter,
+    batch: Batch,
+    config: FinetuneConfig,
+    blocks: list[str],
+) -> torch.Tensor:
+    """MSE of the student's output against the teacher's on this rank's rows (+ the block term)."""
+    param = next(student.parameters())
+    x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
+    with contextlib.ExitStack() as stack:
+        got = stack.enter_context(capture_outputs(student, blocks)) if blocks else {}
+        out = adapter.forward(student, x, t, kwargs)
+    loss = F.mse_loss(out.float(), target.float())
+    if blocks:
+        with torch.no_grad(), capture_outputs(teacher, blocks) as want:
+            adapter.forward(teacher, x, t, kwargs)
+        block = sum(F.mse_loss(got[n].float(), want[n].float()) for n in blocks) / len(blocks)
+        loss = loss + config.block_loss_weight * block
+    return loss
+
+
+def _code_update(
+    shadows: list[ShadowLayer], optimizer: SlotAdamW, config: FinetuneConfig, ctx: distributed.DistContext
+) -> dict[str, Any]:
+    """The V step's code update, the ranks' agreement check, then SeMI; the step's record entries."""
+    changes = v_step(
+        shadows,
+        max_code_change=config.max_code_change,
+        trust_ratio=config.trust_ratio,
+        beam_width=config.beam_width,
+    )
+    distributed.check_same(
+        [c.codes_changed for c in changes] + [float(c.new_codes.sum()) for c in changes],
+        ctx,
+        "the codes changed by the V step",
+    )
+    record: dict[str, Any] = dict(semi_reset(config.semi, optimizer, shadows, changes))
+    record["codes_changed"] = sum(c.codes_changed for c in changes) / sum(s.num_codes for s in shadows)
+    record["groups_changed"] = sum(int(c.groups.numel()) for c in changes)
+    record["trust_rejected"] = sum(c.trust_rejected for c in changes)
+    return record
 
 
 def finetune(
@@ -190,8 +235,6 @@ def _finetune(
     adapter = adapter_for(teacher, conditioning=conditioning)
     data = TeacherData(teacher, adapter, config, ctx)
     blocks = block_names(student) if config.block_loss_weight > 0 else []
-    param = next(student.parameters())
-    total_codes = sum(s.num_codes for s in shadows)
     trained = optimizer.params()
     started = time.perf_counter()
 
@@ -226,18 +269,8 @@ def _finetune(
     try:
         with straight_through(shadows):
             for step in bar:
-                batch = data.batch(step)
-                x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
                 optimizer.zero_grad()
-                with contextlib.ExitStack() as stack:
-                    got = stack.enter_context(capture_outputs(student, blocks)) if blocks else {}
-                    out = adapter.forward(student, x, t, kwargs)
-                loss = F.mse_loss(out.float(), target.float())
-                if blocks:
-                    with torch.no_grad(), capture_outputs(teacher, blocks) as want:
-                        adapter.forward(teacher, x, t, kwargs)
-                    block = sum(F.mse_loss(got[n].float(), want[n].float()) for n in blocks) / len(blocks)
-                    loss = loss + config.block_loss_weight * block
+                loss = _distillation_loss(student, teacher, adapter, data.batch(step), config, blocks)
                 loss.backward()
                 for p in trained:  # an unused tensor gets a zero gradient on every rank alike
                     if p.grad is None:
@@ -253,22 +286,7 @@ def _finetune(
                 record.update(dict.fromkeys(("groups_changed", "trust_rejected"), 0), codes_changed=0.0)
                 record.update(dict.fromkeys(("reset_groups", "reset_codewords", "reset_all"), 0))
                 if config.is_v_step(step):
-                    changes = v_step(
-                        shadows,
-                        max_code_change=config.max_code_change,
-                        trust_ratio=config.trust_ratio,
-                        beam_width=config.beam_width,
-                    )
-                    distributed.check_same(
-                        [c.codes_changed for c in changes] + [float(c.new_codes.sum()) for c in changes],
-                        ctx,
-                        "the codes changed by the V step",
-                    )
-                    record.update(semi_reset(config.semi, optimizer, shadows, changes))
-                    changed = sum(c.codes_changed for c in changes)
-                    record["codes_changed"] = changed / total_codes
-                    record["groups_changed"] = sum(int(c.groups.numel()) for c in changes)
-                    record["trust_rejected"] = sum(c.trust_rejected for c in changes)
+                    record.update(_code_update(shadows, optimizer, config, ctx))
                 history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", changed=f"{record['codes_changed']:.2%}")
                 done = step + 1
@@ -347,14 +365,16 @@ def finetune_folder(
     tracker: str = "none",
     progress: bool = True,
     stop_after: int | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """`avq finetune`: load the avq save `quantized` and its teacher, fine-tune, save to `out`.
 
     The teacher is `teacher` (a shipped model name or a diffusers folder) or else the FP source recorded
     in the save (`quantization_config.extra.model`, written by `avq quantize`). Checkpoints go to
     `checkpoint_dir` (default `<out>.partial`), which is removed after the final save. The save records
-    the fine-tuning settings and figures under `quantization_config.extra.finetune`. Returns the figures
-    (on every rank; only the main rank writes files).
+    the fine-tuning settings and figures under `quantization_config.extra.finetune`. `device`: default
+    `cuda:LOCAL_RANK` when CUDA is available, else CPU. Returns the figures (on every rank; only the main
+    rank writes files).
     """
     from avq.serialization import CONFIG_NAME, load_quantized, save_quantized
     from avq.tracking import NullTracker, make_tracker
@@ -371,7 +391,7 @@ def finetune_folder(
         raise FinetuneError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
     if resume and not has_checkpoint(partial):
         raise FileNotFoundError(f"no fine-tuning checkpoint to resume in {partial}")
-    ctx = distributed.setup()
+    ctx = distributed.setup(device)
     try:
         student = load_quantized(quantized)
         extra = json.loads((quantized / CONFIG_NAME).read_text())["quantization_config"].get("extra") or {}
@@ -402,6 +422,7 @@ def finetune_folder(
                 tracker=run_tracker,
                 progress=progress,
                 stop_after=stop_after,
+                device=ctx.device,
             )
         finally:
             run_tracker.finish()

@@ -208,11 +208,11 @@ def _v_step_layer(
         return unchanged()
     candidates = drift.topk(k).indices  # [k], largest move first
     rows = candidates // G
-    flat_codes = codes.reshape(-1, M)  # [out*G, M] (a view: writes reach the buffer)
+    flat_codes = codes.view(-1, M)  # [out*G, M] (a view: writes reach the buffer)
     current = flat_codes[candidates].long()  # [k, M]
     s = scales[rows]  # [k]
     unscaled = books[torch.arange(M, device=books.device)[None, :], current].sum(1)  # [k, g]
-    flat_delta = delta.detach().reshape(-1, g)  # [out*G, g] (a view)
+    flat_delta = delta.detach().view(-1, g)  # [out*G, g] (a view)
     move = s[:, None] * flat_delta[candidates]  # [k, g]: W~ - W of the candidates (weight units)
     target = s[:, None] * unscaled + move  # [k, g]: W~ of the candidates
     new, change = l2_beam_search(target, current, books, s, beam_width)  # [k, M], [k, g] unscaled

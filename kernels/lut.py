@@ -37,6 +37,7 @@ buffer is page-faulted in on every call, which alone costs ~10 ms).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -111,6 +112,12 @@ try:
     import numba
 except ImportError:  # optional: without numba the embedding_bag path serves
     numba = None
+else:
+    # numba's own thread pool, not OpenMP: its "omp" layer shares the OpenMP runtime with torch and resets
+    # torch's thread count (measured: torch.get_num_threads() 1 -> 2 after one call), which changes the
+    # rounding of every later float32 GEMM and oversubscribes the cores. Set before the first parallel call.
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 
 _COMPILED: dict[tuple, Callable] = {}
 

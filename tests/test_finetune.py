@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -54,6 +56,11 @@ SMALL = dict(
 
 def small(**overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**SMALL, **overrides})
+
+
+def run(student: nn.Module, teacher: nn.Module, config: FinetuneConfig, **options):
+    """`finetune` on the CPU (deterministic, also where CUDA exists), without a progress bar."""
+    return finetune(student, teacher, config, progress=False, device="cpu", **options)
 
 
 def quantized_copy(model: nn.Module, preset: str = "w2a8") -> nn.Module:
@@ -293,7 +300,7 @@ def test_finetune_lowers_the_distillation_loss(pair):
     ranges = {k: v.clone() for k, v in student.state_dict().items() if "input_quantizer" in k}
     assert ranges  # W2A8: 8-bit input quantizers are attached
     before = distillation_loss(student, teacher, config, trajectories=8)
-    student, history = finetune(student, teacher, config, progress=False)
+    student, history = run(student, teacher, config)
     after = distillation_loss(student, teacher, config, trajectories=8)
     assert after < 0.8 * before, (before, after)
     assert len(history) == 30 and [h["step"] for h in history] == list(range(1, 31))
@@ -308,7 +315,7 @@ def test_finetune_lowers_the_distillation_loss(pair):
 @pytest.mark.parametrize("mode", ["none", "all"])
 def test_semi_ablations_run(pair, mode):
     teacher, student = fresh(pair)
-    _, history = finetune(student, teacher, small(steps=16, semi=mode), progress=False)
+    _, history = run(student, teacher, small(steps=16, semi=mode))
     changed = [h for h in history if h["codes_changed"] > 0]
     assert changed
     if mode == "none":
@@ -320,16 +327,16 @@ def test_semi_ablations_run(pair, mode):
 def test_resume_is_bit_identical(pair, tmp_path):
     config = small(steps=8, checkpoint_every=3, block_loss_weight=0.1, timestep_sampling="stratified")
     teacher, student = fresh(pair)
-    full, full_history = finetune(student, teacher, config, progress=False)
+    full, full_history = run(student, teacher, config)
 
     ckpt = tmp_path / "ckpt"
     teacher, student = fresh(pair)
-    _, first = finetune(student, teacher, config, checkpoint_dir=ckpt, stop_after=5, progress=False)
+    _, first = run(student, teacher, config, checkpoint_dir=ckpt, stop_after=5)
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     assert len(first) == 5 and meta["step"] == 5 and len(list(ckpt.glob("state-*.safetensors"))) == 1
     assert not list(ckpt.glob(".*tmp"))
     teacher, student = fresh(pair)  # a new process: the initial model again
-    resumed, history = finetune(student, teacher, config, checkpoint_dir=ckpt, resume=True, progress=False)
+    resumed, history = run(student, teacher, config, checkpoint_dir=ckpt, resume=True)
     assert history == full_history
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
@@ -341,10 +348,10 @@ def test_checkpoint_of_another_run_is_refused(pair, tmp_path):
     ckpt = tmp_path / "ckpt"
     config = small(steps=4)
     teacher, student = fresh(pair)
-    finetune(student, teacher, config, checkpoint_dir=ckpt, stop_after=2, progress=False)
+    run(student, teacher, config, checkpoint_dir=ckpt, stop_after=2)
 
     def resume(student, teacher, config=config):
-        finetune(student, teacher, config, checkpoint_dir=ckpt, resume=True, progress=False)
+        run(student, teacher, config, checkpoint_dir=ckpt, resume=True)
 
     teacher, student = fresh(pair)
     with pytest.raises(FinetuneCheckpointError, match="another fine-tuning configuration.*lr_fp"):
@@ -363,13 +370,13 @@ def test_checkpoint_of_another_run_is_refused(pair, tmp_path):
     with pytest.raises(FinetuneCheckpointError, match="checkpoint of another model"):
         resume(quantized_copy(dit), dit)
     with pytest.raises(FinetuneError, match="teacher is a DiTTransformer2DModel"):
-        finetune(copy.deepcopy(pair[1]), dit, config, progress=False)
+        run(copy.deepcopy(pair[1]), dit, config)
 
 
 def test_finetune_a_dit(one_thread):
     teacher = tiny_dit()
     student = quantized_copy(teacher)
-    _, history = finetune(student, teacher, small(steps=3), progress=False)
+    _, history = run(student, teacher, small(steps=3))
     assert len(history) == 3 and all(h["loss"] > 0 for h in history)
 
 
@@ -388,8 +395,9 @@ def saved(tmp_path_factory):
 
 
 CLI_SMALL = [
-    "--batch-size", "4", "--trajectories", "4", "--sampling-steps", "4", "--lr-shadow", "3e-2",
-    "--max-code-change", "0.05", "--trust-ratio", "0.05", "--quiet",
+    "--batch-size", "4", "--trajectories", "4", "--sampling-steps", "4", "--warmup", "2",
+    "--lr-shadow", "0.1", "--max-code-change", "0.05", "--trust-ratio", "0.05",
+    "--device", "cpu", "--quiet",
 ]  # fmt: skip
 
 
@@ -443,7 +451,7 @@ def test_cli_finetune_end_to_end(saved, tmp_path, capsys, offline_wandb):
     other = tmp_path / "q4"
     avq.save_quantized(quantized_copy(load_model(str(fp)), "w4a8"), other, extra_config={"model": str(fp)})
     target = tmp_path / "y"
-    finetune_folder(other, target, small(steps=4), stop_after=2, progress=False)
+    finetune_folder(other, target, small(steps=4), stop_after=2, progress=False, device="cpu")
     assert (tmp_path / "y.partial" / "checkpoint.json").is_file() and not target.exists()
     resume = [
         "finetune",
@@ -481,3 +489,30 @@ def test_torchrun_two_gloo_processes_match_one(saved, tmp_path):
             assert (sa[key] == sb[key]).float().mean() >= 0.99, key
         elif sa[key].is_floating_point():
             assert torch.allclose(sa[key].float(), sb[key].float(), rtol=1e-3, atol=1e-5), key
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(saved, tmp_path):
+    fp, q = saved
+    args = ["finetune", "--quantized", str(q), "--steps", "60", *CLI_SMALL, "--checkpoint-every", "1"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "avq", *args, "--out", str(killed)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    meta = tmp_path / "killed.partial" / "checkpoint.json"
+    deadline, step = time.time() + 120, 0
+    while process.poll() is None and time.time() < deadline and step < 3:
+        if meta.is_file():
+            step = json.loads(meta.read_text())["step"]  # always whole: it is replaced atomically
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()[-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    saved_step = json.loads(meta.read_text())["step"]
+    assert 3 <= saved_step < 60 and not killed.exists()
+    assert main([*args, "--out", str(killed), "--resume", "--json", str(tmp_path / "killed.json")]) == 0
+    assert main([*args, "--out", str(straight), "--json", str(tmp_path / "straight.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["history"] for n in ("killed", "straight"))
+    assert a == b and sum(h["codes_changed"] for h in a) > 0
+    sa, sb = avq.load_quantized(killed).state_dict(), avq.load_quantized(straight).state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
