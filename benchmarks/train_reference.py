@@ -1,6 +1,6 @@
 """Train a shipped reference model, `digits-unet` or `digits-dit` (design.md, "Reference benchmark").
 
-    python benchmarks/train_reference.py --model digits-unet --steps 5000 --seed 0
+    python benchmarks/train_reference.py --model digits-unet --steps 3000 --seed 0 --threads 1
     python benchmarks/train_reference.py --model digits-dit --resume        # after an interruption
 
 Deterministic for a given seed (and thread count); see avq.training for the recipe. Checkpoints go to
@@ -9,8 +9,9 @@ Deterministic for a given seed (and thread count); see avq.training for the reci
 uninterrupted run, and refuses a checkpoint of another model or configuration. The EMA weights are saved
 (fp16, diffusers `save_pretrained`) with `training.json` to `--out` (default avq/assets/<model>/).
 
-Time: both models run at ~0.87 s/step on 2 CPU cores (torch 2.13, batch 64, measured steady state), so
-the default 5000 steps take ~75 min on an otherwise idle 2-core machine.
+Time (torch 2.13, batch 64): the shipped models were trained side by side on the 2-core machine with
+`--threads 1` each, digits-unet at ~1.5 s/step and digits-dit at ~1.2 s/step, so the default 3000 steps
+take 60-75 min. The thread count is part of what determines the weights (float rounding).
 """
 
 from __future__ import annotations
