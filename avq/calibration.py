@@ -269,6 +269,23 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     ]
 
 
+def block_of(name: str) -> str:
+    """The top-level block of a layer: `down_blocks.1`, `up_blocks.0`, `transformer_blocks.3`, or the
+    first name component (`conv_in`, `mid_block`, `time_embedding`, ...)."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] in ("down_blocks", "up_blocks", "transformer_blocks"):
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def group_by_block(names: Sequence[str]) -> dict[str, list[str]]:
+    """Layer names grouped by `block_of`, blocks in order of first appearance."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(block_of(name), []).append(name)
+    return blocks
+
+
 def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> list[list[str]]:
     """Layers hooked per sampling pass: at most `layers_per_pass`, accumulators within `max_hessian_gib`."""
     per_pass = config.layers_per_pass or max(1, len(names))

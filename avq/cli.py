@@ -1,12 +1,12 @@
 """The `avq` command line. Each subcommand only parses arguments and calls the Python API.
 
-    avq quantize --model digits-unet-mini|FOLDER --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn]
-                 --out FOLDER [--json PATH] [--resume] [--num-samples N] [--seed S]
-                 [--bits-budget B] [--tracker none|wandb]
+    avq quantize --model digits-unet|digits-dit|digits-unet-mini|FOLDER --preset w4a16|w2a16|w4a8|w2a8
+                 [--method avq|gptq|rtn] --out FOLDER [--json PATH] [--resume] [--num-samples N] [--seed S]
+                 [--bits-budget B] [--sequential] [--tracker none|wandb]
     avq finetune --quantized FOLDER --steps N --out FOLDER [--resume] [--tracker none|wandb]
                  [--teacher MODEL] [--semi selective|none|all] [--checkpoint-every N] [--json PATH]
-    avq sample   --model digits-unet-mini|FOLDER [--quantized FOLDER] --n N [--steps 20] [--guidance G]
-                 [--seed S] [--batch-size B] --out DIR [--json PATH]
+    avq sample   --model digits-unet|digits-dit|digits-unet-mini|FOLDER [--quantized FOLDER] --n N
+                 [--steps 20] [--guidance G] [--seed S] [--batch-size B] --out DIR [--json PATH]
     avq eval     SAMPLES.npz [--fp FP_SAMPLES.npz] [--floor FP2.npz] [--reference test|train] [--json PATH]
 
 User errors (unknown model, a folder that is not a diffusers model, a preset that cannot be met, an
@@ -96,7 +96,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .tracking import make_tracker
 
     # a8 / unknown / budget with gptq|rtn: raises before any heavy work
-    config = preset_config(args.preset, args.method, bits_budget=args.bits_budget)
+    config = preset_config(args.preset, args.method, bits_budget=args.bits_budget, sequential=args.sequential)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if out.exists() and (
@@ -379,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timesteps-kept", type=_positive, default=10, help="steps whose inputs feed the statistics"
     )
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate block by block on the model quantized so far (one sampler run per block)",
+    )
     q.add_argument(
         "--bits-budget",
         type=_positive_float,

@@ -40,6 +40,12 @@ integer program picks one per layer so that the total bits per weight over *all*
 (FP-kept ones at 16, as `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the
 sensitivity table are in `QuantizeReport.budget`; the solved candidates are reused, not solved again.
 
+Sequential calibration (`QuantizeConfig.sequential`, `--sequential`): instead of collecting every
+Hessian from the FP model up front, the sampler is re-run once per top-level block (`down_blocks.i`,
+`mid_block`, `up_blocks.i`, `transformer_blocks.i`, ...; `avq.calibration.block_of`) on the model as
+quantized so far (A8 quantizers included), so a block's layers are fitted to the inputs they will see
+after the blocks before them are quantized. Costs one sampler run per block.
+
 Resume: with `checkpoint_dir`, each finished layer is written atomically (`layers/<name>.safetensors` +
 `manifest.json`, temporary file then rename), together with the calibration Hessians, and a fingerprint of
 the model (class, config, weights), the `QuantizeConfig` and the calibration settings; `resume=True`
@@ -74,7 +80,7 @@ from .activations import (
 )
 from .aq import SolverOptions, quantize_weight
 from .baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
-from .calibration import CalibrationConfig, calibrate, quantizable_layers
+from .calibration import CalibrationConfig, block_of, calibrate, group_by_block, quantizable_layers
 from .modules import AQModule, replace_module
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -117,6 +123,7 @@ class QuantizeConfig:
     all Linear/Conv2d weights (module docstring); None: the first fitting candidate, as above.
     `activation_bits`: 16 (inputs untouched) or 8 (fake-quantized inputs of quantized layers);
     `split_shortcuts`: separate 8-bit ranges for the halves of UNet skip concatenations.
+    `sequential`: calibrate top-level block by block on the model as quantized so far (module docstring).
     """
 
     method: str = "avq"
@@ -130,6 +137,7 @@ class QuantizeConfig:
     preset: str | None = None
     bits_budget: float | None = None
     split_shortcuts: bool = True
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -138,6 +146,8 @@ class QuantizeConfig:
             raise PresetError(f"activation_bits must be 8 or 16, got {self.activation_bits!r}")
         if self.method == "avq" and not (self.linear_specs and self.conv_specs):
             raise PresetError("QuantizeConfig: avq needs at least one linear and one conv spec")
+        if self.sequential and self.bits_budget is not None:
+            raise PresetError("sequential calibration and an LAQ bits_budget cannot be combined")
         if self.bits_budget is not None and (self.method != "avq" or not self.bits_budget > 0):
             raise PresetError(f"bits_budget needs method avq and a value > 0, got {self.bits_budget!r}")
         if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:
@@ -409,9 +419,10 @@ class _Checkpoint:
             return None
         return {n: (stored[n], int(self.manifest["n_rows"][n])) for n in names}
 
-    def save_hessians(
+    def save_statistics(
         self, hessians: dict[str, tuple[torch.Tensor, int]], quantizers: dict[str, ActQuantizer]
     ) -> None:
+        """The latest calibration's Hessians (replacing earlier ones) and all activation ranges so far."""
         if quantizers:  # before the manifest names them
             tensors = {f"{n}.{k}": t for n, q in quantizers.items() for k, t in q.state_dict().items()}
             _atomic_save_file(tensors, self.folder / "activations.safetensors")
@@ -494,9 +505,10 @@ def quantize(
     Pass an empty `QuantizeReport()` as `report` to receive the per-layer table and notes.
 
     `calibration`: a `CalibrationConfig` (run the FP sampler, `avq.calibration.calibrate`) or ready
-    Hessians `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are all collected from the FP model before any
-    layer is replaced (no sequential re-calibration). `on_layer(row)` is called after each layer is
-    finished (and checkpointed). See the module docstring for the FP-keep rule and resume.
+    Hessians `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are collected from the FP model before any
+    layer is replaced, or with `config.sequential` block by block from the model quantized so far.
+    `on_layer(row)` is called after each layer is finished (and checkpointed). See the module docstring
+    for the FP-keep rule and resume.
     """
     from tqdm.auto import tqdm
 
@@ -533,28 +545,34 @@ def quantize(
         ckpt = _Checkpoint(Path(checkpoint_dir), fingerprint(model, config, calibration), resume)
     done = ckpt.done if ckpt else {}
 
-    # Statistics, from the FP model (before anything is replaced).
+    # Statistics: from the FP model before anything is replaced, or (sequential) per block, below.
     pending = [p.name for p in todo if p.name not in done]
-    quantizers: dict[str, ActQuantizer] = {}
     a8 = config.activation_bits < 16
-    if a8 and not isinstance(calibration, CalibrationConfig):
+    if (a8 or config.sequential) and not isinstance(calibration, CalibrationConfig):
         raise ValueError(
-            "quantize: 8-bit activations need a CalibrationConfig (their ranges come from the FP sampler), "
-            "not ready Hessians"
+            "quantize: 8-bit activations and sequential calibration need a CalibrationConfig (they run the "
+            "sampler), not ready Hessians"
         )
+    quantizers: dict[str, ActQuantizer] = ckpt.load_quantizers() if ckpt and a8 else {}
+    hessians: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def statistics(names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
+        """Hessians (and, for A8, ranges into `quantizers`) of `names`: from the checkpoint or calibrated."""
+        stored = ckpt.load_hessians(names) if ckpt and names else None
+        if stored is not None and (not a8 or set(names) <= set(quantizers)):
+            return stored
+        observers = _range_observers(model, names, config) if a8 else {}
+        result = calibrate(
+            model, names, calibration, conditioning=conditioning, progress=progress, observers=observers
+        )
+        quantizers.update({n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count})
+        if ckpt:
+            ckpt.save_statistics(result, quantizers)
+        return result
+
     if isinstance(calibration, CalibrationConfig):
-        hessians = (ckpt.load_hessians(pending) if ckpt and pending else None) or {}
-        if a8 and ckpt:
-            quantizers = ckpt.load_quantizers()
-        if (pending and not hessians) or (a8 and not quantizers):
-            # A fresh run: pending == every layer to quantize, so the ranges cover all of them.
-            observers = _range_observers(model, pending, config) if a8 else {}
-            hessians = calibrate(
-                model, pending, calibration, conditioning=conditioning, progress=progress, observers=observers
-            )
-            quantizers = {n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count}
-            if ckpt:
-                ckpt.save_hessians(hessians, quantizers)
+        if not config.sequential and pending:
+            hessians = statistics(pending)
     else:
         hessians = {}
         for name in pending:
@@ -577,13 +595,18 @@ def quantize(
             f"int{config.bits} value (there is no uniform-quantized module yet), so the model is not smaller"
         )
     rows: dict[str, dict] = {}
+    blocks = group_by_block([p.name for p in todo])
     bar = tqdm(todo, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
     for plan in bar:
         bar.set_postfix_str(plan.name[-40:])
         if plan.name in done:
             _apply(model, plan, _rebuild(plan, ckpt.load_layer(plan.name)))
+            if a8 and done[plan.name]["status"] == "quantized":
+                attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
             rows[plan.name] = done[plan.name]
             continue
+        if plan.name not in hessians:  # sequential: the first unfinished layer of its block
+            hessians = statistics([n for n in blocks[block_of(plan.name)] if n not in done])
         hessian, n_rows = hessians[plan.name]
         if n_rows == 0:
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
@@ -591,6 +614,8 @@ def quantize(
         start = time.perf_counter()
         result = solved.get(plan.name) or _solve(model, plan, hessian, config)
         _apply(model, plan, result)
+        if a8:  # now, so that a sequential calibration of later blocks sees 8-bit inputs here
+            attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
         row = {
             "name": plan.name,
             "kind": plan.kind,
@@ -614,10 +639,13 @@ def quantize(
         if on_layer is not None:
             on_layer(row)
     bar.close()
+    if config.sequential:
+        report.notes.append(
+            f"sequential: calibrated block by block ({len(blocks)} blocks) on the model quantized so far"
+        )
     if a8:
         quantized = [name for name, row in rows.items() if row["status"] == "quantized"]
         for name in quantized:
-            attach_input_quantizer(model.get_submodule(name), quantizers[name])
             rows[name]["activation_splits"] = list(quantizers[name].splits)
         n_split = sum(1 for name in quantized if quantizers[name].splits)
         report.notes.append(

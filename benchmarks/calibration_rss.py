@@ -29,20 +29,10 @@ import time
 import torch
 from e2e_step import ldm4_config, peak_memory
 
-from avq.calibration import CalibrationConfig, _passes, calibrate, quantizable_layers
+from avq.calibration import CalibrationConfig, _passes, calibrate, group_by_block, quantizable_layers
 from avq.results import write_results
 
 GIB = 2**30
-
-
-def top_level_blocks(names: list[str]) -> dict[str, list[str]]:
-    """Layer names grouped by top-level block, in module order."""
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
-        blocks.setdefault(key, []).append(name)
-    return blocks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     start = time.perf_counter()
-    for block, names in top_level_blocks(quantizable_layers(model)).items():
+    for block, names in group_by_block(quantizable_layers(model)).items():
         t0 = time.perf_counter()
         with peak_memory(torch.device("cpu")) as mem:
             hessians = calibrate(model, names, config, progress=True)

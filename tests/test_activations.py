@@ -161,3 +161,32 @@ def test_a8_needs_the_sampler_and_rejects_bad_channel_counts():
         quantize(tiny_unet(), preset_config("w2a8"), {"x": torch.eye(2)}, progress=False)
     with pytest.raises(ValueError, match="quantizer for 3 channels"):
         attach_input_quantizer(nn.Linear(4, 2), ActQuantizer(channels=3))
+
+
+def test_sequential_calibration_sees_the_quantized_blocks(tmp_path):
+    fp_first = quantize(tiny_unet(), preset_config("w2a8", solver=FAST), TINY, progress=False)
+    report = QuantizeReport()
+    config = preset_config("w2a8", solver=FAST, sequential=True)
+    sequential = quantize(tiny_unet(), config, TINY, progress=False, report=report)
+    assert any("sequential" in note for note in report.notes)
+    assert sorted(input_quantizers(sequential)) == sorted(input_quantizers(fp_first))
+    first = [r["name"] for r in report.rows if r["status"] == "quantized"]
+    assert first
+    # The first block sees the FP model either way; later blocks see quantized inputs, so they differ.
+    ranges = lambda m, n: m.get_submodule(n).input_quantizer.hi  # noqa: E731
+    assert torch.equal(ranges(sequential, first[0]), ranges(fp_first, first[0]))
+    assert not all(torch.equal(ranges(sequential, n), ranges(fp_first, n)) for n in first)
+    with pytest.raises(avq.pipeline.PresetError, match="sequential"):
+        preset_config("w2a16", sequential=True, bits_budget=3.0)
+
+    ckpt, finished = tmp_path / "ckpt", []
+
+    def interrupt(row):
+        finished.append(row["name"])
+        if len(finished) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)
+    resumed = quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, resume=True, progress=False)
+    torch.testing.assert_close(outputs(resumed), outputs(sequential))
