@@ -13,6 +13,9 @@ per quantized weight, `total_bits` over all Linear/Conv2d weights with codebooks
 layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included).
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
 equal-total-bits comparison. GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no saving.
+`--configs avq-pv:w2a8 ...` (after the `avq:` row of the preset, whose model is kept in `runs/quality/`)
+fine-tune that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
+`avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
 
 Rows are appended to `runs/quality/<name>.partial.json` as they finish, so an interrupted run continues
 where it stopped (`--fresh` to start over); `benchmarks/results/<name>.json` and the Pareto plot
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 from sample_sets import REPO, get_samples, set_folder
 
+import avq
 from avq.calibration import CalibrationConfig
 from avq.data import load_digits_images
 from avq.metrics import evaluate
@@ -41,6 +45,10 @@ from avq.results import default_results_dir, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 CONFIGS = ("rtn:w4a8", "gptq:w4a8", "avq:w4a8", "rtn:w2a8", "gptq:w2a8", "avq:w2a8", "avq-laq:w2a8")
+# SeMI-PV on top of the layer-wise AVQ model of the same preset (`avq-pv`), and the SeMI ablation: the
+# same fine-tuning with no optimizer-state reset (`avq-pv-none`) and a reset of everything (`avq-pv-all`).
+PV_CONFIGS = ("avq-pv:w4a8", "avq-pv:w2a8", "avq-pv-none:w2a8", "avq-pv-all:w2a8")
+SEMI = {"avq-pv": "selective", "avq-pv-none": "none", "avq-pv-all": "all"}
 FIGURES = (
     "fid",
     "sfid",
@@ -63,6 +71,23 @@ def _quantized(model_name: str, method: str, preset: str, budget: float | None, 
     start = time.perf_counter()
     quantize(model, config, CalibrationConfig(seed=seed), report=report, progress=True)
     return model.eval(), report, (time.perf_counter() - start) / 60
+
+
+def _layerwise_folder(model_name: str, preset: str) -> Path:
+    """Where the layer-wise AVQ model of a preset is kept for the PV rows (outside git)."""
+    return REPO / "runs" / "quality" / f"{model_name}-avq-{preset}"
+
+
+def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
+    """The saved layer-wise AVQ model fine-tuned with SeMI-PV (mode from `method`); minutes of tuning."""
+    from avq.finetune import FinetuneConfig, finetune
+
+    student = avq.load_quantized(_layerwise_folder(model_name, preset))
+    config = FinetuneConfig(semi=SEMI[method], **({"steps": steps} if steps else {}))
+    start = time.perf_counter()
+    student, history = finetune(student, load_reference(model_name).eval(), config, progress=True)
+    extra = {"pv_steps": config.steps, "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history)}
+    return student.eval(), (time.perf_counter() - start) / 60, extra
 
 
 def _done(rows: list[dict], model: str, config: str) -> dict | None:
@@ -112,6 +137,32 @@ def run(args: argparse.Namespace) -> list[dict]:
             if _done(rows, model_name, entry):
                 continue
             budget = None
+            if method in SEMI:
+                if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
+                    print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
+                    continue
+                print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[method]})")
+                model, minutes, extra = _finetuned(model_name, method, preset, args.pv_steps)
+                base = _done(rows, model_name, f"avq:{preset}")
+                bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
+                keep(
+                    _evaluated(
+                        model,
+                        model_name,
+                        entry,
+                        method,
+                        preset,
+                        bits,
+                        minutes,
+                        extra,
+                        fp,
+                        floor,
+                        labels,
+                        test,
+                        args,
+                    )
+                )
+                continue
             if method == "avq-laq":
                 gptq = _done(rows, model_name, f"gptq:{preset}")
                 if gptq is None:
@@ -120,34 +171,64 @@ def run(args: argparse.Namespace) -> list[dict]:
                 budget = gptq["total_bits"]
             print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
             model, report, minutes = _quantized(model_name, method, preset, budget, args.seed)
-            tag = f"{model_name}-{method}-{preset}"
-            shutil.rmtree(set_folder(tag, 0, args.guidance, 20, args.batch_size), ignore_errors=True)  # stale
-            samples, _, _ = get_samples(model, tag, args.n, seed=0, **kw)
-            figures = evaluate(samples, labels, reference=test, fp_samples=fp, floor_samples=floor)
+            if method == "avq":  # kept for the PV rows
+                avq.save_quantized(
+                    model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
+                )
             summary = report.summary()
-            row = {
-                "model": model_name,
-                "config": entry,
-                "method": method,
-                "preset": preset,
+            bits = {
                 "code_bits": summary["code_bits"],
                 "total_bits": summary["total_bits_all"],
                 "layers_quantized": summary["quantized"],
                 "layers": summary["layers"],
-                "quantize_minutes": round(minutes, 2),
-                "n": args.n,
-                "simulated": method in ("gptq", "rtn"),
-                **({"bits_budget": budget} if budget else {}),
-                **{k: figures[k] for k in FIGURES if k in figures},
             }
-            keep(row)
-            print(
-                f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  "
-                f"class acc {row['class_accuracy']:.4f}"
-                f"  PSNR {row['psnr']:.2f}  total bits {row['total_bits']:.3f}  {minutes:.1f} min"
+            extra = {"bits_budget": budget} if budget else {}
+            keep(
+                _evaluated(
+                    model,
+                    model_name,
+                    entry,
+                    method,
+                    preset,
+                    bits,
+                    minutes,
+                    extra,
+                    fp,
+                    floor,
+                    labels,
+                    test,
+                    args,
+                )
             )
             del model
     return rows
+
+
+def _evaluated(model, model_name, entry, method, preset, bits, minutes, extra, fp, floor, labels, test, args):
+    """The quality row of one compressed model: sample on the FP noise, score, print."""
+    tag = f"{model_name}-{method}-{preset}"
+    shutil.rmtree(set_folder(tag, 0, args.guidance, 20, args.batch_size), ignore_errors=True)  # stale
+    samples, _, _ = get_samples(
+        model, tag, args.n, seed=0, guidance=args.guidance, batch_size=args.batch_size
+    )
+    figures = evaluate(samples, labels, reference=test, fp_samples=fp, floor_samples=floor)
+    row = {
+        "model": model_name,
+        "config": entry,
+        "method": method,
+        "preset": preset,
+        **bits,
+        "quantize_minutes": round(minutes, 2),
+        "n": args.n,
+        "simulated": method in ("gptq", "rtn"),
+        **extra,
+        **{k: figures[k] for k in FIGURES if k in figures},
+    }
+    print(
+        f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  class acc {row['class_accuracy']:.4f}"
+        f"  PSNR {row['psnr']:.2f}  total bits {row['total_bits']:.3f}  {minutes:.1f} min"
+    )
+    return row
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -159,7 +240,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-laq": "D"}
+    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-laq": "D", "avq-pv": "^"}
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for method in markers:
@@ -188,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "digits-unet-mini"])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *PV_CONFIGS])
+    parser.add_argument(
+        "--pv-steps", type=int, default=None, help="SeMI-PV steps (default: FinetuneConfig's)"
+    )
     parser.add_argument("--n", type=int, default=1000, help="samples per row (default %(default)s)")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=250)
