@@ -20,7 +20,6 @@ Loading uses safetensors only (no pickle) and never touches the network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from .activations import (
     in_channels_of,
     input_quantizers,
 )
+from .fileio import fsync_dir, fsync_file, sha256_file
 from .layout import effective_group_size
 from .modules import AQConv2d, AQLinear, AQModule, replace_module
 from .qweight import QuantizedWeight
@@ -128,13 +128,13 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
     try:
         weights_path = tmp / WEIGHTS_NAME
         save_file(_unshared(tensors), str(weights_path), metadata={"format": "pt"})
-        _fsync_file(weights_path)
-        quantization_config["checksum"] = {WEIGHTS_NAME: f"sha256:{_sha256(weights_path)}"}
+        fsync_file(weights_path)
+        quantization_config["checksum"] = {WEIGHTS_NAME: f"sha256:{sha256_file(weights_path)}"}
         config["quantization_config"] = quantization_config
         config_path = tmp / CONFIG_NAME
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _fsync_file(config_path)
-        _fsync_dir(tmp)
+        fsync_file(config_path)
+        fsync_dir(tmp)
         _swap_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -218,33 +218,7 @@ def _swap_into_place(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         if old.exists():
             log.warning("save_quantized: could not delete the previous save moved to %s", old)
-    _fsync_dir(folder.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; renames there are durable enough
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    fsync_dir(folder.parent)
 
 
 # ====================================================================== load
@@ -435,7 +409,7 @@ def _verify_checksum(path: Path, qc: dict) -> None:
         raise FormatError(
             f"load_quantized: quantization_config.checksum has no 'sha256:<hex>' entry for {WEIGHTS_NAME}"
         )
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if recorded != f"sha256:{actual}":
         raise FormatError(
             f"load_quantized: checksum mismatch for {path}: the file was tampered or corrupted "

@@ -86,7 +86,10 @@ def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
     config = FinetuneConfig(semi=SEMI[method], **({"steps": steps} if steps else {}))
     start = time.perf_counter()
     student, history = finetune(student, load_reference(model_name).eval(), config, progress=True)
-    extra = {"pv_steps": config.steps, "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history)}
+    extra = {
+        "pv_steps": config.steps,
+        "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history),
+    }
     return student.eval(), (time.perf_counter() - start) / 60, extra
 
 
@@ -112,123 +115,96 @@ def run(args: argparse.Namespace) -> list[dict]:
         os.replace(tmp, partial)
 
     test = load_digits_images("test")
-    kw = dict(guidance=args.guidance, batch_size=args.batch_size)
     for model_name in args.models:
-        fp_model = load_reference(model_name).eval()
-        fp, labels, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=0, **kw)
-        floor, _, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=1, **kw)
-        if not _done(rows, model_name, "fp"):
-            figures = evaluate(fp, labels, reference=test, floor_samples=floor)
-            keep(
-                {
-                    "model": model_name,
-                    "config": "fp",
-                    "method": "fp",
-                    "preset": "w16a16",
-                    "code_bits": 16.0,
-                    "total_bits": 16.0,
-                    "quantize_minutes": 0.0,
-                    "n": args.n,
-                    **{k: figures[k] for k in FIGURES if k in figures},
-                }
-            )
-        for entry in args.configs:
-            method, preset = entry.split(":")
-            if _done(rows, model_name, entry):
-                continue
-            budget = None
-            if method in SEMI:
-                if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
-                    print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
-                    continue
-                print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[method]})")
-                model, minutes, extra = _finetuned(model_name, method, preset, args.pv_steps)
-                base = _done(rows, model_name, f"avq:{preset}")
-                bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
-                keep(
-                    _evaluated(
-                        model,
-                        model_name,
-                        entry,
-                        method,
-                        preset,
-                        bits,
-                        minutes,
-                        extra,
-                        fp,
-                        floor,
-                        labels,
-                        test,
-                        args,
-                    )
-                )
-                continue
-            if method == "avq-laq":
-                gptq = _done(rows, model_name, f"gptq:{preset}")
-                if gptq is None:
-                    print(f"skip {entry}: needs the gptq:{preset} row for its budget")
-                    continue
-                budget = gptq["total_bits"]
-            print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
-            model, report, minutes = _quantized(model_name, method, preset, budget, args.seed)
-            if method == "avq":  # kept for the PV rows
-                avq.save_quantized(
-                    model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
-                )
-            summary = report.summary()
-            bits = {
-                "code_bits": summary["code_bits"],
-                "total_bits": summary["total_bits_all"],
-                "layers_quantized": summary["quantized"],
-                "layers": summary["layers"],
-            }
-            extra = {"bits_budget": budget} if budget else {}
-            keep(
-                _evaluated(
-                    model,
-                    model_name,
-                    entry,
-                    method,
-                    preset,
-                    bits,
-                    minutes,
-                    extra,
-                    fp,
-                    floor,
-                    labels,
-                    test,
-                    args,
-                )
-            )
-            del model
+        _model_rows(model_name, args, rows, keep, test)
     return rows
 
 
-def _evaluated(model, model_name, entry, method, preset, bits, minutes, extra, fp, floor, labels, test, args):
-    """The quality row of one compressed model: sample on the FP noise, score, print."""
-    tag = f"{model_name}-{method}-{preset}"
-    shutil.rmtree(set_folder(tag, 0, args.guidance, 20, args.batch_size), ignore_errors=True)  # stale
-    samples, _, _ = get_samples(
-        model, tag, args.n, seed=0, guidance=args.guidance, batch_size=args.batch_size
-    )
-    figures = evaluate(samples, labels, reference=test, fp_samples=fp, floor_samples=floor)
-    row = {
-        "model": model_name,
-        "config": entry,
-        "method": method,
-        "preset": preset,
-        **bits,
-        "quantize_minutes": round(minutes, 2),
-        "n": args.n,
-        "simulated": method in ("gptq", "rtn"),
-        **extra,
-        **{k: figures[k] for k in FIGURES if k in figures},
-    }
-    print(
-        f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  class acc {row['class_accuracy']:.4f}"
-        f"  PSNR {row['psnr']:.2f}  total bits {row['total_bits']:.3f}  {minutes:.1f} min"
-    )
-    return row
+def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], keep, test) -> None:
+    """The FP row and every requested config of one model (rows already in `rows` are skipped)."""
+    kw = dict(guidance=args.guidance, batch_size=args.batch_size)
+    fp_model = load_reference(model_name).eval()
+    fp, labels, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=0, **kw)
+    floor, _, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=1, **kw)
+
+    def evaluated(model, entry: str, bits: dict, minutes: float, extra: dict) -> dict:
+        """The quality row of one compressed model: sample on the FP noise, score, print."""
+        method, preset = entry.split(":")
+        tag = f"{model_name}-{method}-{preset}"
+        shutil.rmtree(set_folder(tag, 0, args.guidance, 20, args.batch_size), ignore_errors=True)  # stale
+        samples, _, _ = get_samples(model, tag, args.n, seed=0, **kw)
+        figures = evaluate(samples, labels, reference=test, fp_samples=fp, floor_samples=floor)
+        row = {
+            "model": model_name,
+            "config": entry,
+            "method": method,
+            "preset": preset,
+            **bits,
+            "quantize_minutes": round(minutes, 2),
+            "n": args.n,
+            "simulated": method in ("gptq", "rtn"),
+            **extra,
+            **{k: figures[k] for k in FIGURES if k in figures},
+        }
+        print(
+            f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  "
+            f"class acc {row['class_accuracy']:.4f}"
+            f"  PSNR {row['psnr']:.2f}  total bits {row['total_bits']:.3f}  {minutes:.1f} min"
+        )
+        return row
+
+    if not _done(rows, model_name, "fp"):
+        figures = evaluate(fp, labels, reference=test, floor_samples=floor)
+        keep(
+            {
+                "model": model_name,
+                "config": "fp",
+                "method": "fp",
+                "preset": "w16a16",
+                "code_bits": 16.0,
+                "total_bits": 16.0,
+                "quantize_minutes": 0.0,
+                "n": args.n,
+                **{k: figures[k] for k in FIGURES if k in figures},
+            }
+        )
+    for entry in args.configs:
+        method, preset = entry.split(":")
+        if _done(rows, model_name, entry):
+            continue
+        budget = None
+        if method in SEMI:
+            if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
+                print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
+                continue
+            print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[method]})")
+            model, minutes, extra = _finetuned(model_name, method, preset, args.pv_steps)
+            base = _done(rows, model_name, f"avq:{preset}")
+            bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
+            keep(evaluated(model, entry, bits, minutes, extra))
+            continue
+        if method == "avq-laq":
+            gptq = _done(rows, model_name, f"gptq:{preset}")
+            if gptq is None:
+                print(f"skip {entry}: needs the gptq:{preset} row for its budget")
+                continue
+            budget = gptq["total_bits"]
+        print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
+        model, report, minutes = _quantized(model_name, method, preset, budget, args.seed)
+        if method == "avq":  # kept for the PV rows
+            avq.save_quantized(
+                model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
+            )
+        summary = report.summary()
+        bits = {
+            "code_bits": summary["code_bits"],
+            "total_bits": summary["total_bits_all"],
+            "layers_quantized": summary["quantized"],
+            "layers": summary["layers"],
+        }
+        extra = {"bits_budget": budget} if budget else {}
+        keep(evaluated(model, entry, bits, minutes, extra))
+        del model
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from avq.fileio import fsync_dir, fsync_file, sha256_file
 from avq.modules import AQModule
 from avq.training import CheckpointMismatchError
 
@@ -89,27 +90,6 @@ def run_identity(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
 
 
 # ============================================================================ write
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(
     folder: str | os.PathLike,
     *,
@@ -138,7 +118,7 @@ def save_checkpoint(
     name = f"state-{step:08d}.safetensors"
     tmp = folder / f".{name}.tmp"
     save_file(tensors, str(tmp))
-    _fsync(tmp)
+    fsync_file(tmp)
     os.replace(tmp, folder / name)
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -146,7 +126,7 @@ def save_checkpoint(
         "config": config.to_dict(),
         "identity": identity,
         "tensors": name,
-        "tensors_sha256": _sha256(folder / name),
+        "tensors_sha256": sha256_file(folder / name),
         "history": history,
         "seconds": seconds,
         "world_size": world_size,
@@ -154,9 +134,9 @@ def save_checkpoint(
     }
     tmp_meta = folder / f".{META_NAME}.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    _fsync(tmp_meta)
+    fsync_file(tmp_meta)
     os.replace(tmp_meta, folder / META_NAME)  # the commit point
-    _fsync(folder)
+    fsync_dir(folder)
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -200,7 +180,7 @@ def load_checkpoint(
     tensor_path = folder / str(meta.get("tensors"))
     if not tensor_path.is_file():
         raise FinetuneCheckpointError(f"{path} names {tensor_path.name}, which does not exist")
-    if _sha256(tensor_path) != meta.get("tensors_sha256"):
+    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
         raise FinetuneCheckpointError(f"{tensor_path} does not match the checksum in {path}: corrupted")
     return meta, load_file(str(tensor_path))
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import avq
 import avq.serialization as serialization
-from avq import AQConv2d, AQLinear, QuantSpec, load_quantized, save_quantized
+from avq import AQConv2d, AQLinear, QuantSpec, fileio, load_quantized, save_quantized
 from avq.modules import AQModule, replace_module
 from avq.serialization import FormatError
 
@@ -108,9 +108,7 @@ def rewrite(
     if config is not None:
         config(data)
     if fix_checksum:
-        data["quantization_config"]["checksum"]["model.safetensors"] = (
-            f"sha256:{serialization._sha256(weights)}"
-        )
+        data["quantization_config"]["checksum"]["model.safetensors"] = f"sha256:{fileio.sha256_file(weights)}"
     config_path.write_text(json.dumps(data))
 
 
@@ -164,9 +162,7 @@ def test_config_contents(saved: Path) -> None:
     assert config["block_out_channels"] == [8, 16]
     qc = config["quantization_config"]
     assert (qc["format"], qc["version"], qc["activation_bits"]) == ("avq", 1, 16)
-    assert (
-        qc["checksum"]["model.safetensors"] == f"sha256:{serialization._sha256(saved / 'model.safetensors')}"
-    )
+    assert qc["checksum"]["model.safetensors"] == f"sha256:{fileio.sha256_file(saved / 'model.safetensors')}"
     assert qc["extra"] == {"preset": "w2a16", "path": "x"}
     assert set(qc["layers"]) == set(QUANTIZED)
     assert qc["layers"]["time_embedding.linear_1"] == {
