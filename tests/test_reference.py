@@ -50,6 +50,35 @@ def test_shipped_folder_loads_offline_and_runs(monkeypatch):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    "name, cls_name", [("digits-unet", "UNet2DModel"), ("digits-dit", "DiTTransformer2DModel")]
+)
+def test_shipped_reference_models_load_offline_with_diffusers(monkeypatch, name, cls_name):
+    import diffusers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = asset_path(name)
+    model = getattr(diffusers, cls_name).from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    params = sum(p.numel() for p in model.parameters())
+    assert (5e6 if name == "digits-dit" else 8e6) <= params <= (10e6 if name == "digits-dit" else 16e6)
+    training = json.loads((folder / "training.json").read_text())
+    assert training["steps_done"] == training["config"]["steps"] and training["parameters"] == params
+    # Sampling (DDIM, guidance) is a function of the seed: same seed, same images; other seed, others.
+    labels = torch.tensor([0, 7])
+    a, b = (sample(model.float(), labels, steps=3, guidance=2.0, seed=s) for s in (0, 0))
+    assert torch.equal(a, b) and not torch.equal(a, sample(model.float(), labels, steps=3, seed=1))
+
+
+def test_shipped_models_fit_the_package_budget():
+    """digits-unet, digits-dit and the metric classifier ship as package data within 40 MB together."""
+    total = sum(
+        f.stat().st_size
+        for name in ("digits-unet", "digits-dit", "digits-classifier")
+        for f in asset_path(name).iterdir()
+    )
+    assert total <= 40e6, f"{total / 1e6:.1f} MB"
+
+
 def test_asset_path_names_missing_models():
     with pytest.raises(FileNotFoundError, match="digits-unet-mini"):
         asset_path("no-such-model")
