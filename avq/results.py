@@ -54,13 +54,21 @@ def current_command(argv: Sequence[str] | None = None) -> str:
 
 
 def git_commit(cwd: Path = REPO) -> str:
-    """`git rev-parse HEAD` (+ `+dirty` if the tree has uncommitted changes), or "unknown"."""
+    """`git rev-parse HEAD` (+ `+dirty` if tracked files have uncommitted changes), or "unknown".
+
+    Untracked files do not count: a benchmark writes its own outputs (grids, JSON) before this is read.
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"

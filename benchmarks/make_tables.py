@@ -196,6 +196,7 @@ def calibration_rss_table(data: dict) -> str:
 TABLES = {
     "layer_solver": layer_solver_table,
     "kernels_cpu": kernels_table,
+    "kernels_cpu_quick": kernels_table,
     "e2e_step_cpu": e2e_table,
     "reference_fp": reference_fp_table,
     "quality": quality_table,
