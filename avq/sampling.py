@@ -10,6 +10,11 @@ import torch
 
 
 # ------------------------------------------------------------------------------------- sample sets
+def batch_seed(seed: int, batch: int) -> int:
+    """The noise seed of batch `batch` of a sample set of seed `seed` (`SeedSequence([seed, batch])`)."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
+
+
 def generate_samples(
     model,
     n: int,
@@ -37,9 +42,8 @@ def generate_samples(
     chunks = []
     starts = range(0, n, batch_size)
     for b, start in enumerate(tqdm(starts, desc="sample", unit="batch", disable=not progress)):
-        batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
         y = labels[start : start + batch_size]
-        chunks.append(sample(model, y, steps=steps, guidance=guidance, seed=batch_seed))
+        chunks.append(sample(model, y, steps=steps, guidance=guidance, seed=batch_seed(seed, b)))
     return torch.cat(chunks).float(), labels
 
 

@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from avq.reference import NUM_CLASSES, sample
-from avq.sampling import load_samples, save_samples
+from avq.sampling import batch_seed, load_samples, save_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "runs" / "samples"
@@ -58,9 +57,8 @@ def get_samples(
             if not isinstance(model, torch.nn.Module):
                 model = model()
             batch_labels = torch.arange(b * batch_size, (b + 1) * batch_size) % NUM_CLASSES  # full batches
-            batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
             start = time.perf_counter()
-            chunk = sample(model, batch_labels, steps=steps, guidance=guidance, seed=batch_seed)
+            chunk = sample(model, batch_labels, steps=steps, guidance=guidance, seed=batch_seed(seed, b))
             elapsed = time.perf_counter() - start
             seconds += elapsed
             save_samples(path, chunk, batch_labels, {"tag": tag, "batch": b, "seconds": elapsed}, grid=0)

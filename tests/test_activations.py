@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from test_calibration import TINY, tiny_dit, tiny_unet
-from test_pipeline import FAST, outputs
+from test_pipeline import FAST, interrupt_after, outputs
 
 import avq
 from avq.activations import (
@@ -134,12 +134,7 @@ def test_a8_save_load_and_resume(tmp_path):
     loaded = avq.load_quantized(tmp_path / "q")
     assert torch.equal(outputs(loaded), expected)
 
-    ckpt, finished = tmp_path / "ckpt", []
-
-    def interrupt(row):
-        finished.append(row["name"])
-        if len(finished) == 2:
-            raise KeyboardInterrupt
+    ckpt, (_, interrupt) = tmp_path / "ckpt", interrupt_after(2)
 
     with pytest.raises(KeyboardInterrupt):
         quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)
@@ -179,12 +174,7 @@ def test_sequential_calibration_sees_the_quantized_blocks(tmp_path):
     with pytest.raises(avq.pipeline.PresetError, match="sequential"):
         preset_config("w2a16", sequential=True, bits_budget=3.0)
 
-    ckpt, finished = tmp_path / "ckpt", []
-
-    def interrupt(row):
-        finished.append(row["name"])
-        if len(finished) == 3:
-            raise KeyboardInterrupt
+    ckpt, (_, interrupt) = tmp_path / "ckpt", interrupt_after(3)
 
     with pytest.raises(KeyboardInterrupt):
         quantize(tiny_unet(), config, TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,6 +25,18 @@ from avq.pipeline import (
 )
 
 FAST = avq.SolverOptions(max_rounds=2, kmeans_iters=5)
+
+
+def interrupt_after(n: int) -> tuple[list[str], Callable[[dict], None]]:
+    """An `on_layer` callback that records finished layers and interrupts after the `n`-th."""
+    finished: list[str] = []
+
+    def on_layer(row: dict) -> None:
+        finished.append(row["name"])
+        if len(finished) == n:
+            raise KeyboardInterrupt
+
+    return finished, on_layer
 
 
 def quantize_with_report(*args, **kwargs) -> tuple[nn.Module, QuantizeReport]:
@@ -148,12 +161,7 @@ def test_given_hessians():
 def test_resume_after_interruption(quantized, tmp_path):
     reference_model, reference = quantized
     ckpt = tmp_path / "ckpt"
-    finished = []
-
-    def interrupt(row):
-        finished.append(row["name"])
-        if len(finished) == 2:
-            raise KeyboardInterrupt
+    finished, interrupt = interrupt_after(2)
 
     with pytest.raises(KeyboardInterrupt):
         quantize(tiny_unet(), w2(), TINY, checkpoint_dir=ckpt, progress=False, on_layer=interrupt)
