@@ -150,7 +150,14 @@ def reference_fp_table(data: dict) -> str:
                 f"| *{r['model']}* | | {r['n_samples']} | {r['fid']:.3f} | {r['sfid']:.2f} | {r['is']:.2f}"
                 f" | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.4f} | |"
             )
-    lines += ["", "FID/sFID against the real test split (359 images). " + _source(data)]
+    timed = next((r for r in data["rows"] if "timed_images" in r), None)
+    timing = (
+        f" s/image: one timed batch of {timed['timed_images']} images (DDIM 20, guidance), "
+        f"{timed['threads']} torch threads."
+        if timed
+        else ""
+    )
+    lines += ["", "FID/sFID against the real test split (359 images)." + timing + " " + _source(data)]
     return "\n".join(lines)
 
 
@@ -158,7 +165,7 @@ def quality_table(data: dict) -> str:
     """One row per (model, config): bits, fidelity to the data and to the FP model, time."""
     lines = [
         "| model | config | code bits | total bits | FID (floor) | sFID | IS | class acc | PSNR to FP"
-        " | SSIM to FP | quantize min |",
+        " | SSIM to FP | minutes (threads) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
@@ -167,10 +174,17 @@ def quality_table(data: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['config']} | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
             f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
-            f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f} |"
+            f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f}"
+            + (f" ({r['threads']})" if "threads" in r else "")
+            + " |"
         )
     n = data["rows"][0]["n"] if data["rows"] else 0
-    lines += ["", f"N = {n} samples per row, identical noise for every row of a model. " + _source(data)]
+    lines += [
+        "",
+        f"N = {n} samples per row, identical noise for every row of a model. Minutes: the whole quantization "
+        "(calibration included); for `avq-pv*` rows, the SeMI-PV fine-tuning on top of the `avq` row of the "
+        "preset (`-none` / `-all`: the SeMI ablation). " + _source(data),
+    ]
     return "\n".join(lines)
 
 

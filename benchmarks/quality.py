@@ -12,7 +12,9 @@ row carries the FID floor at the same N: FP samples of seed 0 vs FP samples of s
 per quantized weight, `total_bits` over all Linear/Conv2d weights with codebooks, scales and FP-kept
 layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included).
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
-equal-total-bits comparison. GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no saving.
+equal-total-bits comparison. `avq-seq` rows calibrate sequentially (block by block on the model quantized
+so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no
+saving.
 `--configs avq-pv:w2a8 ...` (after the `avq:` row of the preset, whose model is kept in `runs/quality/`)
 fine-tune that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
@@ -45,6 +47,9 @@ from avq.results import default_results_dir, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 CONFIGS = ("rtn:w4a8", "gptq:w4a8", "avq:w4a8", "rtn:w2a8", "gptq:w2a8", "avq:w2a8", "avq-laq:w2a8")
+# Layer-wise AVQ with sequential calibration (`QuantizeConfig.sequential`: each block calibrated on the
+# outputs of the blocks already quantized): does it help?
+EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
 # SeMI-PV on top of the layer-wise AVQ model of the same preset (`avq-pv`), and the SeMI ablation: the
 # same fine-tuning with no optimizer-state reset (`avq-pv-none`) and a reset of everything (`avq-pv-all`).
 PV_CONFIGS = ("avq-pv:w4a8", "avq-pv:w2a8", "avq-pv-none:w2a8", "avq-pv-all:w2a8")
@@ -66,7 +71,8 @@ FIGURES = (
 
 def _quantized(model_name: str, method: str, preset: str, budget: float | None, seed: int):
     model = load_reference(model_name)
-    config = preset_config(preset, method.removesuffix("-laq"), bits_budget=budget)
+    base = method.removesuffix("-laq").removesuffix("-seq")
+    config = preset_config(preset, base, bits_budget=budget, sequential=method.endswith("-seq"))
     report = QuantizeReport()
     start = time.perf_counter()
     quantize(model, config, CalibrationConfig(seed=seed), report=report, progress=True)
@@ -141,6 +147,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "preset": preset,
             **bits,
             "quantize_minutes": round(minutes, 2),
+            "threads": torch.get_num_threads(),  # of the process that quantized / fine-tuned
             "n": args.n,
             "simulated": method in ("gptq", "rtn"),
             **extra,
@@ -216,7 +223,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-laq": "D", "avq-pv": "^"}
+    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-seq": "v", "avq-laq": "D", "avq-pv": "^"}
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for method in markers:
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "digits-unet-mini"])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *PV_CONFIGS])
+    choices = [*CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=choices)
     parser.add_argument(
         "--pv-steps", type=int, default=None, help="SeMI-PV steps (default: FinetuneConfig's)"
     )
