@@ -81,15 +81,28 @@ class ActQuantizer(nn.Module):
                 f"ActQuantizer: input has {x.shape[self.channel_dim]} channels at dim {self.channel_dim}, "
                 f"expected {self.channels}"
             )
-        qmax = (1 << self.bits) - 1
-        lo = self._per_channel(self.lo, x.ndim).float()
-        hi = self._per_channel(self.hi, x.ndim).float()
-        scale = ((hi - lo) / qmax).clamp_min(1e-8)
-        zero = torch.round(-lo / scale)
-        xf = x.float()
-        q = torch.clamp(torch.round(xf / scale) + zero, 0, qmax)
-        xq = ((q - zero) * scale).to(x.dtype)
+        xq = self._fake_quantize(x.detach())
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return xq
         return x + (xq - x).detach()  # straight-through
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` rounded to its segment's grid of `2^bits` levels over `[lo, hi]` (no autograd).
+
+        `clamp(round(x / s) + z, 0, qmax) - z == clamp(round(x / s), -z, qmax - z)`: four in-place passes
+        (faster on CPU than torch's fused fake-quantize op, which also builds a gradient mask).
+        """
+        qmax = (1 << self.bits) - 1
+        scale = ((self.hi - self.lo).float() / qmax).clamp_min(1e-8)  # [S]
+        zero = torch.round(-self.lo.float() / scale)  # [S]
+        scale, zero = self._per_channel(scale, x.ndim), self._per_channel(zero, x.ndim)
+        y = torch.div(x.float(), scale)
+        y.round_()
+        if self.splits:
+            y.clamp_(-zero, qmax - zero)
+        else:
+            y.clamp_(float(-zero), float(qmax - zero))
+        return y.mul_(scale).to(x.dtype)
 
     def to_entry(self) -> dict:
         """The JSON description stored in `quantization_config` (ranges go to the safetensors file)."""

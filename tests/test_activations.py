@@ -46,6 +46,25 @@ def test_quantizer_grid_error_and_straight_through():
         ActQuantizer(channels=4, splits=(4,))
 
 
+@pytest.mark.parametrize("splits, channel_dim, shape", [((), -1, (5, 3, 8)), ((3,), 1, (2, 8, 4, 4))])
+def test_quantizer_matches_the_affine_grid_with_and_without_grad(splits, channel_dim, shape):
+    """The in-place fast path equals `(clamp(round(x/s) + z, 0, qmax) - z) * s`, also for a range that
+    excludes 0, leaves its input alone, and is the same under no_grad."""
+    q = ActQuantizer(channels=8, bits=4, splits=splits, channel_dim=channel_dim)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2
+    for lo, hi in ((-1.5, 2.5), (0.4, 3.0)):  # the second range excludes 0: zero point < 0
+        S = len(splits) + 1
+        q.set_ranges(torch.full((S,), lo) * torch.arange(1, S + 1), torch.full((S,), hi))
+        scale = q._per_channel((q.hi - q.lo) / 15, x.ndim)
+        zero = torch.round(-q._per_channel(q.lo, x.ndim) / scale)
+        want = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+        before = x.clone()
+        with torch.no_grad():
+            got = q(x)
+        assert torch.allclose(got, want, atol=1e-6) and torch.equal(x, before)
+        assert torch.allclose(q(x.clone().requires_grad_(True)), want, atol=1e-6)
+
+
 def test_observer_clips_heavy_tails_when_that_lowers_error():
     laplace = torch.distributions.Laplace(0.0, 1.0)
     torch.manual_seed(0)
