@@ -10,7 +10,9 @@ class-balanced images with the FP model's noise (seed 0, DDIM 20 steps, guidance
 against the real test split and against the FP samples on identical noise (PSNR, SSIM, FID to FP). Every
 row carries the FID floor at the same N: FP samples of seed 0 vs FP samples of seed 1. Bits: `code_bits`
 per quantized weight, `total_bits` over all Linear/Conv2d weights with codebooks, scales and FP-kept
-layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included).
+layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included),
+wall clock; `cpu_minutes` its process CPU time (load-independent; about the wall time of a 1-thread run
+on an idle core).
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
 equal-total-bits comparison. `avq-seq` rows calibrate sequentially (block by block on the model quantized
 so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no
@@ -74,9 +76,9 @@ def _quantized(model_name: str, method: str, preset: str, budget: float | None, 
     base = method.removesuffix("-laq").removesuffix("-seq")
     config = preset_config(preset, base, bits_budget=budget, sequential=method.endswith("-seq"))
     report = QuantizeReport()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     quantize(model, config, CalibrationConfig(seed=seed), report=report, progress=True)
-    return model.eval(), report, (time.perf_counter() - start) / 60
+    return model.eval(), report, (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
 
 
 def _layerwise_folder(model_name: str, preset: str) -> Path:
@@ -90,9 +92,10 @@ def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
 
     student = avq.load_quantized(_layerwise_folder(model_name, preset))
     config = FinetuneConfig(semi=SEMI[method], **({"steps": steps} if steps else {}))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     student, history = finetune(student, load_reference(model_name).eval(), config, progress=True)
     extra = {
+        "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
         "pv_steps": config.steps,
         "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history),
     }
@@ -197,7 +200,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 continue
             budget = gptq["total_bits"]
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
-        model, report, minutes = _quantized(model_name, method, preset, budget, args.seed)
+        model, report, minutes, cpu_minutes = _quantized(model_name, method, preset, budget, args.seed)
         if method == "avq":  # kept for the PV rows
             avq.save_quantized(
                 model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
@@ -209,7 +212,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "layers_quantized": summary["quantized"],
             "layers": summary["layers"],
         }
-        extra = {"bits_budget": budget} if budget else {}
+        extra = {"cpu_minutes": round(cpu_minutes, 2), **({"bits_budget": budget} if budget else {})}
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
 
