@@ -29,6 +29,7 @@ where it stopped (`--fresh` to start over); `benchmarks/results/<name>.json` and
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -118,10 +119,18 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"continuing {partial}: {len(rows)} rows done")
 
     def keep(row: dict) -> None:
+        """Add `row` to the partial file, merged under a lock with the rows that other runs of the script
+        (other configs, side by side) wrote meanwhile."""
         rows.append(row)
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-        os.replace(tmp, partial)
+        with open(partial.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings}
+            mine = {(r["model"], r["config"]) for r in rows}
+            if saved["settings"] == settings:
+                rows[:0] = [r for r in saved.get("rows", []) if (r["model"], r["config"]) not in mine]
+            tmp = partial.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+            os.replace(tmp, partial)
 
     test = load_digits_images("test")
     for model_name in args.models:
@@ -275,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         rows = json.loads((results / f"{args.name}.json").read_text())["rows"]
     else:
-        rows = run(args)
+        order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
+        rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
+        rows = sorted(run(args), key=lambda r: (rank[r["model"]], order.index(r["config"])))
         path = write_results(args.name, rows)
         print(f"wrote {path}")
     plot(rows, results / f"{args.name}.png")
