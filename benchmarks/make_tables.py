@@ -165,7 +165,7 @@ def quality_table(data: dict) -> str:
     """One row per (model, config): bits, fidelity to the data and to the FP model, time."""
     lines = [
         "| model | config | code bits | total bits | FID (floor) | sFID | IS | class acc | PSNR to FP"
-        " | SSIM to FP | minutes (threads) |",
+        " | SSIM to FP | minutes: wall / CPU (threads) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
@@ -175,6 +175,7 @@ def quality_table(data: dict) -> str:
             f"| {r['model']} | {r['config']} | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
             f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
             f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f}"
+            + (f" / {r['cpu_minutes']:.1f}" if "cpu_minutes" in r else "")
             + (f" ({r['threads']})" if "threads" in r else "")
             + " |"
         )
@@ -207,6 +208,22 @@ def calibration_rss_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def pv_resume_table(data: dict) -> str:
+    """`kill -9` during fine-tuning, then `--resume`, against an uninterrupted run."""
+    lines = [
+        "| model | steps | checkpoint at kill | histories identical | models bit-identical"
+        " | held-out loss straight / resumed |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['checkpoint_step_at_kill']} | {r['histories_identical']}"
+            f" | {r['models_bit_identical']} | {r['heldout_loss_straight']:.6g} /"
+            f" {r['heldout_loss_resumed']:.6g} |"
+        )
+    return "\n".join([*lines, "", _source(data)])
+
+
 TABLES = {
     "layer_solver": layer_solver_table,
     "kernels_cpu": kernels_table,
@@ -215,6 +232,7 @@ TABLES = {
     "reference_fp": reference_fp_table,
     "quality": quality_table,
     "calibration_rss_cpu": calibration_rss_table,
+    "pv_resume": pv_resume_table,
 }
 
 
