@@ -172,7 +172,8 @@ def quality_table(data: dict) -> str:
         psnr = f"{r['psnr']:.2f}" if "psnr" in r else "—"
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "—"
         lines.append(
-            f"| {r['model']} | {r['config']} | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
+            f"| {r['model']} | {r['config']}{' †' if r.get('simulated') else ''}"
+            f" | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
             f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
             f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f}"
             + (f" / {r['cpu_minutes']:.1f}" if "cpu_minutes" in r else "")
@@ -184,7 +185,9 @@ def quality_table(data: dict) -> str:
         "",
         f"N = {n} samples per row, identical noise for every row of a model. Minutes: the whole quantization "
         "(calibration included); for `avq-pv*` rows, the SeMI-PV fine-tuning on top of the `avq` row of the "
-        "preset (`-none` / `-all`: the SeMI ablation). " + _source(data),
+        "preset (`-none` / `-all`: the SeMI ablation). `avq-laq`: AVQ with LAQ budgets at the total bits of "
+        "the GPTQ row of the preset (equal total bits). † simulated: dense dequantized weights (the same "
+        "outputs as a packed kernel would give, no memory saving). " + _source(data),
     ]
     return "\n".join(lines)
 
