@@ -1,6 +1,7 @@
 """The quality table: FP, RTN, GPTQ and AVQ at W4A8 and W2A8 on the reference models -> quality.json.
 
-    python benchmarks/quality.py                                   # both models, 1,000 samples per row
+    python benchmarks/quality.py                                   # the whole table: both models, 1,000
+                                                                   # samples per row, layer-wise then PV
     python benchmarks/quality.py --models digits-unet --n 500 --configs avq:w2a8 gptq:w2a8
     python benchmarks/quality.py --plot-only                       # redraw the Pareto plot from the JSON
 
@@ -17,8 +18,8 @@ on an idle core).
 equal-total-bits comparison. `avq-seq` rows calibrate sequentially (block by block on the model quantized
 so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no
 saving.
-`--configs avq-pv:w2a8 ...` (after the `avq:` row of the preset, whose model is kept in `runs/quality/`)
-fine-tune that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
+`avq-pv*` rows (after the `avq:` row of the preset, whose model is kept in `runs/quality/`) fine-tune
+that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
 
 Rows are appended to `runs/quality/<name>.partial.json` as they finish, so an interrupted run continues
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "digits-unet-mini"])
     choices = [*CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=choices)
+    parser.add_argument("--configs", nargs="+", default=[*CONFIGS, *PV_CONFIGS], choices=choices)
     parser.add_argument(
         "--pv-steps", type=int, default=None, help="SeMI-PV steps (default: FinetuneConfig's)"
     )
