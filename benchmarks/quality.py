@@ -118,17 +118,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         if saved["settings"] == settings:
             rows = saved["rows"]
             print(f"continuing {partial}: {len(rows)} rows done")
+    computed: list[dict] = []  # rows this process computed (the only ones it writes)
 
     def keep(row: dict) -> None:
         """Add `row` to the partial file, merged under a lock with the rows that other runs of the script
-        (other configs, side by side) wrote meanwhile."""
-        rows.append(row)
+        (other configs, side by side) wrote meanwhile; rows removed from the file by hand stay removed."""
+        computed.append(row)
+        mine = {(r["model"], r["config"]) for r in computed}
         with open(partial.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings}
-            mine = {(r["model"], r["config"]) for r in rows}
-            if saved["settings"] == settings:
-                rows[:0] = [r for r in saved.get("rows", []) if (r["model"], r["config"]) not in mine]
+            others = saved.get("rows", []) if saved["settings"] == settings and not args.fresh else []
+            rows[:] = [r for r in others if (r["model"], r["config"]) not in mine] + computed
             tmp = partial.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
             os.replace(tmp, partial)
