@@ -2,13 +2,15 @@
 
     python benchmarks/layer_solver.py                 # full run -> benchmarks/results/layer_solver.json
     python benchmarks/layer_solver.py --quick         # tiny smoke run (tests) -> layer_solver_quick.json
+    python benchmarks/layer_solver.py --model digits-unet --no-synthetic --out-name layer_solver_digits_unet
 
 Layers:
   synthetic-linear  W ~ N(0,1) [512, 512]; H = X^T X / 8192 with X = Z diag(s) U^T, Z ~ N(0,1) [8192, 512],
                     U random orthogonal (QR), s_i = 1/sqrt(i): a decaying input spectrum in a random basis;
   synthetic-conv    the same kind of layer shaped like a Conv2d weight [256, 256, 3, 3] (K = 2304), for speed;
-  conv3x3 / attn    every 3x3 conv and attention projection of the shipped `digits-unet-mini`, with Hessians
-                    from `avq.reference.collect_hessians` (noised training images, t spread over 1000 steps).
+  conv3x3 / attn    every 3x3 conv and attention projection of the shipped `digits-unet-mini` (or `--model`),
+                    with Hessians from `avq.reference.collect_hessians` (noised training images, t spread over
+                    1000 steps).
 
 Methods: RTN and GPTQ (act-order, clip search) at 2 and 4 bits; AQ `1x8g4`, `2x8g8` (2 code bits) and `2x8g4`
 (4 code bits), default solver options. Each row holds the relative H-weighted error
@@ -34,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 import avq
+import avq.aq
 from avq.reference import collect_hessians, load_reference, reference_layers
 from avq.results import write_results
 
@@ -72,8 +75,8 @@ def synthetic_cases(quick: bool) -> list[Case]:
     return cases
 
 
-def model_cases(quick: bool, n_samples: int, pattern: str | None) -> list[Case]:
-    model = load_reference("digits-unet-mini")
+def model_cases(quick: bool, n_samples: int, pattern: str | None, model_name: str) -> list[Case]:
+    model = load_reference(model_name)
     names = reference_layers(model)
     if pattern:
         names = [name for name in names if re.search(pattern, name)]
@@ -238,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="rtn,gptq,aq", help="comma list of rtn,gptq,aq (default: all)")
     parser.add_argument("--layers", default=None, help="regex: only real-model layers whose name matches")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic layers")
-    parser.add_argument("--no-model", action="store_true", help="skip the digits-unet-mini layers")
+    parser.add_argument("--no-model", action="store_true", help="skip the real-model layers")
+    parser.add_argument(
+        "--model", default="digits-unet-mini", help="shipped UNet whose layers are measured (%(default)s)"
+    )
+    parser.add_argument(
+        "--aq-init", default=None, choices=avq.aq.SOLVER_INITS, help="AQ first codes (default: the solver's)"
+    )
     parser.add_argument("--n-samples", type=int, default=None, help="calibration images (default 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -250,12 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     if ("rtn" in methods or "gptq" in methods) and not hasattr(avq, "quantize_weight_gptq"):
         parser.error("the RTN/GPTQ baselines (avq/baselines.py) are not available; use --methods aq")
     aq_options = {"max_rounds": 2, "kmeans_iters": 5} if args.quick else {}
+    if args.aq_init:
+        aq_options["init"] = args.aq_init
     n_samples = args.n_samples or (32 if args.quick else 1024)
     out_name = args.out_name or ("layer_solver_quick" if args.quick else "layer_solver")
 
     cases = [] if args.no_synthetic else synthetic_cases(args.quick)
     if not args.no_model:
-        cases += model_cases(args.quick, n_samples, args.layers)
+        cases += model_cases(args.quick, n_samples, args.layers, args.model)
     # Untimed warm-up: the first call of each method pays one-off library initialisation.
     warm = Case("warm-up", "warm-up", torch.randn(16, 32), torch.eye(32))
     run_case(warm, methods, args.device, {"max_rounds": 1, "kmeans_iters": 1})
