@@ -97,7 +97,9 @@ def _fan_in(weight: torch.Tensor) -> int:
     return math.prod(weight.shape[1:])
 
 
-def run_case(case: Case, methods: list[str], device: str, aq_options: dict) -> tuple[list[dict], list[str]]:
+def run_case(
+    case: Case, methods: list[str], device: str, aq_options: dict, aq_specs: tuple[str, ...] = AQ_SPECS
+) -> tuple[list[dict], list[str]]:
     W = case.weight.to(device)
     H = case.hessian.to(device)
     K = _fan_in(W)
@@ -115,7 +117,7 @@ def run_case(case: Case, methods: list[str], device: str, aq_options: dict) -> t
         ]
     skipped = []
     if "aq" in methods:
-        for text in AQ_SPECS:
+        for text in aq_specs:
             spec = avq.QuantSpec.parse(text)
             if K % spec.group_size:
                 skipped.append(f"{case.layer}: aq {text} (K = {K} not divisible by {spec.group_size})")
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default="digits-unet-mini", help="shipped UNet whose layers are measured (%(default)s)"
     )
+    parser.add_argument("--aq-specs", default=",".join(AQ_SPECS), help="comma list (default %(default)s)")
     parser.add_argument(
         "--aq-init", default=None, choices=avq.aq.SOLVER_INITS, help="AQ first codes (default: the solver's)"
     )
@@ -275,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(cases, desc="layers", unit="layer")
     for case in bar:
         bar.set_postfix_str(case.layer)
-        case_rows, case_skipped = run_case(case, methods, args.device, aq_options)
+        case_rows, case_skipped = run_case(
+            case, methods, args.device, aq_options, tuple(args.aq_specs.split(","))
+        )
         rows += case_rows
         skipped += case_skipped
     bar.close()
