@@ -4,8 +4,8 @@ Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
 
 - `w2a16`: AQ `1x8g4` for every Linear and Conv2d, falling back to `1x4g2` where the codebook overhead of
   `1x8g4` is too large (small layers). Why `1x8g4` and not `2x8g8` (both 2 code bits): on the real-size
-  synthetic layers `1x8g4` has the lower error at lower total bits (conv 256x256x3x3: 0.0338 at 2.035
-  bits vs 0.0357 at 2.118; linear 512x512: 0.0422 at 2.094 vs 0.0425 at 2.281). On the 32-64-channel
+  synthetic layers `1x8g4` has about the same error at lower total bits (conv 256x256x3x3: 0.0292 at 2.035
+  bits vs 0.0298 at 2.118; linear 512x512: 0.0381 at 2.094 vs 0.0373 at 2.281). On the 32-64-channel
   layers of `digits-unet-mini` `2x8g8` has ~10x lower error but costs 9.2 total bits per weight against
   3.8: it wins only by storing almost every group verbatim, which is not 2-bit quantization.
 - `w4a16`: AQ `2x8g4` (4 code bits; about even with GPTQ int4 on real-size layers, 1.1x better on the mini
