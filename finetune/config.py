@@ -6,9 +6,8 @@ trajectories per epoch. Adam moves every element by about `lr` per step, so the 
 one that decides how many codes can move in a run. The P-step rates were raised 5-10x from first
 guesses (1e-4 / 1e-5 / 1e-5) by measurement on `digits-unet` W2A8: at the small rates resetting every
 moment on any code change ("all") won, because each reset restarts Adam's bias correction and acts as a
-larger step. At these rates the selective reset does best of the three (PSNR to FP 36.98 dB vs 36.77
-none, 36.19 all, on the first solver's layer-wise model): the ablation compares reset rules rather than
-effective step sizes (`benchmarks/results/quality.json`, the `avq-pv*` rows).
+larger step. At these rates the ablation compares reset rules rather than effective step sizes
+(`benchmarks/results/quality.json`, the `avq-pv*` rows).
 """
 
 from __future__ import annotations
