@@ -4,6 +4,7 @@
                                                                    # samples per row, layer-wise then PV
     python benchmarks/quality.py --models digits-unet --n 500 --configs avq:w2a8 gptq:w2a8
     python benchmarks/quality.py --plot-only                       # redraw the Pareto plot from the JSON
+    python benchmarks/quality.py --collect                         # results JSON + plot from the rows done
 
 Each row quantizes a fresh copy of the FP model with `avq.quantize` (layer-wise; the default
 `CalibrationConfig`: 64 samples along the DDIM-20 guided trajectory, 10 timesteps kept), samples `--n`
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="quality")
     parser.add_argument("--fresh", action="store_true", help="ignore the rows of an interrupted run")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the results JSON")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="write the results JSON and plot from the rows in the partial file (rows computed side by side "
+        "by several runs), computing nothing",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -286,9 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         rows = json.loads((results / f"{args.name}.json").read_text())["rows"]
     else:
+        if args.collect:
+            partial = REPO / "runs" / "quality" / f"{args.name}.partial.json"
+            if not partial.is_file():
+                parser.error(f"--collect: no rows yet ({partial} does not exist)")
+            rows = json.loads(partial.read_text())["rows"]
+        else:
+            rows = run(args)
         order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
         rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
-        rows = sorted(run(args), key=lambda r: (rank[r["model"]], order.index(r["config"])))
+        rows = sorted(rows, key=lambda r: (rank[r["model"]], order.index(r["config"])))
         path = write_results(args.name, rows)
         print(f"wrote {path}")
     plot(rows, results / f"{args.name}.png")
