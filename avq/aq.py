@@ -9,8 +9,8 @@ sequence of groups and each group is the sum of `M` codewords, one from each cod
    search against its target in the metric of the not-yet-coded inputs, and its rounding error moved
    onto the groups still to come through the Cholesky factor of `H^-1`. Nearest-codeword (k-means)
    codes ignore `H`; on the strongly correlated Hessians of trained 3x3 convs the alternating rounds
-   below cannot escape that start (1.4-1.8x GPTQ int2's error on `digits-unet` convs, 0.7-0.9x with
-   the sequential start). The better of the two starts is kept;
+   below cannot escape that start (`benchmarks/layer_solver.py --aq-init kmeans|sequential`). The
+   better of the two starts is kept;
 2. rounds of
    a. codes: for every group in turn, beam search over the `M` codebooks on the *exact* objective,
       scoring each candidate codeword by its change in loss only (`O(out * 2^B * g)` per group);

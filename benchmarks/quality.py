@@ -109,8 +109,13 @@ def _done(rows: list[dict], model: str, config: str) -> dict | None:
     return next((r for r in rows if r["model"] == model and r["config"] == config), None)
 
 
+def _partial_path(name: str) -> Path:
+    """Where the rows of an unfinished (or side-by-side) run are kept, outside git."""
+    return REPO / "runs" / "quality" / f"{name}.partial.json"
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    partial = REPO / "runs" / "quality" / f"{args.name}.partial.json"
+    partial = _partial_path(args.name)
     partial.parent.mkdir(parents=True, exist_ok=True)
     settings = {"n": args.n, "guidance": args.guidance, "batch_size": args.batch_size}
     rows: list[dict] = []
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads((results / f"{args.name}.json").read_text())["rows"]
     else:
         if args.collect:
-            partial = REPO / "runs" / "quality" / f"{args.name}.partial.json"
+            partial = _partial_path(args.name)
             if not partial.is_file():
                 parser.error(f"--collect: no rows yet ({partial} does not exist)")
             rows = json.loads(partial.read_text())["rows"]
