@@ -35,10 +35,13 @@ FP-keep rule (each kept layer's reason is in its report row). A layer stays in f
 
 LAQ (`QuantizeConfig.bits_budget`, `--bits-budget B`): instead of the first fitting spec, each layer that
 passes rules 1-3 and 5 gets every fitting candidate spec (rule 4's overhead limit is dropped: the budget
-counts total bits itself) plus FP; `avq.budget` measures each option's effect on the model output and an
-integer program picks one per layer so that the total bits per weight over *all* Linear/Conv2d weights
-(FP-kept ones at 16, as `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the
-sensitivity table are in `QuantizeReport.budget`; the solved candidates are reused, not solved again.
+counts total bits itself) plus FP. With a budget, `preset_config` offers the same candidates at every
+preset, `LAQ_SPECS` (2-bit `1x8g4`, `1x4g2`; 4-bit `2x8g4`, `2x4g2`): the budget, not the preset, sets
+the weight bits, so a W2 budget a little above 2 bits can buy 4 bits for the few layers that matter;
+`avq.budget` measures each option's effect on the model output and an integer program picks one per layer
+so that the total bits per weight over *all* Linear/Conv2d weights (FP-kept ones at 16, as
+`QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the sensitivity table are
+in `QuantizeReport.budget`; the solved candidates are reused, not solved again.
 
 Sequential calibration (`QuantizeConfig.sequential`, `--sequential`): instead of collecting every
 Hessian from the FP model up front, the sampler is re-run once per top-level block (`down_blocks.i`,
@@ -100,6 +103,10 @@ DEFAULT_KEEP_FP: tuple[tuple[str, str], ...] = (
 
 _W2_SPECS = (QuantSpec(1, 8, 4), QuantSpec(1, 4, 2))
 _W4_SPECS = (QuantSpec(2, 8, 4), QuantSpec(1, 8, 2), QuantSpec(2, 4, 2))
+# LAQ candidates, the same for every preset (the budget sets the bits): both 2-bit specs and two 4-bit ones,
+# 2x8g4 for large layers and 2x4g2 (tiny codebooks) for small ones. 1x8g2 is left out: about as good as
+# 2x4g2 where its overhead is affordable, and every candidate is solved on every layer while measuring.
+LAQ_SPECS = (*_W2_SPECS, QuantSpec(2, 8, 4), QuantSpec(2, 4, 2))
 
 
 class PresetError(ValueError):
@@ -168,6 +175,8 @@ def preset_config(preset: str, method: str = "avq", **overrides: Any) -> Quantiz
     if method not in METHODS:
         raise PresetError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     specs = _W2_SPECS if preset.startswith("w2") else _W4_SPECS
+    if overrides.get("bits_budget") is not None:
+        specs = LAQ_SPECS
     bits = 2 if preset.startswith("w2") else 4
     overrides.setdefault("activation_bits", 8 if preset.endswith("a8") else 16)
     return QuantizeConfig(

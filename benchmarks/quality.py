@@ -16,9 +16,10 @@ layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (c
 wall clock; `cpu_minutes` its process CPU time (load-independent; about the wall time of a 1-thread run
 on an idle core).
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
-equal-total-bits comparison. `avq-seq` rows calibrate sequentially (block by block on the model quantized
-so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights, dequantized): same accuracy, no
-saving.
+equal-total-bits comparison; `avq-laq+0.5` rows half a bit more (the allowance of issue #4's acceptance:
+codebooks cost bits that a uniform grid does not). `avq-seq` rows calibrate sequentially (block by block
+on the model quantized so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights,
+dequantized): same accuracy, no saving.
 `avq-pv*` rows (after the `avq:` row of the preset, whose model is kept in `runs/quality/`) fine-tune
 that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
@@ -51,7 +52,18 @@ from avq.reference import load_reference
 from avq.results import default_results_dir, write_results
 
 MODELS = ("digits-unet", "digits-dit")
-CONFIGS = ("rtn:w4a8", "gptq:w4a8", "avq:w4a8", "rtn:w2a8", "gptq:w2a8", "avq:w2a8", "avq-laq:w2a8")
+CONFIGS = (
+    "rtn:w4a8",
+    "gptq:w4a8",
+    "avq:w4a8",
+    "rtn:w2a8",
+    "gptq:w2a8",
+    "avq:w2a8",
+    "avq-laq:w2a8",
+    "avq-laq+0.5:w2a8",
+)
+# LAQ rows: budget = the GPTQ row's total bits + this many.
+LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5}
 # Layer-wise AVQ with sequential calibration (`QuantizeConfig.sequential`: each block calibrated on the
 # outputs of the blocks already quantized): does it help?
 EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
@@ -76,7 +88,7 @@ FIGURES = (
 
 def _quantized(model_name: str, method: str, preset: str, budget: float | None, seed: int):
     model = load_reference(model_name)
-    base = method.removesuffix("-laq").removesuffix("-seq")
+    base = "avq" if method in LAQ_EXTRA_BITS else method.removesuffix("-seq")
     config = preset_config(preset, base, bits_budget=budget, sequential=method.endswith("-seq"))
     report = QuantizeReport()
     start, cpu = time.perf_counter(), time.process_time()
@@ -210,12 +222,12 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
             keep(evaluated(model, entry, bits, minutes, extra))
             continue
-        if method == "avq-laq":
+        if method in LAQ_EXTRA_BITS:
             gptq = _done(rows, model_name, f"gptq:{preset}")
             if gptq is None:
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
-            budget = gptq["total_bits"]
+            budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
         model, report, minutes, cpu_minutes = _quantized(model_name, method, preset, budget, args.seed)
         if method == "avq":  # kept for the PV rows
@@ -243,7 +255,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    markers = {"fp": "*", "rtn": "x", "gptq": "s", "avq": "o", "avq-seq": "v", "avq-laq": "D", "avq-pv": "^"}
+    markers = {
+        "fp": "*",
+        "rtn": "x",
+        "gptq": "s",
+        "avq": "o",
+        "avq-seq": "v",
+        "avq-laq": "D",
+        "avq-laq+0.5": "P",
+        "avq-pv": "^",
+    }
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for method in markers:

@@ -156,7 +156,7 @@ def test_quantize_with_bits_budget():
             assert isinstance(model.get_submodule(name), AQModule)
             assert row["sensitivity"] == budget["sensitivity"][name][key]["error"]
     # the layers rule 4 used to keep (codebook overhead) are candidates now, with FP as an option
-    assert set(budget["sensitivity"]["down_blocks.1.attentions.0.to_q"]) >= {"1x8g4", FP}
+    assert set(budget["sensitivity"]["down_blocks.1.attentions.0.to_q"]) >= {"1x8g4", "2x4g2", FP}
     assert any("LAQ: budget 6" in n for n in report.notes)
 
 
@@ -164,6 +164,17 @@ def test_quantize_bits_budget_infeasible(monkeypatch):
     monkeypatch.setattr("avq.pipeline.calibrate", lambda *a, **k: pytest.fail("calibrated before the check"))
     with pytest.raises(BudgetError, match="minimum achievable budget"):
         quantize(tiny_unet(), preset_config("w2a16", solver=FAST, bits_budget=1.0), TINY, progress=False)
+
+
+def test_budget_candidates_span_presets():
+    """With a budget the candidates are the same at every preset: both 2-bit and two 4-bit specs, so a W2
+    budget above 2 bits can buy 4 bits where it matters; without one, the preset's own specs."""
+    names = {"1x8g4", "1x4g2", "2x8g4", "2x4g2"}
+    for preset in ("w2a8", "w4a16"):
+        config = preset_config(preset, bits_budget=2.5)
+        assert {s.name for s in config.linear_specs} == {s.name for s in config.conv_specs} == names
+    assert [s.name for s in preset_config("w2a8").conv_specs] == ["1x8g4", "1x4g2"]
+    assert preset_config("w2a8", bits_budget=2.5).activation_bits == 8
 
 
 def test_bits_budget_config_validation():
