@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .budget import BudgetError
 from .calibration import CalibrationConfig, UnsupportedModelError
+from .fileio import write_json_atomic
 from .pipeline import (
     METHODS,
     PRESETS,
@@ -159,8 +160,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         print(f"{args.method} is simulated (dense weights, dequantized): no avq model saved; figures only")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json_atomic(args.json, figures)
     shutil.rmtree(partial, ignore_errors=True)
     return 0
 
@@ -340,11 +340,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, figures: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # json cannot hold inf (identical images' PSNR): written as null.
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in figures.items()}
-    target.write_text(json.dumps(clean, indent=2) + "\n")
+    write_json_atomic(path, clean)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         metavar="B",
-        help="LAQ: choose each layer's spec (preset candidates or FP) from its measured effect on the model "
-        "output, under B total bits per weight over all Linear/Conv2d weights (codebooks, scales and FP "
-        "layers counted); default: the preset's first fitting spec",
+        help="LAQ: choose each layer's spec (1x8g4, 1x4g2, 2x8g4, 2x4g2 or FP) from its measured effect on "
+        "the model output, under B total bits per weight over all Linear/Conv2d weights (codebooks, scales "
+        "and FP layers counted); default: the preset's first fitting spec",
     )
     q.add_argument(
         "--tracker",

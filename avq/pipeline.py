@@ -84,6 +84,7 @@ from .activations import (
 from .aq import SolverOptions, quantize_weight
 from .baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from .calibration import CalibrationConfig, block_of, calibrate, group_by_block, quantizable_layers
+from .fileio import write_json_atomic
 from .modules import AQModule, replace_module
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -382,12 +383,6 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class _Checkpoint:
     """`manifest.json` ({fingerprint, n_rows, rows, complete}), `hessians.safetensors`,
     `layers/<name>.safetensors`; every file written to a temporary name, then renamed."""
@@ -413,7 +408,7 @@ class _Checkpoint:
                 raise CheckpointError(f"{folder} exists and is not an avq checkpoint; choose another folder")
             (folder / "layers").mkdir(parents=True, exist_ok=True)
             self.manifest = {"fingerprint": fp, "n_rows": {}, "rows": {}, "complete": False}
-            _atomic_write_json(self.manifest, self.manifest_path)
+            write_json_atomic(self.manifest_path, self.manifest)
 
     @property
     def done(self) -> dict[str, dict]:
@@ -438,7 +433,7 @@ class _Checkpoint:
         _atomic_save_file({n: h for n, (h, _) in hessians.items()}, self.folder / "hessians.safetensors")
         self.manifest["n_rows"] = {n: c for n, (_, c) in hessians.items()}
         self.manifest["activations"] = {n: q.to_entry() for n, q in quantizers.items()}
-        _atomic_write_json(self.manifest, self.manifest_path)
+        write_json_atomic(self.manifest_path, self.manifest)
 
     def load_quantizers(self) -> dict[str, ActQuantizer]:
         entries = self.manifest.get("activations") or {}
@@ -458,14 +453,14 @@ class _Checkpoint:
     def save_layer(self, name: str, row: dict, tensors: dict[str, torch.Tensor]) -> None:
         _atomic_save_file(tensors, self._layer_path(name))  # first the tensors, then the manifest entry
         self.manifest["rows"][name] = row
-        _atomic_write_json(self.manifest, self.manifest_path)
+        write_json_atomic(self.manifest_path, self.manifest)
 
     def load_layer(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self._layer_path(name)))
 
     def finish(self) -> None:
         self.manifest["complete"] = True
-        _atomic_write_json(self.manifest, self.manifest_path)
+        write_json_atomic(self.manifest_path, self.manifest)
 
 
 # ============================================================================ quantize
@@ -734,7 +729,7 @@ def _laq_plans(
         }
         if ckpt is not None:
             ckpt.manifest["laq"] = report.budget
-            _atomic_write_json(ckpt.manifest, ckpt.manifest_path)
+            write_json_atomic(ckpt.manifest_path, ckpt.manifest)
     choice = report.budget["choice"]
     specs = {s.name: s for opts in candidates.values() for s in opts if isinstance(s, QuantSpec)}
     new_plans = []

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .data import load_digits_images, random_affine
+from .fileio import write_json_atomic
 from .reference import MINI_UNET_CONFIG, NULL_CLASS, NUM_CLASSES, NUM_TRAIN_TIMESTEPS, make_scheduler
 
 CHECKPOINT_FORMAT = 1
@@ -425,7 +426,7 @@ def save_final(out_dir: Path, ema: nn.Module, info: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(ema).half().save_pretrained(out_dir, safe_serialization=True)
     make_scheduler().save_pretrained(out_dir)
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic(out_dir / "training.json", info)
     type(ema).from_pretrained(out_dir, low_cpu_mem_usage=False)  # fail here, not later
     return out_dir
 

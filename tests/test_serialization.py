@@ -464,3 +464,14 @@ def test_layer_kind_mismatch_with_given_model(copy: Path) -> None:
 
     with pytest.raises(FormatError, match="'conv_in' is a Linear in the model, but saved as conv2d"):
         load_quantized(copy, model=Wrong())
+
+
+def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
+    from avq.fileio import write_json_atomic
+
+    target = write_json_atomic(tmp_path / "sub" / "figures.json", {"fid": 3.2})
+    assert json.loads(target.read_text()) == {"fid": 3.2}
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"fid": object()})  # not serialisable
+    assert json.loads(target.read_text()) == {"fid": 3.2}  # the old file, whole
+    assert [p.name for p in target.parent.iterdir()] == ["figures.json"]  # no temporary left behind
