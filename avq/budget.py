@@ -151,6 +151,42 @@ class SensitivityTable:
             for name in self.errors
         }
 
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Mapping[str, Mapping[str, float]]],
+        candidates: Mapping[str, Sequence[Option]],
+        sizes: Mapping[str, int],
+    ) -> SensitivityTable:
+        """A table measured earlier (`to_dict()`, e.g. `QuantizeReport.budget["sensitivity"]`), checked
+        against this run's `candidates` per layer: the errors are reused, so they must be of the same layers
+        and options (a table of another model or candidate set is refused). No solved weights come with it."""
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                "sensitivity table: expected {layer: {option: {error, total_bits}}}, got "
+                f"{type(data).__name__}"
+            )
+        table = cls()
+        for name, options in candidates.items():
+            expected = {option_name(o) for o in options}
+            given = data.get(name)
+            if given is None or set(given) != expected:
+                got = "missing" if given is None else f"options {sorted(given)}"
+                raise ValueError(
+                    f"sensitivity table does not match this model and candidate specs: layer {name!r} is "
+                    f"{got}, expected options {sorted(expected)} (measure it again: run without the table)"
+                )
+            table.sizes[name] = int(sizes[name])
+            for key, option in zip(map(option_name, options), options, strict=True):
+                entry = given[key]
+                table.options.setdefault(name, {})[key] = option
+                table.errors.setdefault(name, {})[key] = float(entry["error"])
+                table.bits.setdefault(name, {})[key] = float(entry["total_bits"])
+        extra = sorted(set(data) - set(candidates))
+        if extra:
+            raise ValueError(f"sensitivity table has layers this model does not quantize: {extra[:5]}")
+        return table
+
 
 def measure_sensitivity(
     model: nn.Module,

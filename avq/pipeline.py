@@ -503,6 +503,7 @@ def quantize(
     conditioning: torch.Tensor | None = None,
     on_layer: Callable[[dict], None] | None = None,
     report: QuantizeReport | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it (design.md contract).
 
@@ -513,6 +514,9 @@ def quantize(
     layer is replaced, or with `config.sequential` block by block from the model quantized so far.
     `on_layer(row)` is called after each layer is finished (and checkpointed). See the module docstring
     for the FP-keep rule and resume.
+    `sensitivity` (LAQ only): a table measured by an earlier run of the same model, calibration and
+    candidates (`report.budget["sensitivity"]`, also in `avq quantize --json`): the choice under this
+    budget is made from it without measuring again (budget sweeps), and only the chosen specs are solved.
     """
     from tqdm.auto import tqdm
 
@@ -590,7 +594,7 @@ def quantize(
     solved: dict[str, QuantizedWeight] = {}
     if config.bits_budget is not None:
         plans, solved = _laq_plans(
-            model, plans, hessians, config, calibration, conditioning, ckpt, progress, report
+            model, plans, hessians, config, calibration, conditioning, ckpt, progress, report, sensitivity
         )
         todo = [p for p in plans if p.quantized]
     if config.method != "avq":
@@ -683,11 +687,12 @@ def _laq_plans(
     ckpt: _Checkpoint | None,
     progress: bool,
     report: QuantizeReport,
+    sensitivity: Mapping[str, Any] | None = None,
 ) -> tuple[list[LayerPlan], dict[str, QuantizedWeight]]:
     """Replace each quantizable plan's spec by the LAQ choice (`avq.budget`); return the new plans and the
     already solved weights of the chosen specs. A resumed run reuses the choice stored in the checkpoint
     (the finished layers were solved with it)."""
-    from .budget import FP, choose_specs, make_probe, measure_sensitivity
+    from .budget import FP, SensitivityTable, choose_specs
 
     candidates: dict[str, list] = {}
     forced: dict[str, str] = {}  # layers kept in FP whatever the budget: they count 16 bits in it
@@ -701,25 +706,15 @@ def _laq_plans(
     if ckpt is not None and "laq" in ckpt.manifest:
         report.budget = ckpt.manifest["laq"]
     else:
-        probe_config = None
-        if isinstance(calibration, CalibrationConfig):
-            probe_config = replace(
-                calibration,
-                num_samples=min(8, calibration.num_samples),
-                batch_size=min(8, calibration.num_samples),
-                num_timesteps_kept=min(5, calibration.num_steps),
-                seed=calibration.seed + 1,  # not the calibration trajectories
-                layers_per_pass=None,
-            )
-        probe = make_probe(model, probe_config, conditioning=conditioning)
-        measured = [n for n, opts in candidates.items() if opts != [FP]]
-        table = measure_sensitivity(
-            model, measured, candidates, probe, hessians, solver=config.solver, progress=progress
-        )
-        for name, opts in candidates.items():  # forced-FP layers: only their fixed cost in the budget
-            if opts == [FP]:
+        sizes = {p.name: math.prod(p.shape) for p in plans}
+        if sensitivity is not None:
+            table = SensitivityTable.from_dict(sensitivity, candidates, sizes)
+            report.notes.append("LAQ: sensitivity table given (reused, not measured)")
+        else:
+            table = _measure_laq(model, candidates, hessians, config, calibration, conditioning, progress)
+            for name in [n for n, opts in candidates.items() if opts == [FP]]:  # forced FP: fixed cost only
                 table.errors[name], table.bits[name] = {FP: 0.0}, {FP: float(FP16_BITS)}
-                table.sizes[name] = math.prod(next(p.shape for p in plans if p.name == name))
+                table.sizes[name] = sizes[name]
         choice = choose_specs(table, table.sizes, config.bits_budget, verbose=progress)
         report.budget = {**choice.to_dict(), "sensitivity": table.to_dict()}
         solved = {
@@ -747,6 +742,35 @@ def _laq_plans(
         f"{report.budget['predicted_error']:.3g})"
     )
     return new_plans, solved
+
+
+def _measure_laq(
+    model: nn.Module,
+    candidates: dict[str, list],
+    hessians: dict[str, tuple[torch.Tensor, int]],
+    config: QuantizeConfig,
+    calibration: Any,
+    conditioning: torch.Tensor | None,
+    progress: bool,
+):
+    """The LAQ sensitivity table of the layers with a choice, on a small probe of FP sampler inputs."""
+    from .budget import FP, make_probe, measure_sensitivity
+
+    probe_config = None
+    if isinstance(calibration, CalibrationConfig):
+        probe_config = replace(
+            calibration,
+            num_samples=min(8, calibration.num_samples),
+            batch_size=min(8, calibration.num_samples),
+            num_timesteps_kept=min(5, calibration.num_steps),
+            seed=calibration.seed + 1,  # not the calibration trajectories
+            layers_per_pass=None,
+        )
+    probe = make_probe(model, probe_config, conditioning=conditioning)
+    measured = [n for n, opts in candidates.items() if opts != [FP]]
+    return measure_sensitivity(
+        model, measured, candidates, probe, hessians, solver=config.solver, progress=progress
+    )
 
 
 def _kept_row(plan: LayerPlan, reason: str) -> dict:

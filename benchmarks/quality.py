@@ -46,6 +46,7 @@ from sample_sets import REPO, get_samples, set_folder
 import avq
 from avq.calibration import CalibrationConfig
 from avq.data import load_digits_images
+from avq.fileio import write_json_atomic
 from avq.metrics import evaluate
 from avq.pipeline import QuantizeReport, preset_config, quantize
 from avq.reference import load_reference
@@ -86,14 +87,28 @@ FIGURES = (
 )
 
 
-def _quantized(model_name: str, method: str, preset: str, budget: float | None, seed: int):
+def _quantized(
+    model_name: str,
+    method: str,
+    preset: str,
+    budget: float | None,
+    seed: int,
+    sensitivity: dict | None = None,
+):
     model = load_reference(model_name)
     base = "avq" if method in LAQ_EXTRA_BITS else method.removesuffix("-seq")
     config = preset_config(preset, base, bits_budget=budget, sequential=method.endswith("-seq"))
     report = QuantizeReport()
     start, cpu = time.perf_counter(), time.process_time()
-    quantize(model, config, CalibrationConfig(seed=seed), report=report, progress=True)
+    calibration = CalibrationConfig(seed=seed)
+    quantize(model, config, calibration, report=report, progress=True, sensitivity=sensitivity)
     return model.eval(), report, (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
+
+
+def _sensitivity_path(model_name: str, seed: int) -> Path:
+    """The LAQ sensitivity table of a model (the same for every budget and preset: LAQ's candidates and the
+    calibration do not depend on them), kept so that the other LAQ rows choose from it without measuring."""
+    return REPO / "runs" / "quality" / f"{model_name}-laq-seed{seed}.sensitivity.json"
 
 
 def _layerwise_folder(model_name: str, preset: str) -> Path:
@@ -211,7 +226,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
         method, preset = entry.split(":")
         if _done(rows, model_name, entry):
             continue
-        budget = None
+        budget = sensitivity = None
         if method in SEMI:
             if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
                 print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
@@ -228,8 +243,14 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
+            table_path = _sensitivity_path(model_name, args.seed)
+            sensitivity = json.loads(table_path.read_text()) if table_path.is_file() else None
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
-        model, report, minutes, cpu_minutes = _quantized(model_name, method, preset, budget, args.seed)
+        model, report, minutes, cpu_minutes = _quantized(
+            model_name, method, preset, budget, args.seed, sensitivity
+        )
+        if budget is not None and sensitivity is None:
+            write_json_atomic(table_path, report.budget["sensitivity"])
         if method == "avq":  # kept for the PV rows
             avq.save_quantized(
                 model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
@@ -241,7 +262,9 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "layers_quantized": summary["quantized"],
             "layers": summary["layers"],
         }
-        extra = {"cpu_minutes": round(cpu_minutes, 2), **({"bits_budget": budget} if budget else {})}
+        extra = {"cpu_minutes": round(cpu_minutes, 2)}
+        if budget is not None:  # minutes of a row with a reused table leave out measuring it
+            extra.update(bits_budget=budget, laq_sensitivity="reused" if sensitivity else "measured")
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
 

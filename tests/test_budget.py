@@ -136,6 +136,11 @@ def test_probe_spans_timesteps_with_guidance(sensitivity):
 
 
 def test_quantize_with_bits_budget():
+    _quantize_with_budget_6()
+
+
+def _quantize_with_budget_6() -> dict:
+    """Quantize the tiny UNet under 6 total bits, check the report; return its sensitivity table."""
     config = preset_config("w2a16", solver=FAST, bits_budget=6.0)
     report = QuantizeReport()
     model = quantize(tiny_unet(), config, TINY, progress=False, report=report)
@@ -158,6 +163,30 @@ def test_quantize_with_bits_budget():
     # the layers rule 4 used to keep (codebook overhead) are candidates now, with FP as an option
     assert set(budget["sensitivity"]["down_blocks.1.attentions.0.to_q"]) >= {"1x8g4", "2x4g2", FP}
     assert any("LAQ: budget 6" in n for n in report.notes)
+    return budget["sensitivity"]
+
+
+def test_bits_budget_reuses_a_given_sensitivity_table(monkeypatch):
+    """A budget sweep: the table of an earlier run is reused, nothing is measured again, and the choice is
+    the integer program's answer on that table under the new budget. A table of other layers or options is
+    refused before anything is solved."""
+    table = _quantize_with_budget_6()
+    monkeypatch.setattr("avq.budget.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    report = QuantizeReport()
+    config = preset_config("w2a16", solver=FAST, bits_budget=3.0)
+    quantize(tiny_unet(), config, TINY, progress=False, report=report, sensitivity=table)
+    entries = {n: {o: (v["error"], v["total_bits"]) for o, v in opts.items()} for n, opts in table.items()}
+    sizes = {r["name"]: math.prod(r["shape"]) for r in report.rows}
+    assert report.budget["choice"] == choose_specs(entries, sizes, 3.0).choice
+    assert report.summary()["total_bits_all"] <= 3.0
+    assert any("sensitivity table given" in n for n in report.notes)
+
+    name = next(n for n, opts in table.items() if len(opts) > 1)
+    broken = {**table, name: {FP: table[name][FP]}}
+    with pytest.raises(ValueError, match=f"layer '{name}'.*expected options"):
+        quantize(tiny_unet(), config, TINY, progress=False, sensitivity=broken)
+    with pytest.raises(ValueError, match="layers this model does not quantize"):
+        quantize(tiny_unet(), config, TINY, progress=False, sensitivity={**table, "nope": {FP: {}}})
 
 
 def test_quantize_bits_budget_infeasible(monkeypatch):
