@@ -40,6 +40,10 @@ class BudgetError(ValueError):
     """The bit budget cannot be met, even with the cheapest option of every layer."""
 
 
+class SensitivityTableError(ValueError):
+    """A given sensitivity table is not of this model and candidate set."""
+
+
 def option_name(option: Option) -> str:
     if isinstance(option, QuantSpec):
         return option.name
@@ -162,7 +166,7 @@ class SensitivityTable:
         against this run's `candidates` per layer: the errors are reused, so they must be of the same layers
         and options (a table of another model or candidate set is refused). No solved weights come with it."""
         if not isinstance(data, Mapping):
-            raise ValueError(
+            raise SensitivityTableError(
                 "sensitivity table: expected {layer: {option: {error, total_bits}}}, got "
                 f"{type(data).__name__}"
             )
@@ -172,7 +176,7 @@ class SensitivityTable:
             given = data.get(name)
             if given is None or set(given) != expected:
                 got = "missing" if given is None else f"options {sorted(given)}"
-                raise ValueError(
+                raise SensitivityTableError(
                     f"sensitivity table does not match this model and candidate specs: layer {name!r} is "
                     f"{got}, expected options {sorted(expected)} (measure it again: run without the table)"
                 )
@@ -184,7 +188,9 @@ class SensitivityTable:
                 table.bits.setdefault(name, {})[key] = float(entry["total_bits"])
         extra = sorted(set(data) - set(candidates))
         if extra:
-            raise ValueError(f"sensitivity table has layers this model does not quantize: {extra[:5]}")
+            raise SensitivityTableError(
+                f"sensitivity table has layers this model does not quantize: {extra[:5]}"
+            )
         return table
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .budget import BudgetError
+from .budget import BudgetError, SensitivityTableError
 from .calibration import CalibrationConfig, UnsupportedModelError
 from .fileio import write_json_atomic
 from .pipeline import (
@@ -106,6 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out}: exists and is not an avq save; choose another folder")
     if partial.exists() and not args.resume:
         raise UserError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+    sensitivity = _load_sensitivity(args.sensitivity, args.bits_budget) if args.sensitivity else None
     model = load_model(args.model)
     calibration = CalibrationConfig(
         num_samples=args.num_samples,
@@ -129,6 +130,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.quiet,
             report=report,
+            sensitivity=sensitivity,
         )
         seconds = time.perf_counter() - start
         tracker.log_layers(report.rows)
@@ -339,6 +341,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_sensitivity(path: str, bits_budget: float | None) -> dict:
+    """The LAQ sensitivity table in `path`: the `--json` figures of an earlier LAQ run, or a bare table."""
+    if bits_budget is None:
+        raise UserError("--sensitivity reuses an LAQ table: it needs --bits-budget")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--sensitivity {path}: cannot read a JSON table ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("budget"), dict):
+        data = data["budget"].get("sensitivity")
+
+    def is_table(value: object) -> bool:  # {layer: {option: {"error": ..., "total_bits": ...}}}
+        return isinstance(value, dict) and all(
+            isinstance(opts, dict) and all(isinstance(o, dict) and "error" in o for o in opts.values())
+            for opts in value.values()
+        )
+
+    if not data or not is_table(data):
+        raise UserError(
+            f"--sensitivity {path}: no LAQ sensitivity table in it (use the --json of an LAQ run)"
+        )
+    return data
+
+
 def _write_json(path: str, figures: dict) -> None:
     # json cannot hold inf (identical images' PSNR): written as null.
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in figures.items()}
@@ -390,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="LAQ: choose each layer's spec (1x8g4, 1x4g2, 2x8g4, 2x4g2 or FP) from its measured effect on "
         "the model output, under B total bits per weight over all Linear/Conv2d weights (codebooks, scales "
         "and FP layers counted); default: the preset's first fitting spec",
+    )
+    q.add_argument(
+        "--sensitivity",
+        metavar="JSON",
+        default=None,
+        help="with --bits-budget: reuse the LAQ sensitivity table of an earlier run of the same model and "
+        "calibration (its --json figures) instead of measuring it again, e.g. to sweep budgets",
     )
     q.add_argument(
         "--tracker",
@@ -511,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PresetError,
         CheckpointError,
         BudgetError,
+        SensitivityTableError,
         UnsupportedModelError,
         FormatError,
         FileNotFoundError,

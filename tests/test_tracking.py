@@ -111,3 +111,21 @@ def test_cli_bits_budget_with_wandb(offline, tmp_path, capsys, monkeypatch):
     (run,) = (offline / "wandb").glob("offline-run-*")
     assert b"budget/predicted_error" in next(run.glob("run-*.wandb")).read_bytes()
     assert list(run.rglob("layers*.table.json"))
+
+    # a budget sweep from those figures: the table is reused, nothing measured again
+    monkeypatch.setattr("avq.budget.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    swept = tmp_path / "swept.json"
+    again = ["--out", str(tmp_path / "q6"), "--bits-budget", "6", "--sensitivity", str(figures)]
+    assert main([*base, *again, "--json", str(swept), *tiny]) == 0
+    assert "LAQ: sensitivity table given" in capsys.readouterr().out
+    assert json.loads(swept.read_text())["budget"]["sensitivity"] == data["budget"]["sensitivity"]
+    assert json.loads(swept.read_text())["summary"]["total_bits_all"] <= 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"conv_in": {"fp": {"error": 0, "total_bits": 16}}}))
+    cases = ((bad, "does not match this model"), (folder / "config.json", "no LAQ sensitivity"))
+    for i, (table, message) in enumerate(cases):
+        out_i = str(tmp_path / f"bad{i}")
+        code = main([*base, "--out", out_i, "--bits-budget", "6", "--sensitivity", str(table), *tiny])
+        assert code == 2 and message in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "q8"), "--sensitivity", str(figures), *tiny]) == 2
+    assert "needs --bits-budget" in capsys.readouterr().err
