@@ -105,8 +105,8 @@ DEFAULT_KEEP_FP: tuple[tuple[str, str], ...] = (
 _W2_SPECS = (QuantSpec(1, 8, 4), QuantSpec(1, 4, 2))
 _W4_SPECS = (QuantSpec(2, 8, 4), QuantSpec(1, 8, 2), QuantSpec(2, 4, 2))
 # LAQ candidates, the same for every preset (the budget sets the bits): both 2-bit specs and two 4-bit ones,
-# 2x8g4 for large layers and 2x4g2 (tiny codebooks) for small ones. 1x8g2 is left out: about as good as
-# 2x4g2 where its overhead is affordable, and every candidate is solved on every layer while measuring.
+# 2x8g4 for large layers and 2x4g2 (tiny codebooks) for small ones. The W4 preset's 1x8g2 is left out to
+# keep measuring affordable: every candidate is solved on every layer.
 LAQ_SPECS = (*_W2_SPECS, QuantSpec(2, 8, 4), QuantSpec(2, 4, 2))
 
 
