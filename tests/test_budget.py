@@ -211,6 +211,8 @@ def test_bits_budget_config_validation():
         preset_config("w2a16", "gptq", bits_budget=3.0)
     with pytest.raises(avq.pipeline.PresetError, match="bits_budget"):
         preset_config("w2a16", bits_budget=0)
+    with pytest.raises(avq.pipeline.PresetError, match="laq_measure_rounds"):
+        preset_config("w2a16", bits_budget=3.0, laq_measure_rounds=-1)
 
 
 def test_brute_force_helper_is_exhaustive():
@@ -220,3 +222,25 @@ def test_brute_force_helper_is_exhaustive():
         key=lambda c: sum(TABLE[n][o][0] for n, o in zip(TABLE, c, strict=True)),
     )
     assert brute_force_choice(TABLE, SIZES, 3.0) == dict(zip(TABLE, best, strict=True))
+
+
+@pytest.mark.parametrize("measure_rounds", [1, None])
+def test_laq_measures_with_a_short_solve_then_solves_the_choice(monkeypatch, measure_rounds):
+    """Candidates are measured with `laq_measure_rounds` solver rounds; the chosen specs are then solved with
+    the full solver. With None the measured (full) results are reused and nothing is solved twice."""
+    import avq.budget
+    import avq.pipeline
+
+    seen, solved = [], []
+    measure, solve = avq.budget.measure_sensitivity, avq.pipeline._solve
+    monkeypatch.setattr(
+        avq.budget, "measure_sensitivity", lambda *a, **k: seen.append(k["solver"]) or measure(*a, **k)
+    )
+    monkeypatch.setattr(avq.pipeline, "_solve", lambda *a, **k: solved.append(a[1].name) or solve(*a, **k))
+    solver = avq.SolverOptions(max_rounds=2, kmeans_iters=3)
+    config = preset_config("w2a16", solver=solver, bits_budget=6.0, laq_measure_rounds=measure_rounds)
+    report = QuantizeReport()
+    quantize(tiny_unet(), config, TINY, progress=False, report=report)
+    assert [s.max_rounds for s in seen] == [1 if measure_rounds else 2]
+    quantized = [r["name"] for r in report.rows if r["status"] == "quantized"]
+    assert quantized and solved == (quantized if measure_rounds else [])
