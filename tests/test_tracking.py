@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -68,8 +69,14 @@ def test_wandb_offline_run_written(offline):
 
     assert run_dir.name.startswith("offline-run-") and run_dir.parent == offline / "wandb"
     (log,) = run_dir.glob("run-*.wandb")  # offline: config, history, summary live in this record log
+    needles = (b"w2a16", b"bits_budget", b"summary/total_bits_all", b"seconds", b"samples")
+    # wandb's service process writes this log; on a loaded machine `finish()` has returned while it held only
+    # its header, so give the writer a bounded time to flush.
+    deadline = time.monotonic() + 30
+    while not all(n in log.read_bytes() for n in needles) and time.monotonic() < deadline:
+        time.sleep(0.5)
     data = log.read_bytes()  # protobuf records: string keys and JSON values appear verbatim
-    for needle in (b"w2a16", b"bits_budget", b"summary/total_bits_all", b"seconds", b"samples"):
+    for needle in needles:
         assert needle in data, needle
     files = run_dir / "files"
     table = json.loads(next(files.rglob("layers*.table.json")).read_text())
