@@ -186,9 +186,10 @@ def quality_table(data: dict) -> str:
         f"N = {n} samples per row, identical noise for every row of a model. Minutes: the whole quantization "
         "(calibration included); for `avq-pv*` rows, the SeMI-PV fine-tuning on top of the `avq` row of the "
         "preset (`-none` / `-all`: the SeMI ablation). `avq-laq`: AVQ with LAQ budgets at the total bits of "
-        "the GPTQ row of the preset (equal total bits; its minutes leave out measuring the sensitivity "
-        "table, reused from the `avq-laq+0.5` row); `avq-laq+0.5`: half a bit more (LAQ may spend it on "
-        "4-bit specs or FP for the layers that matter most). † simulated: dense dequantized weights (the "
+        "the GPTQ row of the preset (equal total bits); `avq-laq+0.5`: half a bit more (LAQ may spend it on "
+        "4-bit specs or FP for the layers that matter most). A model's second LAQ row reuses the sensitivity "
+        "table its first one measured (`laq_sensitivity` in the JSON; its minutes leave measuring out; here "
+        "the `avq-laq` rows). † simulated: dense dequantized weights (the "
         "same outputs as a packed kernel would give, no memory saving). " + _source(data),
     ]
     return "\n".join(lines)
