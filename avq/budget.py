@@ -203,11 +203,13 @@ def measure_sensitivity(
     *,
     solver: SolverOptions | None = None,
     progress: bool = False,
+    keep_results: bool = True,
 ) -> SensitivityTable:
     """For each layer and each of its candidate options, the model's output error with that layer alone
     quantized (solved with `quantize_weight` against the layer's Hessian, swapped in, probed, swapped back).
 
-    FP costs no probe: its error is 0 by definition. The model is left exactly as it was given.
+    FP costs no probe: its error is 0 by definition. The model is left exactly as it was given. With
+    `keep_results=False` the solved weights are dropped after probing (they will be solved again anyway).
     """
     from dataclasses import asdict
 
@@ -238,7 +240,8 @@ def measure_sensitivity(
             replace_module(model, name, layer)
         table.errors.setdefault(name, {})[key] = error
         table.bits.setdefault(name, {})[key] = float(result.total_bits)
-        table.results.setdefault(name, {})[key] = result
+        if keep_results:
+            table.results.setdefault(name, {})[key] = result
     bar.close()
     return table
 

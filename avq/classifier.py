@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import load_digits_images, random_affine
+from .fileio import write_json_atomic
 
 ASSET_NAME = "digits-classifier"
 CLASSIFIER_DIR = Path(__file__).resolve().parent / "assets" / ASSET_NAME
@@ -166,8 +167,6 @@ def save_classifier(model: DigitClassifier, folder: str | Path, training: dict |
     save_file(state, str(folder / WEIGHTS_FILE))
     (folder / WEIGHTS_FILE).chmod(0o644)
     payload = {"_class_name": "DigitClassifier", **asdict(model.config), "training": training or {}}
-    from .fileio import write_json_atomic  # lazy: only training saves one
-
     write_json_atomic(folder / "config.json", payload)
     return folder
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -36,18 +38,25 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | os.PathLike, data: object, indent: int = 2) -> Path:
-    """Write `data` as JSON to `path` via a temporary file in the same folder and a rename, so a reader
-    (or a crash) never sees half a file; creates the folder."""
-    import json
-
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a uniquely named temporary file in the same folder, fsynced, then
+    renamed over it: a reader (or a crash) never sees half a file. Creates the folder; mode 0644."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        tmp.write_text(json.dumps(data, indent=indent) + "\n")
-        fsync_file(tmp)
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: object, indent: int = 2) -> Path:
+    """`write_text_atomic` of `data` as JSON (serialised first: a bad value leaves the old file alone)."""
+    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")

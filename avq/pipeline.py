@@ -732,10 +732,10 @@ def _laq_plans(
                 table.sizes[name] = sizes[name]
         choice = choose_specs(table, table.sizes, config.bits_budget, verbose=progress)
         report.budget = {**choice.to_dict(), "sensitivity": table.to_dict()}
-        solved = {  # measured with the full solver: reuse; with fewer rounds: solved again below
+        solved = {  # only kept when measured with the full solver; otherwise solved again below
             name: table.results[name][key]
             for name, key in choice.choice.items()
-            if key in table.results.get(name, {}) and config.laq_solver == config.solver
+            if key in table.results.get(name, {})
         }
         if ckpt is not None:
             ckpt.manifest["laq"] = report.budget
@@ -784,7 +784,14 @@ def _measure_laq(
     probe = make_probe(model, probe_config, conditioning=conditioning)
     measured = [n for n, opts in candidates.items() if opts != [FP]]
     return measure_sensitivity(
-        model, measured, candidates, probe, hessians, solver=config.laq_solver, progress=progress
+        model,
+        measured,
+        candidates,
+        probe,
+        hessians,
+        solver=config.laq_solver,
+        progress=progress,
+        keep_results=config.laq_solver == config.solver,  # short solves are redone: don't hold all
     )
 
 

@@ -13,11 +13,12 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .fileio import write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,16 +135,4 @@ def write_results(
         "rows": [dict(row) for row in rows],
     }
     text = _format(payload)
-    target = folder / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(folder / f"{name}.json", text)

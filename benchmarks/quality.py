@@ -163,9 +163,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings}
             others = saved.get("rows", []) if saved["settings"] == settings and not args.fresh else []
             rows[:] = [r for r in others if (r["model"], r["config"]) not in mine] + computed
-            tmp = partial.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-            os.replace(tmp, partial)
+            write_json_atomic(partial, {"settings": settings, "rows": rows}, indent=1)
 
     test = load_digits_images("test")
     for model_name in args.models:

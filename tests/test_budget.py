@@ -231,10 +231,12 @@ def test_laq_measures_with_a_short_solve_then_solves_the_choice(monkeypatch, mea
     import avq.budget
     import avq.pipeline
 
-    seen, solved = [], []
+    seen, kept, solved = [], [], []
     measure, solve = avq.budget.measure_sensitivity, avq.pipeline._solve
     monkeypatch.setattr(
-        avq.budget, "measure_sensitivity", lambda *a, **k: seen.append(k["solver"]) or measure(*a, **k)
+        avq.budget,
+        "measure_sensitivity",
+        lambda *a, **k: seen.append(k["solver"]) or kept.append(k["keep_results"]) or measure(*a, **k),
     )
     monkeypatch.setattr(avq.pipeline, "_solve", lambda *a, **k: solved.append(a[1].name) or solve(*a, **k))
     solver = avq.SolverOptions(max_rounds=2, kmeans_iters=3)
@@ -242,5 +244,6 @@ def test_laq_measures_with_a_short_solve_then_solves_the_choice(monkeypatch, mea
     report = QuantizeReport()
     quantize(tiny_unet(), config, TINY, progress=False, report=report)
     assert [s.max_rounds for s in seen] == [1 if measure_rounds else 2]
+    assert kept == [measure_rounds is None]  # short solves are redone, so not held in memory
     quantized = [r["name"] for r in report.rows if r["status"] == "quantized"]
     assert quantized and solved == (quantized if measure_rounds else [])
