@@ -9,18 +9,18 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # The CPU torch wheel goes in first: installed later, as a dependency, pip would pull CUDA builds.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml benchmarks/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,track]" -e ./benchmarks
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m avq.demo
+	$(PY) -m avq_bench.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

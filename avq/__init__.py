@@ -1,14 +1,18 @@
 """avq: additive multi-codebook vector quantization for diffusion models."""
 
-from .aq import SolverOptions, quantize_weight, relative_error
-from .baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
-from .calibration import CalibrationConfig, calibrate, quantizable_layers
-from .hessian import HessianAccumulator, prepare_hessian
-from .modules import AQConv2d, AQLinear
-from .pipeline import QuantizeConfig, QuantizeReport, preset_config, quantize
-from .qweight import QuantizedWeight
-from .serialization import load_quantized, save_quantized
-from .spec import QuantSpec
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.hessian import HessianAccumulator
+from avq.calibration.statistics import calibrate, quantizable_layers
+from avq.core.aq import SolverOptions, quantize_weight, relative_error
+from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from avq.core.hessian import prepare_hessian
+from avq.core.modules import AQConv2d, AQLinear
+from avq.core.qweight import QuantizedWeight
+from avq.core.spec import QuantSpec
+from avq.planning.presets import QuantizeConfig, preset_config
+from avq.run.quantize import quantize
+from avq.run.report import QuantizeReport
+from avq.storage.serialization import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 

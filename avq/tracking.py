@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from avq.extras import require
+
 TRACKERS = ("none", "wandb")
 
 
@@ -106,8 +108,7 @@ class WandbTracker:
         dir: str | os.PathLike | None = None,
         mode: str | None = None,
     ):
-        import wandb
-
+        wandb = require("wandb", "track", "--tracker wandb (experiment tracking)")
         self._wandb = wandb
         # wandb reads WANDB_DIR once per process (its settings singleton): read it on every run instead.
         dir = dir if dir is not None else os.environ.get("WANDB_DIR")

@@ -29,8 +29,9 @@ import time
 import torch
 from e2e_step import ldm4_config, peak_memory
 
-from avq.calibration import CalibrationConfig, _passes, calibrate, group_by_block, quantizable_layers
-from avq.results import write_results
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.statistics import _passes, calibrate, group_by_block, quantizable_layers
+from avq_bench.results import write_results
 
 GIB = 2**30
 

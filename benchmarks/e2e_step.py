@@ -6,7 +6,8 @@
 
 `<device>` is `cpu` or `cuda` (fp32 on CPU, fp16 on CUDA); runs unchanged on either (`--device` to force).
 
-Models: `digits-unet-mini` (shipped), `digits-unet` (if `avq/assets/digits-unet` exists, else a row with
+Models: `digits-unet-mini` (shipped), `digits-unet` (if `benchmarks/avq_bench/assets/digits-unet`
+exists, else a row with
 `"skipped"`), and `ldm4-imagenet`: a randomly initialised diffusers `UNet2DModel` shaped like LDM-4
 ImageNet (latent 64x64x3, model_channels 192, mult 1-2-3-5, 2 res blocks per level, self-attention at the
 32/16/8 resolutions with 32-channel heads, 1001 classes). Its UNet2DModel attention blocks are plain
@@ -55,14 +56,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from avq.kernels import dispatch
 
-from avq.calibration import quantizable_layers
-from avq.modules import AQModule, replace_module
-from avq.pipeline import LayerPlan, plan_model, preset_config
-from avq.qweight import QuantizedWeight, code_dtype
-from avq.results import write_results
-from avq.spec import QuantSpec
+from avq.calibration.statistics import quantizable_layers
+from avq.core.modules import AQModule, replace_module
+from avq.core.qweight import QuantizedWeight, code_dtype
+from avq.core.spec import QuantSpec
+from avq.kernels import dispatch
+from avq.planning.plan import LayerPlan, plan_model
+from avq.planning.presets import preset_config
+from avq_bench.results import write_results
 
 MODELS = ("digits-unet-mini", "digits-unet", "ldm4-imagenet")
 VARIANTS = ("fp", "auto", "dequant")
@@ -91,7 +93,7 @@ def model_available(name: str) -> str | None:
     """None if `name` can be built here, else the reason it is skipped."""
     if name == "ldm4-imagenet":
         return None
-    from avq.reference import ASSETS
+    from avq_bench.reference import ASSETS
 
     if not (ASSETS / name / "config.json").is_file():
         return f"no shipped model folder {ASSETS / name} (train it first)"
@@ -108,7 +110,7 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, args: argpa
         if dtype != torch.float32:  # a no-op `.to(float32)` still makes diffusers warn
             model = model.to(dtype=dtype)
     else:
-        from avq.reference import load_reference
+        from avq_bench.reference import load_reference
 
         model = load_reference(name, dtype=dtype)  # not `.to(dtype)`: diffusers warns about such casts
     return model.to(device).eval().requires_grad_(False)

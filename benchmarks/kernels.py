@@ -47,11 +47,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from avq.kernels import dispatch
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
-from avq.qweight import code_dtype
-from avq.results import write_results
+from avq.core.qweight import code_dtype
+from avq.kernels import dispatch
+from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
 LINEAR_SHAPES = [

@@ -9,8 +9,8 @@ Layers:
                     U random orthogonal (QR), s_i = 1/sqrt(i): a decaying input spectrum in a random basis;
   synthetic-conv    the same kind of layer shaped like a Conv2d weight [256, 256, 3, 3] (K = 2304), for speed;
   conv3x3 / attn    every 3x3 conv and attention projection of the shipped `digits-unet-mini` (or `--model`),
-                    with Hessians from `avq.reference.collect_hessians` (noised training images, t spread over
-                    1000 steps).
+                    with Hessians from `avq_bench.reference.collect_hessians` (noised training images,
+                    t spread over 1000 steps).
 
 Methods: RTN and GPTQ (act-order, clip search) at 2 and 4 bits; AQ `1x8g4`, `2x8g8` (2 code bits) and `2x8g4`
 (4 code bits), default solver options. Each row holds the relative H-weighted error
@@ -36,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 import avq
-import avq.aq
-from avq.reference import collect_hessians, load_reference, reference_layers
-from avq.results import write_results
+import avq.core.aq
+from avq_bench.reference import collect_hessians, load_reference, reference_layers
+from avq_bench.results import write_results
 
 BITS = (2, 4)  # RTN / GPTQ
 AQ_SPECS = ("1x8g4", "2x8g8", "2x8g4")
@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--aq-specs", default=",".join(AQ_SPECS), help="comma list (default %(default)s)")
     parser.add_argument(
-        "--aq-init", default=None, choices=avq.aq.SOLVER_INITS, help="AQ first codes (default: the solver's)"
+        "--aq-init",
+        default=None,
+        choices=avq.core.aq.SOLVER_INITS,
+        help="AQ first codes (default: the solver's)",
     )
     parser.add_argument("--n-samples", type=int, default=None, help="calibration images (default 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from avq.storage.atomic import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -265,9 +267,7 @@ def main() -> int:
             print("README.md tables are out of date: run python benchmarks/make_tables.py", file=sys.stderr)
             return 1
         return 0
-    tmp = readme_path.with_suffix(".md.tmp")
-    tmp.write_text(updated)
-    tmp.replace(readme_path)
+    write_text_atomic(readme_path, updated)
     return 0
 
 

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from avq.finetune import FinetuneConfig, distillation_loss
 from sample_sets import REPO
 
 import avq
-from avq.reference import load_reference
-from avq.results import write_results
+from avq.finetune import FinetuneConfig, distillation_loss
+from avq_bench.reference import load_reference
+from avq_bench.results import write_results
 
 META = "checkpoint.json"  # avq.finetune.checkpoint.META_NAME
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import shutil
 import sys
 import time
@@ -44,13 +43,15 @@ import torch
 from sample_sets import REPO, get_samples, set_folder
 
 import avq
-from avq.calibration import CalibrationConfig
-from avq.data import load_digits_images
-from avq.fileio import write_json_atomic
-from avq.metrics import evaluate
-from avq.pipeline import QuantizeReport, preset_config, quantize
-from avq.reference import load_reference
-from avq.results import default_results_dir, write_results
+from avq.calibration.config import CalibrationConfig
+from avq.planning.presets import preset_config
+from avq.run.quantize import quantize
+from avq.run.report import QuantizeReport
+from avq.storage.atomic import write_atomic, write_json_atomic
+from avq_bench.data import load_digits_images
+from avq_bench.metrics import evaluate
+from avq_bench.reference import load_reference
+from avq_bench.results import default_results_dir, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 CONFIGS = (
@@ -304,9 +305,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(model)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""FP figures of the shipped reference models (design.md, "Reference benchmark") -> reference_fp.json.
+"""FP figures of the shipped reference models (docs/design.md, "Reference benchmark") -> reference_fp.json.
 
     python benchmarks/reference_fp.py                       # both models, 5,000 samples per set
     python benchmarks/reference_fp.py --models digits-unet --n 1000
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from sample_sets import CACHE, get_samples
 
-from avq.data import load_digits_images
-from avq.metrics import evaluate
-from avq.reference import NUM_CLASSES, load_reference, sample
-from avq.results import default_results_dir, write_results
-from avq.sampling import batch_seed, save_samples
+from avq.evaluation.samples import batch_seed, save_samples
+from avq_bench.data import load_digits_images
+from avq_bench.metrics import evaluate
+from avq_bench.reference import NUM_CLASSES, load_reference, sample
+from avq_bench.results import default_results_dir, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 FIGURES = ("fid", "sfid", "is", "is_std", "precision", "recall", "class_accuracy", "reference_accuracy")

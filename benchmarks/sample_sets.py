@@ -2,7 +2,8 @@
 
 A set is identified by (tag, seed, guidance, steps, batch_size); its batches are cached one file each under
 `runs/samples/<tag>-s<seed>-g<guidance>-t<steps>-b<batch_size>/` (outside git). Batch `b` uses the noise
-of `(seed, b)` (`avq.reference.sample` seeded as in `avq.sampling.generate_samples`), so a set of `n`
+of `(seed, b)` (`avq_bench.reference.sample` seeded as in `avq.evaluation.samples.generate_samples`), so a
+set of `n`
 samples is the first `ceil(n / batch_size)` batches: FP sets are sampled once and reused by every script
 and every N, and a run killed midway (a 5,000-sample set of `digits-unet` takes ~30 min on 2 CPU cores)
 continues from its last finished batch. Batch files are written atomically (`save_samples`).
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from avq.reference import NUM_CLASSES, sample
-from avq.sampling import batch_seed, load_samples, save_samples
+from avq.evaluation.samples import batch_seed, load_samples, save_samples
+from avq_bench.reference import NUM_CLASSES, sample
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "runs" / "samples"

@@ -1,8 +1,9 @@
-"""Train the digit classifier that `avq eval` uses for FID/sFID/IS and ship it in avq/assets/.
+"""Train the digit classifier that `avq eval` uses for FID/sFID/IS and ship it in
+benchmarks/avq_bench/assets/.
 
     python benchmarks/train_classifier.py [--steps 2000] [--seed 0] [--threads 1] [--out FOLDER]
 
-Deterministic for a given seed and thread count (see `avq.classifier.train_classifier`). The held-out
+Deterministic for a given seed and thread count (see `avq_bench.classifier.train_classifier`). The held-out
 test accuracy (on the untouched test split) is written into the asset's config.json.
 """
 
@@ -13,7 +14,7 @@ import json
 
 import torch
 
-from avq.classifier import CLASSIFIER_DIR, save_classifier, train_classifier
+from avq_bench.classifier import CLASSIFIER_DIR, save_classifier, train_classifier
 
 
 def main() -> None:

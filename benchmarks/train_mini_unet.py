@@ -1,9 +1,10 @@
-"""Train the shipped `digits-unet-mini` reference model (avq/assets/digits-unet-mini/).
+"""Train the shipped `digits-unet-mini` reference model (benchmarks/avq_bench/assets/digits-unet-mini/).
 
-    python benchmarks/train_mini_unet.py --out avq/assets/digits-unet-mini --steps 4000 --seed 0 \
+    python benchmarks/train_mini_unet.py --out benchmarks/avq_bench/assets/digits-unet-mini \
+        --steps 4000 --seed 0 \
         --samples-png runs/digits-unet-mini-samples.png
 
-Trains on the CPU in a few minutes (see avq.reference.train_mini_unet), then optionally draws a grid of
+Trains on the CPU in a few minutes (see avq_bench.reference.train_mini_unet), then optionally draws a grid of
 DDIM samples (20 steps, guidance 2), one row per digit 0..9, to check by eye that the model is real.
 """
 
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from avq.reference import sample, train_mini_unet
+from avq_bench.reference import sample, train_mini_unet
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "avq" / "assets" / "digits-unet-mini"
+DEFAULT_OUT = REPO / "benchmarks" / "avq_bench" / "assets" / "digits-unet-mini"
 
 
 def save_grid(images: torch.Tensor, path: Path, *, columns: int, upscale: int = 4) -> None:

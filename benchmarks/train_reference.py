@@ -1,13 +1,14 @@
-"""Train a shipped reference model, `digits-unet` or `digits-dit` (design.md, "Reference benchmark").
+"""Train a shipped reference model, `digits-unet` or `digits-dit` (docs/design.md, "Reference benchmark").
 
     python benchmarks/train_reference.py --model digits-unet --steps 3000 --seed 0 --threads 1
     python benchmarks/train_reference.py --model digits-dit --resume        # after an interruption
 
-Deterministic for a given seed (and thread count); see avq.training for the recipe. Checkpoints go to
+Deterministic for a given seed (and thread count); see avq_bench.training for the recipe. Checkpoints go to
 `--checkpoint-dir` (default runs/checkpoints/<model>/, outside the package data) every
 `--checkpoint-every` steps; `--resume` continues from there and ends with the same weights as an
 uninterrupted run, and refuses a checkpoint of another model or configuration. The EMA weights are saved
-(fp16, diffusers `save_pretrained`) with `training.json` to `--out` (default avq/assets/<model>/).
+(fp16, diffusers `save_pretrained`) with `training.json` to `--out`
+(default benchmarks/avq_bench/assets/<model>/).
 
 Time (torch 2.13, batch 64): the shipped models were trained side by side on the 2-core machine with
 `--threads 1` each, digits-unet at ~1.5 s/step and digits-dit at ~1.2 s/step, so the default 3000 steps
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from avq.training import (
+from avq_bench.training import (
     DEFAULT_STEPS,
     MODEL_CLASSES,
     CheckpointMismatchError,
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, choices=sorted(MODEL_CLASSES))
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: avq/assets/<model>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: benchmarks/avq_bench/assets/<model>)"
+    )
     parser.add_argument(
         "--checkpoint-dir", type=Path, default=None, help="checkpoints (default: runs/checkpoints/<model>)"
     )
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = default_config(args.model, steps=args.steps, seed=args.seed)
-    out = args.out or REPO / "avq" / "assets" / args.model
+    out = args.out or REPO / "benchmarks" / "avq_bench" / "assets" / args.model
     ckpt = args.checkpoint_dir or REPO / "runs" / "checkpoints" / args.model
     if args.resume and not (ckpt / "checkpoint.json").is_file():
         parser.error(f"--resume: no checkpoint in {ckpt}")

@@ -1,6 +1,7 @@
 """Resumable fine-tuning checkpoints: pickle-free, atomic, refused for another model, spec or config.
 
-The pattern of `avq.training` (the reference trainer): a folder with
+On the shared checkpoint layer (`avq.storage.checkpoint`, as the quantize run and the benchmark's
+trainer): a folder with
 
 - `state-<step>.safetensors`: the student's state dict (`model.<key>`: codes, codebooks, scales, FP
   parameters, activation ranges), the straight-through shadows (`shadow.<layer>`) and the optimizer state
@@ -9,8 +10,8 @@ The pattern of `avq.training` (the reference trainer): a folder with
   architecture config, per-layer specs and shapes, sha256 of its *initial* tensors; teacher: class,
   config, sha256), the tensor file's name and sha256, the per-step history, seconds, world size.
 
-Both are written to temporary names, fsynced and renamed; `checkpoint.json` goes last and is the commit
-point, so a process killed at any moment (`kill -9`) leaves the previous checkpoint whole. Older tensor
+Both are written to unique temporary names, fsynced and renamed; `checkpoint.json` goes last and is the
+commit point, so a process killed at any moment (`kill -9`) leaves the previous checkpoint whole. Older tensor
 files are deleted after the commit. Nothing else is needed to resume: the teacher data of every step is a
 pure function of the step (`avq.finetune.data`), and so are the learning rates.
 
@@ -21,7 +22,6 @@ another teacher, or another configuration (any field except the run-only ones, `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,19 +31,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from avq.fileio import fsync_dir, fsync_file, sha256_file
-from avq.modules import AQModule
-from avq.training import CheckpointMismatchError
+from avq.core.modules import AQModule
+from avq.storage.checkpoint import CheckpointError, CheckpointFolder, state_digest
 
 from .config import FinetuneConfig, FinetuneError
 from .optim import SlotAdamW
 from .pv import ShadowLayer
 
 CHECKPOINT_FORMAT = 1
-META_NAME = "checkpoint.json"
 
 
-class FinetuneCheckpointError(FinetuneError, CheckpointMismatchError):
+class FinetuneCheckpointError(FinetuneError, CheckpointError):
     """A fine-tuning checkpoint that belongs to another model, quantization, teacher or configuration."""
 
 
@@ -55,16 +53,6 @@ def architecture_config(model: nn.Module) -> dict[str, Any]:
     data = dict(config) if config is not None else {}
     clean = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
     return json.loads(json.dumps(clean, sort_keys=True, default=str))
-
-
-def state_digest(model: nn.Module) -> str:
-    """sha256 over the model's state dict (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{list(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run_identity(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
@@ -104,10 +92,6 @@ def save_checkpoint(
     world_size: int,
 ) -> Path:
     """Write the state after `step` steps (module docstring: contents and atomicity); returns the json."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in student.state_dict().items():
         tensors[f"model.{key}"] = value.detach().cpu().contiguous().clone()
@@ -115,36 +99,20 @@ def save_checkpoint(
         tensors[f"shadow.{layer.name}"] = layer.delta.detach().cpu().contiguous().clone()
     for key, value in optimizer.state_tensors().items():
         tensors[f"optim.{key}"] = value
-    name = f"state-{step:08d}.safetensors"
-    tmp = folder / f".{name}.tmp"
-    save_file(tensors, str(tmp))
-    fsync_file(tmp)
-    os.replace(tmp, folder / name)
     meta = {
         "format": CHECKPOINT_FORMAT,
-        "step": step,
         "config": config.to_dict(),
         "identity": identity,
-        "tensors": name,
-        "tensors_sha256": sha256_file(folder / name),
         "history": history,
         "seconds": seconds,
         "world_size": world_size,
         "torch": torch.__version__,
     }
-    tmp_meta = folder / f".{META_NAME}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    fsync_file(tmp_meta)
-    os.replace(tmp_meta, folder / META_NAME)  # the commit point
-    fsync_dir(folder)
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-    return folder / META_NAME
+    return CheckpointFolder(folder).save_snapshot(step, tensors, meta)
 
 
 def has_checkpoint(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / META_NAME).is_file()
+    return CheckpointFolder(folder).exists()
 
 
 # ============================================================================ read
@@ -152,21 +120,11 @@ def load_checkpoint(
     folder: str | os.PathLike, *, config: FinetuneConfig, identity: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """`(meta, tensors)` of the checkpoint in `folder`, after checking that it belongs to this run."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    path = folder / META_NAME
-    if not path.is_file():
+    store = CheckpointFolder(folder)
+    path = store.meta_path
+    if not store.exists():
         raise FileNotFoundError(f"no fine-tuning checkpoint to resume: {path} does not exist")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FinetuneCheckpointError(f"{path} is not valid JSON ({error})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise FinetuneCheckpointError(
-            f"{path}: checkpoint format {meta.get('format')!r} is not a fine-tuning checkpoint of this avq "
-            f"(format {CHECKPOINT_FORMAT})"
-        )
+    meta, tensors = store.load_snapshot(format=CHECKPOINT_FORMAT, error=FinetuneCheckpointError)
     _check_identity(path, meta.get("identity") or {}, identity)
     wanted, saved = config.result_dict(), meta.get("config") or {}
     saved = {k: v for k, v in saved.items() if k in wanted or k not in config.to_dict()}
@@ -177,12 +135,7 @@ def load_checkpoint(
             f"{path} was written with another fine-tuning configuration; refusing to resume. "
             f"Differences: {details}. Resume with the same settings, or start over in another folder."
         )
-    tensor_path = folder / str(meta.get("tensors"))
-    if not tensor_path.is_file():
-        raise FinetuneCheckpointError(f"{path} names {tensor_path.name}, which does not exist")
-    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
-        raise FinetuneCheckpointError(f"{tensor_path} does not match the checksum in {path}: corrupted")
-    return meta, load_file(str(tensor_path))
+    return meta, tensors
 
 
 def _check_identity(path: Path, saved: dict[str, Any], run: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Data-free distillation data: noisy latents `x_t` from the FP teacher's own sampling trajectories.
 
 No dataset: every epoch samples `trajectories_per_epoch` fresh trajectories with the teacher's guided DDIM
-sampler (the same sampler and classifier-free guidance as `avq.calibration.calibrate`): new noise and
+sampler (the one sampler loop of `avq.calibration.sampler`, as calibration uses it): new noise and
 random labels (or random prompt embeddings) each epoch. Each trajectory contributes every step of the
 schedule, so the inputs cover the whole range of timesteps, as the model meets them when sampling. At each
 point the sampler already evaluates the teacher with the condition and with the null condition; those
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from avq.calibration import ModelAdapter, _to, make_ddim_scheduler
+from avq.calibration.adapters import ModelAdapter, cat_kwargs
+from avq.calibration.sampler import SamplerStep, make_ddim_scheduler, run_sampler
 
 from .config import FinetuneConfig
 from .distributed import DistContext, all_gather_rows, shard
@@ -34,14 +35,6 @@ _STREAMS = {"train": 0, "sample": 1, "heldout": 2, "order": 3}
 def stream_seed(seed: int, stream: str, *keys: int) -> int:
     """A 63-bit seed for `(seed, stream, *keys)` (numpy's SeedSequence: independent streams)."""
     return int(np.random.SeedSequence([seed, _STREAMS[stream], *keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def _stack_kwargs(parts: list[dict]) -> dict:
-    """Concatenate per-trajectory condition kwargs along the batch (non-tensors taken from the first)."""
-    out = {}
-    for key, value in parts[0].items():
-        out[key] = torch.cat([p[key] for p in parts]) if isinstance(value, torch.Tensor) else value
-    return out
 
 
 def _select(kwargs: dict | None, index: torch.Tensor) -> dict | None:
@@ -62,8 +55,8 @@ def trajectory_inputs(
         cond, null = adapter.make_conditions(1, generator)
         conds.append(cond)
         nulls.append(null)
-    null = None if nulls[0] is None else _stack_kwargs(nulls)
-    return torch.cat(noise), _stack_kwargs(conds), null
+    null = None if nulls[0] is None else cat_kwargs(*nulls)
+    return torch.cat(noise), cat_kwargs(*conds), null
 
 
 @dataclass
@@ -77,7 +70,7 @@ class SamplerRun:
 
 
 @torch.no_grad()
-def run_sampler(
+def sample_trajectories(
     model: nn.Module,
     adapter: ModelAdapter,
     noise: torch.Tensor,
@@ -88,35 +81,33 @@ def run_sampler(
     guidance: float,
     record: bool = True,
 ) -> SamplerRun:
-    """DDIM (eta 0) from `noise` with classifier-free guidance `guidance` (the calibration sampler).
+    """One batch of trajectories on the shared sampler loop (`avq.calibration.sampler`, as calibration).
 
     The model sees the conditional and the null input whenever a null condition exists and either guidance
     is on or `record` is set (the null outputs are distillation targets too).
     """
-    scheduler = make_ddim_scheduler()
-    scheduler.set_timesteps(steps)
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    both = null is not None and (guidance != 1 or record)
-    kwargs = _to(_stack_kwargs([cond, null]) if both else cond, device, dtype)
-    x = noise.to(device, dtype)
     xs, outs_c, outs_u = [], [], []
-    for t in scheduler.timesteps:
-        t_in = t.to(device)
-        if both:
-            out_c, out_u = adapter.forward(model, torch.cat([x, x]), t_in, kwargs).chunk(2)
-        else:
-            out_c, out_u = adapter.forward(model, x, t_in, kwargs), None
-        if record:
-            xs.append(x)
-            outs_c.append(out_c)
-            outs_u.append(out_u)
-        eps = out_c if out_u is None or guidance == 1 else out_u + guidance * (out_c - out_u)
-        x = scheduler.step(eps, t, x).prev_sample
+
+    def keep(step: SamplerStep) -> None:
+        xs.append(step.x)
+        outs_c.append(step.out_cond)
+        outs_u.append(step.out_null)
+
+    final = run_sampler(
+        model,
+        adapter,
+        noise,
+        cond,
+        null,
+        steps=steps,
+        guidance=guidance,
+        evaluate_null=record,
+        after_step=keep if record else None,
+    )
     if not record:
-        return SamplerRun(final=x)
+        return SamplerRun(final=final)
     return SamplerRun(
-        final=x,
+        final=final,
         x=torch.stack(xs, 1),
         out_cond=torch.stack(outs_c, 1),
         out_null=None if outs_u[0] is None else torch.stack(outs_u, 1),
@@ -176,7 +167,7 @@ def build_pool(
     runs = []
     for indices in mine:
         index = torch.tensor(list(indices))
-        run = run_sampler(
+        run = sample_trajectories(
             teacher,
             adapter,
             noise[index],

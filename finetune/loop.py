@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from avq.calibration import _to, adapter_for
+from avq.calibration.adapters import adapter_for, cat_kwargs, to_device
+from avq.calibration.sampler import run_sampler
 
 from . import distributed
 from .checkpoint import has_checkpoint, load_checkpoint, restore, run_identity, save_checkpoint
 from .config import FinetuneConfig, FinetuneError
-from .data import Batch, TeacherData, _stack_kwargs, build_pool, pool_batch, run_sampler, trajectory_inputs
+from .data import Batch, TeacherData, build_pool, pool_batch, trajectory_inputs
 from .optim import SlotAdamW
 from .pv import ShadowLayer, make_shadows, p_step_parameters, shadow_name, straight_through, v_step
 from .semi import semi_reset
@@ -100,11 +101,11 @@ def _model_inputs(batch: Batch, distill_null: bool, device: torch.device, dtype:
     if distill_null and batch.null is not None:
         x = torch.cat([batch.x, batch.x])
         t = torch.cat([batch.t, batch.t])
-        kwargs = _stack_kwargs([batch.cond, batch.null])
+        kwargs = cat_kwargs(batch.cond, batch.null)
         target = torch.cat([batch.target_cond, batch.target_null])
     else:
         x, t, kwargs, target = batch.x, batch.t, batch.cond, batch.target_cond
-    return x.to(device, dtype), t.to(device), _to(kwargs, device, dtype), target.to(device)
+    return x.to(device, dtype), t.to(device), to_device(kwargs, device, dtype), target.to(device)
 
 
 def _distillation_loss(
@@ -312,17 +313,10 @@ def sample_grid(model: nn.Module, adapter, config: FinetuneConfig, n: int = SAMP
     """`n` samples `[n, C, H, W]` of `model` with the teacher's sampler, from fixed noise and conditions
     (the "sample" stream of `config.seed`), so grids of successive steps are comparable."""
     noise, cond, null = trajectory_inputs(adapter, config.seed, "sample", 0, range(n))
-    run = run_sampler(
-        model,
-        adapter,
-        noise,
-        cond,
-        null,
-        steps=config.sampling_steps,
-        guidance=config.guidance_scale,
-        record=False,
+    final = run_sampler(
+        model, adapter, noise, cond, null, steps=config.sampling_steps, guidance=config.guidance_scale
     )
-    return run.final.float().clamp(-1, 1).cpu()
+    return final.float().clamp(-1, 1).cpu()
 
 
 @torch.no_grad()
@@ -376,7 +370,7 @@ def finetune_folder(
     `cuda:LOCAL_RANK` when CUDA is available, else CPU. Returns the figures (on every rank; only the main
     rank writes files).
     """
-    from avq.serialization import CONFIG_NAME, load_quantized, save_quantized
+    from avq.storage.serialization import CONFIG_NAME, load_quantized, save_quantized
     from avq.tracking import NullTracker, make_tracker
 
     quantized, out = Path(quantized), Path(out)

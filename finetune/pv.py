@@ -18,7 +18,7 @@ V step (codes), in two parts:
    target with them.
 2. Code update (`v_step`), per layer: the groups whose shadow moved most (`||delta_g||`, L2) are the
    candidates, at most `max_code_change` of the layer's groups; each is re-encoded by the AQ solver's beam
-   search in plain L2 around its target `W~_g` (the `H = I` case of `avq.aq`, with the row's scale and
+   search in plain L2 around its target `W~_g` (the `H = I` case of `avq.core.aq`, with the row's scale and
    the current codebooks); a candidate is kept only if its new codes lower `||W~_g - W_g||`; kept changes
    are accepted in order of decreasing move while the layer's weight change stays within
    `trust_ratio * ||W||_F`. For an accepted group the decoded weight jumps to the new codewords and the
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from avq.aq import SolverOptions, _Solver
-from avq.modules import AQModule
-from avq.qweight import decode
+from avq.core.aq import beam_search, candidate_rhs
+from avq.core.modules import AQModule
+from avq.core.qweight import decode
 
 
 # ============================================================================ layers and shadows
@@ -135,7 +135,7 @@ def l2_beam_search(
     beam_width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes `[n, M]` (int64) minimising `||target - s * sum_m codebooks[m, c_m]||`, by the AQ solver's beam
-    search (`avq.aq`) with an identity metric, starting from `current`; and the change `[n, g]` they make
+    search (`avq.core.aq`) with an identity metric, starting from `current`; and the change `[n, g]` they make
     to the unscaled group.
 
     With `H = I` the groups do not interact, so every `(row, group)` pair is searched independently: the
@@ -147,14 +147,11 @@ def l2_beam_search(
     if n == 0:
         return current.long(), target.new_zeros(0, g)
     eye = torch.eye(g, dtype=torch.float32, device=books.device)
-    solver = _Solver(books.new_zeros(1, g), eye, M, g, SolverOptions(beam_width=beam_width))
     cur = current.long()
     unscaled = books[torch.arange(M, device=books.device)[None, :], cur].sum(1)  # [n, g]
     residual = target.float() - scales.float()[:, None] * unscaled  # [n, g]: E H[:, J] with H = I
-    norms = books.pow(2).sum(-1)  # [M, C]: c^T I c
-    ones = torch.ones_like(norms)[:, None]
-    rhs = torch.cat([books.transpose(1, 2), norms[:, None], ones], 1)  # [M, g + 2, C]
-    return solver._beam_search(cur, books, rhs, eye, residual, scales.float())
+    rhs = candidate_rhs(books, eye)  # [M, g + 2, C]
+    return beam_search(cur, books, rhs, eye, residual, scales.float(), beam_width=beam_width)
 
 
 # ============================================================================ V step

@@ -30,7 +30,7 @@ runs it with torch's thread count. Compiled once per (M, C, J, code dtype) in a 
 
 Dequantize (`dequantize`, `dequant_matmul`): the same trick with index `m*C + codes[n, j, m]` into the
 codebooks viewed as `[M*C, g]` decodes groups in one fused gather-sum, bit-identical to
-`avq.qweight.decode` and several times faster. It runs in blocks of output rows: a block is
+`avq.core.qweight.decode` and several times faster. It runs in blocks of output rows: a block is
 cache-resident when the GEMM reads it, and no allocation exceeds glibc's mmap threshold (a fresh 64 MiB
 buffer is page-faulted in on every call, which alone costs ~10 ms).
 """
@@ -207,7 +207,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Decoded weight `[N, K]` from codes `[N, G, M]`, codebooks `[M, C, g]` and scales `[N]`.
 
-    fp32 and bit-identical to `avq.qweight.decode`; written into `out [N, K]` (any float dtype, e.g. a
+    fp32 and bit-identical to `avq.core.qweight.decode`; written into `out [N, K]` (any float dtype, e.g. a
     reused workspace) when given.
     """
     N, G, M = codes.shape

@@ -11,15 +11,17 @@ from test_calibration import TINY, tiny_dit, tiny_unet
 from test_pipeline import FAST, interrupt_after, outputs
 
 import avq
-from avq.activations import (
+from avq.calibration.activations import (
     ActQuantizer,
     RangeObserver,
     attach_input_quantizer,
     input_quantizers,
     shortcut_splits,
 )
-from avq.modules import AQModule
-from avq.pipeline import QuantizeReport, preset_config, quantize
+from avq.core.modules import AQModule
+from avq.planning.presets import preset_config
+from avq.run.quantize import quantize
+from avq.run.report import QuantizeReport
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +192,7 @@ def test_sequential_calibration_sees_the_quantized_blocks(tmp_path):
     ranges = lambda m, n: m.get_submodule(n).input_quantizer.hi  # noqa: E731
     assert torch.equal(ranges(sequential, first[0]), ranges(fp_first, first[0]))
     assert not all(torch.equal(ranges(sequential, n), ranges(fp_first, n)) for n in first)
-    with pytest.raises(avq.pipeline.PresetError, match="sequential"):
+    with pytest.raises(avq.planning.PresetError, match="sequential"):
         preset_config("w2a16", sequential=True, bits_budget=3.0)
 
     ckpt, (_, interrupt) = tmp_path / "ckpt", interrupt_after(3)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import avq
-from avq.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 
 
 def correlated_layer(out: int = 48, K: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

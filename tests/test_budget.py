@@ -10,17 +10,14 @@ import torch
 from test_calibration import TINY, tiny_unet
 
 import avq
-from avq.budget import (
-    FP,
-    BudgetError,
-    brute_force_choice,
-    choose_specs,
-    make_probe,
-    measure_sensitivity,
-)
-from avq.calibration import CalibrationConfig, calibrate
-from avq.modules import AQModule
-from avq.pipeline import QuantizeReport, preset_config, quantize
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.statistics import calibrate
+from avq.core.modules import AQModule
+from avq.planning.budget import BudgetError, brute_force_choice, choose_specs
+from avq.planning.presets import preset_config
+from avq.planning.sensitivity import FP, make_probe, measure_sensitivity
+from avq.run.quantize import quantize
+from avq.run.report import QuantizeReport
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +168,7 @@ def test_bits_budget_reuses_a_given_sensitivity_table(monkeypatch):
     the integer program's answer on that table under the new budget. A table of other layers or options is
     refused before anything is solved."""
     table = _quantize_with_budget_6()
-    monkeypatch.setattr("avq.budget.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("avq.run.laq.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
     report = QuantizeReport()
     config = preset_config("w2a16", solver=FAST, bits_budget=3.0)
     quantize(tiny_unet(), config, TINY, progress=False, report=report, sensitivity=table)
@@ -190,7 +187,9 @@ def test_bits_budget_reuses_a_given_sensitivity_table(monkeypatch):
 
 
 def test_quantize_bits_budget_infeasible(monkeypatch):
-    monkeypatch.setattr("avq.pipeline.calibrate", lambda *a, **k: pytest.fail("calibrated before the check"))
+    monkeypatch.setattr(
+        "avq.run.quantize.calibrate", lambda *a, **k: pytest.fail("calibrated before the check")
+    )
     with pytest.raises(BudgetError, match="minimum achievable budget"):
         quantize(tiny_unet(), preset_config("w2a16", solver=FAST, bits_budget=1.0), TINY, progress=False)
 
@@ -207,11 +206,11 @@ def test_budget_candidates_span_presets():
 
 
 def test_bits_budget_config_validation():
-    with pytest.raises(avq.pipeline.PresetError, match="bits_budget"):
+    with pytest.raises(avq.planning.PresetError, match="bits_budget"):
         preset_config("w2a16", "gptq", bits_budget=3.0)
-    with pytest.raises(avq.pipeline.PresetError, match="bits_budget"):
+    with pytest.raises(avq.planning.PresetError, match="bits_budget"):
         preset_config("w2a16", bits_budget=0)
-    with pytest.raises(avq.pipeline.PresetError, match="laq_measure_rounds"):
+    with pytest.raises(avq.planning.PresetError, match="laq_measure_rounds"):
         preset_config("w2a16", bits_budget=3.0, laq_measure_rounds=-1)
 
 
@@ -228,17 +227,19 @@ def test_brute_force_helper_is_exhaustive():
 def test_laq_measures_with_a_short_solve_then_solves_the_choice(monkeypatch, measure_rounds):
     """Candidates are measured with `laq_measure_rounds` solver rounds; the chosen specs are then solved with
     the full solver. With None the measured (full) results are reused and nothing is solved twice."""
-    import avq.budget
-    import avq.pipeline
+    import avq.run.laq
+    import avq.run.quantize
 
     seen, kept, solved = [], [], []
-    measure, solve = avq.budget.measure_sensitivity, avq.pipeline._solve
+    measure, solve = avq.run.laq.measure_sensitivity, avq.run.quantize._solve
     monkeypatch.setattr(
-        avq.budget,
+        avq.run.laq,
         "measure_sensitivity",
         lambda *a, **k: seen.append(k["solver"]) or kept.append(k["keep_results"]) or measure(*a, **k),
     )
-    monkeypatch.setattr(avq.pipeline, "_solve", lambda *a, **k: solved.append(a[1].name) or solve(*a, **k))
+    monkeypatch.setattr(
+        avq.run.quantize, "_solve", lambda *a, **k: solved.append(a[1].name) or solve(*a, **k)
+    )
     solver = avq.SolverOptions(max_rounds=2, kmeans_iters=3)
     config = preset_config("w2a16", solver=solver, bits_budget=6.0, laq_measure_rounds=measure_rounds)
     report = QuantizeReport()

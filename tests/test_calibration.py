@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from avq.calibration import (
-    CalibrationConfig,
-    UnsupportedModelError,
-    adapter_for,
-    calibrate,
-    quantizable_layers,
-)
+from avq.calibration.adapters import UnsupportedModelError, adapter_for
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.statistics import calibrate, quantizable_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,7 +132,7 @@ def test_deterministic_and_layers_per_pass(family):
 
 
 def test_passes_respect_the_hessian_memory_budget():
-    from avq.calibration import _passes
+    from avq.calibration.statistics import _passes
 
     model = tiny_unet()
     names = quantizable_layers(model)

@@ -48,7 +48,8 @@ def test_memory_accounting_hand_built():
 
 def test_quantize_random_follows_plan_and_matches_dequant(one_thread, monkeypatch):
     """Quantized layers = what plan_model picks (conv_in/conv_out kept FP); auto dispatch = dequant path."""
-    from avq.pipeline import plan_model, preset_config
+    from avq.planning.plan import plan_model
+    from avq.planning.presets import preset_config
 
     model = e2e.build_model("digits-unet-mini", torch.float32, torch.device("cpu"), None)
     planned = {p.name: p.spec for p in plan_model(model, preset_config("w2a16")) if p.quantized}

@@ -13,6 +13,13 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from test_calibration import TINY, tiny_dit, tiny_unet
+from test_pipeline import FAST
+
+import avq
+from avq.cli import load_model, main
+from avq.core.modules import AQModule
+from avq.core.qweight import decode
 from avq.finetune import (
     FinetuneCheckpointError,
     FinetuneConfig,
@@ -28,13 +35,8 @@ from avq.finetune import (
     v_step,
 )
 from avq.finetune.pv import p_step_parameters, shadow_name
-from test_calibration import TINY, tiny_dit, tiny_unet
-from test_pipeline import FAST
-
-import avq
-from avq.cli import load_model, main
-from avq.modules import AQModule
-from avq.pipeline import preset_config, quantize
+from avq.planning.presets import preset_config
+from avq.run.quantize import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,9 +117,7 @@ def target_of(shadow) -> torch.Tensor:
 
 
 def decoded(module: AQModule) -> torch.Tensor:
-    return avq.qweight.decode(module.codes, module.codebooks, module.scales).reshape(
-        module.codes.shape[:2] + (-1,)
-    )
+    return decode(module.codes, module.codebooks, module.scales).reshape(module.codes.shape[:2] + (-1,))
 
 
 # ============================================================================ config and optimizer

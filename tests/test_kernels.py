@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from avq.kernels import conv, dispatch, lut, triton_vqgemm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
-from avq.qweight import code_dtype, decode
+from avq.core.qweight import code_dtype, decode
+from avq.kernels import conv, dispatch, lut, triton_vqgemm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,4 +1,4 @@
-"""`avq.metrics`: each metric against its closed form or its defining property."""
+"""`avq.evaluation.metrics`: each metric against its closed form or its defining property."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avq.metrics import (
+from avq.evaluation.metrics import (
     class_accuracy,
     fid,
     frechet_distance,

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
-from avq.modules import AQModule, replace_module
-from avq.qweight import code_dtype
+from avq.core.modules import AQModule, replace_module
+from avq.core.qweight import code_dtype
 
 
 def random_qweight(shape: tuple[int, ...], spec: QuantSpec, seed: int = 0) -> QuantizedWeight:

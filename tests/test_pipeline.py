@@ -11,18 +11,13 @@ import torch.nn as nn
 from test_calibration import TINY, tiny_dit, tiny_unet
 
 import avq
-from avq.modules import AQModule
-from avq.pipeline import (
-    CheckpointError,
-    PresetError,
-    QuantizeConfig,
-    QuantizeReport,
-    aq_total_bits,
-    plan_layer,
-    plan_model,
-    preset_config,
-    quantize,
-)
+from avq.core.bits import total_bits
+from avq.core.modules import AQModule
+from avq.planning.plan import plan_layer, plan_model
+from avq.planning.presets import PresetError, QuantizeConfig, preset_config
+from avq.run.quantize import quantize
+from avq.run.report import QuantizeReport
+from avq.storage.checkpoint import CheckpointError
 
 FAST = avq.SolverOptions(max_rounds=2, kmeans_iters=5)
 
@@ -109,7 +104,7 @@ def test_predicted_total_bits_match_stored(quantized):
     for r in report.rows:
         if r["status"] == "quantized":
             module = model.get_submodule(r["name"])
-            assert aq_total_bits(tuple(r["shape"]), module.spec) == pytest.approx(module.total_bits)
+            assert total_bits(tuple(r["shape"]), module.spec) == pytest.approx(module.total_bits)
 
 
 def test_keep_rule_cases():

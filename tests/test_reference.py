@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from avq.data import load_digits_images, random_affine, split_mask
-from avq.reference import (
+from avq_bench.data import load_digits_images, random_affine, split_mask
+from avq_bench.reference import (
     NULL_CLASS,
     asset_path,
     collect_hessians,
@@ -22,7 +22,7 @@ from avq.reference import (
     reference_layers,
     sample,
 )
-from avq.results import current_command, write_results
+from avq_bench.results import current_command, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,9 +196,14 @@ def test_current_command_shows_python(monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))  # a script
     script = str(REPO / "benchmarks" / "layer_solver.py")
     assert current_command([script, "--quick", "a b"]) == "python benchmarks/layer_solver.py --quick 'a b'"
-    module = types.SimpleNamespace(__spec__=types.SimpleNamespace(name="avq.demo"))  # python -m avq.demo
+    module = types.SimpleNamespace(
+        __spec__=types.SimpleNamespace(name="avq_bench.demo")
+    )  # python -m avq_bench.demo
     monkeypatch.setitem(sys.modules, "__main__", module)
-    assert current_command([str(REPO / "avq" / "demo.py"), "--layer", "x"]) == "python -m avq.demo --layer x"
+    assert (
+        current_command([str(REPO / "benchmarks" / "avq_bench" / "demo.py"), "--layer", "x"])
+        == "python -m avq_bench.demo --layer x"
+    )
 
 
 # ------------------------------------------------------------------------------------------ benchmark

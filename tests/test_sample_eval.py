@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from avq.classifier import CLASSIFIER_DIR, accuracy, load_classifier
 from avq.cli import main
-from avq.data import load_digits_images
+from avq_bench.classifier import CLASSIFIER_DIR, accuracy, load_classifier
+from avq_bench.data import load_digits_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

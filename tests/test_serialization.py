@@ -19,10 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import avq
-import avq.serialization as serialization
-from avq import AQConv2d, AQLinear, QuantSpec, fileio, load_quantized, save_quantized
-from avq.modules import AQModule, replace_module
-from avq.serialization import FormatError
+import avq.storage.serialization as serialization
+from avq import AQConv2d, AQLinear, QuantSpec, load_quantized, save_quantized
+from avq.core.modules import AQModule, replace_module
+from avq.storage import atomic as fileio
+from avq.storage.serialization import FormatError
 
 # Layer -> spec: kernel grouping (g=9) on a 1-input-channel conv, B=4 (M=2) and B=16 codes, a strided conv,
 # a 1x1 conv. Kept small: the solver dominates this file's run time.
@@ -467,7 +468,7 @@ def test_layer_kind_mismatch_with_given_model(copy: Path) -> None:
 
 
 def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
-    from avq.fileio import write_json_atomic
+    from avq.storage.atomic import write_json_atomic
 
     target = write_json_atomic(tmp_path / "sub" / "figures.json", {"fid": 3.2})
     assert json.loads(target.read_text()) == {"fid": 3.2}

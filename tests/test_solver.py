@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import avq
-from avq.aq import SolverOptions, _residual_kmeans, _Solver
-from avq.hessian import prepare_hessian
+from avq.core.aq import SolverOptions, _residual_kmeans, _Solver
+from avq.core.hessian import prepare_hessian
 
 
 def correlated_layer(out: int, K: int, seed: int = 0, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,12 +89,12 @@ def test_wandb_offline_run_written(offline):
 def test_cli_bits_budget_with_wandb(offline, tmp_path, capsys, monkeypatch):
     from test_calibration import tiny_unet
 
-    import avq.pipeline
+    import avq.planning.presets
     from avq.cli import main
 
-    preset = avq.pipeline.preset_config
-    fast = avq.pipeline.SolverOptions(max_rounds=1, kmeans_iters=3)
-    monkeypatch.setattr(avq.pipeline, "preset_config", lambda *a, **k: preset(*a, solver=fast, **k))
+    preset = avq.planning.presets.preset_config
+    fast = avq.SolverOptions(max_rounds=1, kmeans_iters=3)
+    monkeypatch.setattr(avq.planning.presets, "preset_config", lambda *a, **k: preset(*a, solver=fast, **k))
 
     tiny = ["--num-samples", "2", "--batch-size", "2", "--steps", "3", "--timesteps-kept", "2", "--quiet"]
     folder = tmp_path / "tiny-unet"
@@ -120,7 +120,7 @@ def test_cli_bits_budget_with_wandb(offline, tmp_path, capsys, monkeypatch):
     assert list(run.rglob("layers*.table.json"))
 
     # a budget sweep from those figures: the table is reused, nothing measured again
-    monkeypatch.setattr("avq.budget.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("avq.run.laq.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
     swept = tmp_path / "swept.json"
     again = ["--out", str(tmp_path / "q6"), "--bits-budget", "6", "--sensitivity", str(figures)]
     assert main([*base, *again, "--json", str(swept), *tiny]) == 0

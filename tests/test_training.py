@@ -1,4 +1,4 @@
-"""The shared reference-model trainer: model sizes, resumable checkpoints, final save (avq.training)."""
+"""The shared reference-model trainer: model sizes, resumable checkpoints, final save (avq_bench.training)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from avq.reference import NULL_CLASS
-from avq.training import (
+from avq_bench.reference import NULL_CLASS
+from avq_bench.training import (
     CheckpointMismatchError,
     TrainConfig,
     build_model,

@@ -1,0 +1,198 @@
+"""Time step-aware calibration: input Hessians of a model's layers along its own FP sampling trajectory.
+
+Why the sampler and not noised training images (`avq_bench.reference.collect_hessians`): a diffusion model's
+layers see different input distributions at different timesteps (Q-Diffusion), and at sampling time they
+see the model's *own* intermediate latents, not forward-noised data. So `calibrate` runs the FP DDIM
+sampler (with classifier-free guidance: the model sees the conditional and the null input, and both feed
+the statistics, since both run at inference) and accumulates `H = E[x x^T]` of each requested layer at
+`num_timesteps_kept` timesteps spread uniformly over the trajectory.
+
+Streamed: hooks add each batch into a float64 `[K, K]` sum (`avq.calibration.hessian.HessianAccumulator`);
+activations are never kept. Peak memory is the model's own forward plus the Hessians of the hooked
+layers; with
+`layers_per_pass=n` only `n` layers are hooked per sampling pass and the sampler is re-run (same seed,
+identical trajectory) for the next `n`, which bounds memory by those layers' Hessians at the cost of
+more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float64 accumulators
+(`8 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its own).
+(Caching one block's inputs and running block by block is not implemented.)
+
+A small adapter per model family (`adapter_for`) knows the latent shape and how to condition the model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from avq.calibration.adapters import adapter_for
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.hessian import HessianAccumulator
+from avq.calibration.sampler import SamplerStep, make_ddim_scheduler, run_sampler
+
+
+# ============================================================================ layers
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Every `nn.Linear` and every `nn.Conv2d` with groups == 1 and zero padding, in module order.
+
+    These are the layers whose input Hessian `HessianAccumulator` can stream and that `AQLinear`/`AQConv2d`
+    can replace; whether each one *is* quantized is the pipeline's FP-keep rule (`avq.planning.plan`).
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        or (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros")
+    ]
+
+
+def block_of(name: str) -> str:
+    """The top-level block of a layer: `down_blocks.1`, `up_blocks.0`, `transformer_blocks.3`, or the
+    first name component (`conv_in`, `mid_block`, `time_embedding`, ...)."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] in ("down_blocks", "up_blocks", "transformer_blocks"):
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def group_by_block(names: Sequence[str]) -> dict[str, list[str]]:
+    """Layer names grouped by `block_of`, blocks in order of first appearance."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(block_of(name), []).append(name)
+    return blocks
+
+
+def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> list[list[str]]:
+    """Layers hooked per sampling pass: at most `layers_per_pass`, accumulators within `max_hessian_gib`."""
+    per_pass = config.layers_per_pass or max(1, len(names))
+    budget = math.inf if config.max_hessian_gib is None else config.max_hessian_gib * 2**30
+    chunks: list[list[str]] = [[]]
+    used = 0.0
+    for name in names:
+        layer = model.get_submodule(name)
+        K = layer.in_features if isinstance(layer, nn.Linear) else math.prod(layer.weight.shape[1:])
+        size = 8.0 * K * K
+        if chunks[-1] and (len(chunks[-1]) >= per_pass or used + size > budget):
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(name)
+        used += size
+    return chunks
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    config: CalibrationConfig | None = None,
+    *,
+    conditioning: torch.Tensor | None = None,
+    scheduler=None,
+    progress: bool = True,
+    observers: Mapping[str, Any] | None = None,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Input Hessians of the named layers along the FP sampling trajectory: `{name: (H [K, K], n_rows)}`.
+
+    `n_rows` is the number of input rows (tokens, or conv patches) averaged into `H`. Deterministic for
+    `config.seed` (and thread count), and the same with any `layers_per_pass`. `scheduler`: a diffusers
+    scheduler to copy the noise schedule from (default `make_ddim_scheduler()`). `observers`: `{name:
+    obj}` whose `obj.observe(input)` sees the same inputs as the Hessian of layer `name` (8-bit activation
+    ranges, `avq.calibration.activations.RangeObserver`); every key must be one of `layer_names`.
+    """
+    from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
+
+    config = config or CalibrationConfig()
+    names = list(dict.fromkeys(layer_names))
+    observers = dict(observers or {})
+    if not set(observers) <= set(names):
+        raise ValueError(
+            f"calibrate: observers for layers not calibrated: {sorted(set(observers) - set(names))}"
+        )
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"calibrate: {type(model).__name__} has no layer {name!r}") from error
+    adapter = adapter_for(model, conditioning=conditioning, prompt_tokens=config.prompt_tokens)
+    scheduler = make_ddim_scheduler() if scheduler is None else DDIMScheduler.from_config(scheduler.config)
+    kept = set(config.kept_step_indices())
+    chunks = _passes(model, names, config)
+    n_batches = -(-config.num_samples // config.batch_size)
+
+    was_training = model.training
+    model.eval()
+    results: dict[str, tuple[torch.Tensor, int]] = {}
+    bar = tqdm(
+        total=len(chunks) * n_batches * config.num_steps,
+        desc="calibrate",
+        unit="step",
+        disable=not progress,
+    )
+    state = {"active": False}  # layer hooks record only at the kept steps
+
+    def before_step(index: int, t: torch.Tensor) -> None:
+        state["active"] = index in kept
+
+    def after_step(step: SamplerStep) -> None:
+        state["active"] = False
+        bar.update(1)
+
+    def make_hook(acc: HessianAccumulator, observer):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            if state["active"]:
+                acc.add(inputs[0])
+                if observer is not None:
+                    observer.observe(inputs[0])
+
+        return hook
+
+    try:
+        for chunk in chunks:
+            accumulators = {
+                name: HessianAccumulator(
+                    model.get_submodule(name),
+                    max_rows=config.max_rows_per_call,
+                    seed=config.seed ^ zlib.crc32(name.encode()),  # per layer: any layers_per_pass agrees
+                )
+                for name in chunk
+            }
+            handles = [
+                model.get_submodule(n).register_forward_hook(make_hook(a, observers.get(n)))
+                for n, a in accumulators.items()
+            ]
+            try:
+                # The same generator sequence every pass: identical trajectories for every chunk.
+                generator = torch.Generator().manual_seed(config.seed)
+                for b in range(n_batches):
+                    n = min(config.batch_size, config.num_samples - b * config.batch_size)
+                    x = torch.randn((n, *adapter.latent_shape), generator=generator)
+                    cond, null = adapter.make_conditions(n, generator)
+                    run_sampler(
+                        model,
+                        adapter,
+                        x,
+                        cond,
+                        null,
+                        steps=config.num_steps,
+                        guidance=config.guidance_scale,
+                        scheduler=scheduler,
+                        before_step=before_step,
+                        after_step=after_step,
+                    )
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, acc in accumulators.items():
+                # A layer the sampler never calls (e.g. an unused branch) has no statistics: n_rows = 0.
+                K = acc.sum.shape[0]
+                results[name] = (acc.hessian if acc.count else torch.zeros(K, K), acc.count)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results

@@ -1,0 +1,171 @@
+"""The `avq` argument parser: one subparser per subcommand, each bound to its function in `commands`."""
+
+from __future__ import annotations
+
+import argparse
+
+from avq.cli.commands import cmd_eval, cmd_finetune, cmd_quantize, cmd_sample
+from avq.cli.models import SHIPPED_MODELS
+from avq.planning.presets import METHODS, PRESETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avq", description="Additive vector quantization of diffusion models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a diffusers model (time step-aware calibration, then layer by layer)",
+        description="Calibrate on the FP DDIM sampler, quantize every Linear/Conv2d (FP-keep rule in "
+        "avq.run.quantize), print a per-layer table and save the model (avq method).",
+    )
+    q.add_argument(
+        "--model",
+        required=True,
+        help=f"shipped model ({', '.join(SHIPPED_MODELS)}) or diffusers model folder",
+    )
+    q.add_argument("--preset", required=True, choices=PRESETS, help="weight/activation bits")
+    q.add_argument(
+        "--method", default="avq", choices=METHODS, help="avq (default), or the simulated gptq/rtn baselines"
+    )
+    q.add_argument("--out", required=True, help="output folder (avq save: config.json + model.safetensors)")
+    q.add_argument("--json", help="write the figures (per-layer rows, summary) to this JSON file")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial/")
+    q.add_argument("--num-samples", type=_positive, default=64, help="calibration samples (default 64)")
+    q.add_argument("--batch-size", type=_positive, default=16, help="calibration batch size (default 16)")
+    q.add_argument(
+        "--steps", type=_positive, default=20, help="DDIM steps of the calibration sampler (default 20)"
+    )
+    q.add_argument(
+        "--timesteps-kept", type=_positive, default=10, help="steps whose inputs feed the statistics"
+    )
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate block by block on the model quantized so far (one sampler run per block)",
+    )
+    q.add_argument(
+        "--bits-budget",
+        type=_positive_float,
+        default=None,
+        metavar="B",
+        help="LAQ: choose each layer's spec (1x8g4, 1x4g2, 2x8g4, 2x4g2 or FP) from its measured effect on "
+        "the model output, under B total bits per weight over all Linear/Conv2d weights (codebooks, scales "
+        "and FP layers counted); default: the preset's first fitting spec",
+    )
+    q.add_argument(
+        "--sensitivity",
+        metavar="JSON",
+        default=None,
+        help="with --bits-budget: reuse the LAQ sensitivity table of an earlier run of the same model and "
+        "calibration (its --json figures) instead of measuring it again, e.g. to sweep budgets",
+    )
+    q.add_argument(
+        "--tracker",
+        choices=("none", "wandb"),
+        default="none",
+        help="log config, per-layer table and figures (wandb: offline unless logged in or WANDB_MODE is set)",
+    )
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser(
+        "finetune",
+        help="SeMI-PV: fine-tune an avq save against its FP model (data-free distillation)",
+        description="PV-Tuning with selective momentum invalidation (avq.finetune): distill the FP teacher "
+        "(the save's recorded source model, or --teacher) into the quantized model on the teacher's own "
+        "sampling trajectories; AdamW on codebooks, scales and FP parameters, straight-through code "
+        "updates. Checkpoints every --checkpoint-every steps to <out>.partial/ (atomic; --resume after an "
+        "interruption). Under `torchrun --nproc_per_node=N` the batches are shared out among the processes.",
+    )
+    f.add_argument("--quantized", required=True, help="avq save folder (from `avq quantize`)")
+    f.add_argument("--steps", type=_positive, required=True, help="optimizer steps")
+    f.add_argument("--out", required=True, help="output folder for the fine-tuned avq save")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    f.add_argument(
+        "--tracker",
+        choices=("none", "wandb"),
+        default="none",
+        help="log loss, fraction of codes changed, learning rates and sample grids (wandb: offline unless "
+        "logged in or WANDB_MODE is set)",
+    )
+    f.add_argument(
+        "--teacher", help="FP teacher (shipped model or diffusers folder); default: the recorded source"
+    )
+    f.add_argument("--checkpoint-dir", help="checkpoint folder (default <out>.partial)")
+    f.add_argument("--checkpoint-every", type=_positive, help="steps between checkpoints (default 50)")
+    f.add_argument("--batch-size", type=_positive, help="trajectory points per step over all processes (16)")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--semi", choices=("selective", "none", "all"), help="momentum reset on code changes")
+    f.add_argument("--lr-codebooks", type=float, help="P step: AdamW rate of the codebooks")
+    f.add_argument("--lr-scales", type=float, help="P step: AdamW rate of the scales")
+    f.add_argument("--lr-fp", type=float, help="P step: AdamW rate of the parameters left in FP")
+    f.add_argument("--lr-shadow", type=float, help="V step: AdamW rate of the straight-through weights")
+    f.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up (10)")
+    f.add_argument("--v-every", type=_positive, help="steps between code updates (1)")
+    f.add_argument("--max-code-change", type=float, help="max fraction of a layer's codes changed per V step")
+    f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
+    f.add_argument("--beam-width", type=_positive, help="beam width of the code search")
+    f.add_argument("--trajectories", type=_positive, help="teacher trajectories sampled per epoch (32)")
+    f.add_argument("--sampling-steps", type=_positive, help="DDIM steps of the teacher trajectories (20)")
+    f.add_argument("--guidance", type=float, help="classifier-free guidance of the teacher sampler (2.0)")
+    f.add_argument("--timestep-sampling", choices=("uniform", "stratified"))
+    f.add_argument("--block-loss-weight", type=float, help="weight of block-output matching (0: off)")
+    f.add_argument("--sample-every", type=int, help="log a sample grid every N steps (0: never)")
+    f.add_argument(
+        "--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
+    )
+    f.add_argument("--json", help="write the settings, figures and per-step history to this JSON file")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser(
+        "sample",
+        help="class-balanced DDIM samples (classifier-free guidance) to samples.npz + samples.png",
+        description="Sample N images with labels i %% 10 (DDIM, classifier-free guidance) from a shipped "
+        "model, a diffusers folder or an avq save (--quantized). Same seed and batch size: same noise.",
+    )
+    s.add_argument("--model", default="digits-unet-mini", help="shipped model or diffusers folder")
+    s.add_argument("--quantized", help="avq save folder (avq.load_quantized); takes precedence over --model")
+    s.add_argument("--n", type=_positive, required=True, help="number of samples")
+    s.add_argument("--steps", type=_positive, default=20, help="DDIM steps (default 20)")
+    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (default 2.0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=_positive, default=100, help="samples per batch (default 100)")
+    s.add_argument("--out", required=True, help="output folder (samples.npz, samples.png)")
+    s.add_argument("--json", help="write the run's settings and time to this JSON file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser(
+        "eval",
+        help="FID, sFID, IS, precision/recall, class accuracy (+ PSNR/SSIM to FP) of a samples.npz",
+        description="Metrics on the shipped digit classifier's features against a digits split; with "
+        "--fp, fidelity to FP samples on identical noise; with --floor, the FID floor between two FP "
+        "sample sets of different seeds.",
+    )
+    e.add_argument("samples", help="samples.npz written by `avq sample`")
+    e.add_argument("--fp", help="FP samples.npz of the same seed and batch size (PSNR, SSIM, FID to FP)")
+    e.add_argument("--floor", help="FP samples.npz of another seed: FID floor")
+    e.add_argument(
+        "--reference", default="test", choices=("test", "train"), help="real images (default test)"
+    )
+    e.add_argument("--json", help="write the figures to this JSON file")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value

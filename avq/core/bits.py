@@ -1,0 +1,33 @@
+"""Bit accounting: the one place that says how many bits a stored weight costs (docs/design.md, "Total bits").
+
+Codes are stored at `B` bits each (packed in the smallest unsigned dtype on disk, counted at `B`);
+codebooks, scales and zero points in fp16; a layer kept in full precision counts `FP16_BITS` per weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+from avq.core.spec import QuantSpec
+
+FP16_BITS = 16
+
+
+def storage_bits(shape: tuple[int, ...], representation: QuantSpec | int) -> int:
+    """Bits stored for a Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight.
+
+    `representation`: a `QuantSpec` (AQ: `out * K/g * M` codes of `B` bits, `M * 2^B * g` fp16 codewords,
+    one fp16 scale per row) or an int bit width (uniform: `out * K` codes, one fp16 scale and zero per row).
+    """
+    out, K = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    if isinstance(representation, QuantSpec):
+        spec = representation
+        codes = out * (K // spec.group_size) * spec.num_codebooks * spec.nbits
+        return codes + (spec.num_codebooks * spec.codebook_size * spec.group_size + out) * FP16_BITS
+    bits = int(representation)
+    return out * K * bits + 2 * out * FP16_BITS
+
+
+def total_bits(shape: tuple[int, ...], representation: QuantSpec | int) -> float:
+    """Total bits per weight: everything stored (`storage_bits`) over the number of weights."""
+    return storage_bits(shape, representation) / (int(shape[0]) * math.prod(int(d) for d in shape[1:]))

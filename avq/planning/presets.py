@@ -1,0 +1,132 @@
+"""Presets and `QuantizeConfig`: what to quantize and how.
+
+Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
+
+- `w2a16`: AQ `1x8g4` for every Linear and Conv2d, falling back to `1x4g2` where the codebook overhead of
+  `1x8g4` is too large (small layers). Why `1x8g4` and not `2x8g8` (both 2 code bits): on the real-size
+  synthetic layers `1x8g4` has about the same error at lower total bits (conv 256x256x3x3: 0.0292 at 2.035
+  bits vs 0.0298 at 2.118; linear 512x512: 0.0381 at 2.094 vs 0.0373 at 2.281). On the 32-64-channel
+  layers of `digits-unet-mini` `2x8g8` has ~10x lower error but costs 9.2 total bits per weight against
+  3.8: it wins only by storing almost every group verbatim, which is not 2-bit quantization.
+- `w4a16`: AQ `2x8g4` (4 code bits; about even with GPTQ int4 on real-size layers, 1.1x better on the mini
+  UNet's convs), falling back to `1x8g2` then `2x4g2` on small layers.
+- `w4a8`, `w2a8`: the same weights plus 8-bit fake quantization of every quantized layer's input
+  (`avq.calibration.activations`): asymmetric per-tensor ranges from the FP sampling trajectory (the
+  calibration timesteps, MSE-clipped), with separate ranges for the two halves of each UNet skip concatenation
+  (`QuantizeConfig.split_shortcuts`). FP-kept layers keep FP inputs. Simulated (fake) quantization: the
+  8-bit inputs are not fed to an integer kernel.
+- `--method gptq|rtn`: uniform per-channel int2/int4 with the same FP-keep rule. There is no uniform-
+  quantized module yet, so these are *simulated*: the dense weight is replaced by its dequantized value
+  (the report says so per layer, `simulated: true`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from avq.core.aq import SolverOptions
+from avq.core.spec import QuantSpec
+
+METHODS = ("avq", "gptq", "rtn")
+PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8")
+
+# (pattern on the full dotted layer name, reason). Top-level names only: `proj_out*` does not match the
+# `...attentions.0.proj_out` projections inside UNet transformer blocks.
+DEFAULT_KEEP_FP: tuple[tuple[str, str], ...] = (
+    ("conv_in", "first layer (model input)"),
+    ("pos_embed.proj", "first layer (patch embedding)"),
+    ("conv_out", "last layer (model output)"),
+    ("proj_out*", "last layer (model output)"),
+)
+
+_W2_SPECS = (QuantSpec(1, 8, 4), QuantSpec(1, 4, 2))
+_W4_SPECS = (QuantSpec(2, 8, 4), QuantSpec(1, 8, 2), QuantSpec(2, 4, 2))
+# LAQ candidates, the same for every preset (the budget sets the bits): both 2-bit specs and two 4-bit ones,
+# 2x8g4 for large layers and 2x4g2 (tiny codebooks) for small ones. The W4 preset's 1x8g2 is left out to
+# keep measuring affordable: every candidate is solved on every layer.
+LAQ_SPECS = (*_W2_SPECS, QuantSpec(2, 8, 4), QuantSpec(2, 4, 2))
+
+
+class PresetError(ValueError):
+    """An unknown preset or method."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to quantize and how.
+
+    `linear_specs` / `conv_specs`: AQ candidates in order of preference (the first one that fits the
+    layer and the overhead limit wins; 1x1 convs use `linear_specs`, they are Linear layers in disguise).
+    `bits`: the uniform grid of `gptq`/`rtn`. `keep_fp`: (name pattern, reason) pairs always kept in FP.
+    `max_overhead_bits`: keep a layer in FP if its total bits would exceed code bits + this (None: no limit).
+    `bits_budget`: LAQ (avq only): choose per-layer specs or FP under this many total bits per weight over
+    all Linear/Conv2d weights (module docstring); None: the first fitting candidate, as above.
+    `activation_bits`: 16 (inputs untouched) or 8 (fake-quantized inputs of quantized layers);
+    `split_shortcuts`: separate 8-bit ranges for the halves of UNet skip concatenations.
+    `sequential`: calibrate top-level block by block on the model as quantized so far (module docstring).
+    `laq_measure_rounds`: solver rounds per candidate while LAQ measures sensitivities (None: all). Every
+    candidate of every layer is solved there; 2 rounds took a quarter to 40 % of a full solve with errors
+    3-12 % higher on a large digits-unet conv (`up_blocks.0.resnets.1.conv1`, 1x8g4 / 2x8g4 / 2x4g2), so the
+    chosen specs are then solved in full (with None the measured results are reused instead).
+    """
+
+    method: str = "avq"
+    linear_specs: tuple[QuantSpec, ...] = _W4_SPECS
+    conv_specs: tuple[QuantSpec, ...] = _W4_SPECS
+    bits: int = 4
+    solver: SolverOptions = field(default_factory=SolverOptions)
+    keep_fp: tuple[tuple[str, str], ...] = DEFAULT_KEEP_FP
+    max_overhead_bits: float | None = 1.0
+    activation_bits: int = 16
+    preset: str | None = None
+    bits_budget: float | None = None
+    split_shortcuts: bool = True
+    sequential: bool = False
+    laq_measure_rounds: int | None = 2
+
+    @property
+    def laq_solver(self) -> SolverOptions:
+        """The solver LAQ measures sensitivities with: `laq_measure_rounds` rounds at most (None: all)."""
+        if self.laq_measure_rounds is None or self.laq_measure_rounds >= self.solver.max_rounds:
+            return self.solver
+        return replace(self.solver, max_rounds=self.laq_measure_rounds)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PresetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.activation_bits not in (8, 16):
+            raise PresetError(f"activation_bits must be 8 or 16, got {self.activation_bits!r}")
+        if self.method == "avq" and not (self.linear_specs and self.conv_specs):
+            raise PresetError("QuantizeConfig: avq needs at least one linear and one conv spec")
+        if self.sequential and self.bits_budget is not None:
+            raise PresetError("sequential calibration and an LAQ bits_budget cannot be combined")
+        if self.bits_budget is not None and (self.method != "avq" or not self.bits_budget > 0):
+            raise PresetError(f"bits_budget needs method avq and a value > 0, got {self.bits_budget!r}")
+        if self.laq_measure_rounds is not None and self.laq_measure_rounds < 0:
+            raise PresetError(f"laq_measure_rounds must be >= 0 or None, got {self.laq_measure_rounds!r}")
+        if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:
+            raise PresetError(f"max_overhead_bits must be >= 0 or None, got {self.max_overhead_bits!r}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["linear_specs"] = [s.name for s in self.linear_specs]
+        data["conv_specs"] = [s.name for s in self.conv_specs]
+        data["keep_fp"] = [list(p) for p in self.keep_fp]
+        return data
+
+
+def preset_config(preset: str, method: str = "avq", **overrides: Any) -> QuantizeConfig:
+    """The documented `QuantizeConfig` of a preset (see the module docstring for why these specs)."""
+    if preset not in PRESETS:
+        raise PresetError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    if method not in METHODS:
+        raise PresetError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    specs = _W2_SPECS if preset.startswith("w2") else _W4_SPECS
+    if overrides.get("bits_budget") is not None:
+        specs = LAQ_SPECS
+    bits = 2 if preset.startswith("w2") else 4
+    overrides.setdefault("activation_bits", 8 if preset.endswith("a8") else 16)
+    return QuantizeConfig(
+        method=method, linear_specs=specs, conv_specs=specs, bits=bits, preset=preset, **overrides
+    )

@@ -1,0 +1,241 @@
+"""LAQ, part 1: each layer's sensitivity, measured on the model output.
+
+Why on the model output and not the per-layer H-weighted error: whole-model error is dominated by a few
+small layers (docs/design.md, "What is already known"), and the mean per-layer error misleads. So the
+sensitivity of a (layer, option) pair is the relative MSE of the model's epsilon prediction against the
+FP model when that layer *alone* is quantized with that option, measured over a small fixed probe set:
+latents of the FP sampler at timesteps spread over the trajectory, with conditioning (and the
+classifier-free-guided combination the sampler uses). `avq.planning.budget` then picks one option per
+layer under a total-bits budget.
+
+Candidates solved while measuring can be kept in the table (`keep_results`), so that the quantize run
+applies the chosen one without solving the layer again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from avq.calibration.adapters import adapter_for
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.sampler import SamplerStep, run_sampler
+from avq.core.aq import SolverOptions, quantize_weight
+from avq.core.bits import FP16_BITS
+from avq.core.modules import AQModule, replace_module
+from avq.core.qweight import QuantizedWeight
+from avq.core.spec import QuantSpec
+
+FP = "fp"
+Option = QuantSpec | str  # a QuantSpec, or FP ("fp": keep the layer in full precision)
+
+
+class SensitivityTableError(ValueError):
+    """A given sensitivity table is not of this model and candidate set."""
+
+
+def option_name(option: Option) -> str:
+    if isinstance(option, QuantSpec):
+        return option.name
+    if option != FP:
+        raise ValueError(f"an option is a QuantSpec or {FP!r}, got {option!r}")
+    return FP
+
+
+# ============================================================================ probe
+@dataclass
+class Probe:
+    """Fixed model inputs and the FP model's outputs on them.
+
+    `inputs`: one `(x, t, kwargs)` per kept sampler step, x `[n, C, H, W]` (`[2n, ...]` with guidance:
+    conditional then null rows); `reference`: the FP epsilon `[n, C, H, W]` of each (guided if
+    `guidance_scale` != 1 and the model has a null input).
+    """
+
+    adapter: object
+    inputs: list[tuple[torch.Tensor, torch.Tensor, dict]]
+    guided: bool
+    guidance_scale: float
+    reference: list[torch.Tensor] = field(default_factory=list)
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        out = []
+        for x, t, kwargs in self.inputs:
+            eps = self.adapter.forward(model, x, t, kwargs)
+            if self.guided:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+            out.append(eps.float())
+        return out
+
+    def error(self, model: nn.Module) -> float:
+        """Relative MSE of `model`'s outputs against the FP reference: sum |e - e_fp|^2 / sum |e_fp|^2."""
+        num = den = 0.0
+        for eps, ref in zip(self.outputs(model), self.reference, strict=True):
+            num += float((eps - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+        return num / den if den > 0 else num
+
+
+@torch.no_grad()
+def make_probe(
+    model: nn.Module,
+    config: CalibrationConfig | None = None,
+    *,
+    conditioning: torch.Tensor | None = None,
+) -> Probe:
+    """Run the FP sampler (`avq.calibration.sampler`, as `calibrate` does); keep its inputs and guided
+    outputs at `config.kept_step_indices()`.
+
+    Default: 8 samples, 20 steps, 5 kept timesteps, seed 1234 (not the calibration seed, so the probe is
+    not the data the Hessians were fitted on).
+    """
+    config = config or CalibrationConfig(
+        num_samples=8, batch_size=8, num_steps=20, num_timesteps_kept=5, seed=1234
+    )
+    adapter = adapter_for(model, conditioning=conditioning, prompt_tokens=config.prompt_tokens)
+    kept = set(config.kept_step_indices())
+    generator = torch.Generator().manual_seed(config.seed)
+    n = config.num_samples  # one batch: the probe is small by design
+    x = torch.randn((n, *adapter.latent_shape), generator=generator)
+    cond, null = adapter.make_conditions(n, generator)
+    probe = Probe(adapter, [], null is not None and config.guidance_scale != 1, float(config.guidance_scale))
+
+    def keep(step: SamplerStep) -> None:
+        if step.index in kept:
+            probe.inputs.append((step.model_input.clone(), step.t, step.kwargs))
+            probe.reference.append(step.eps.float())
+
+    was_training = model.training
+    model.eval()
+    try:
+        run_sampler(
+            model,
+            adapter,
+            x,
+            cond,
+            null,
+            steps=config.num_steps,
+            guidance=config.guidance_scale,
+            after_step=keep,
+        )
+    finally:
+        model.train(was_training)
+    return probe
+
+
+# ============================================================================ sensitivity
+@dataclass
+class SensitivityTable:
+    """`errors[layer][option]`: whole-model relative output MSE with only that layer quantized;
+    `bits[layer][option]`: total bits per weight; `sizes[layer]`: number of weights;
+    `options[layer][option]`: the option object; `results[layer][option]`: its solved `QuantizedWeight`."""
+
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    bits: dict[str, dict[str, float]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    options: dict[str, dict[str, Option]] = field(default_factory=dict)
+    results: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            name: {
+                o: {"error": self.errors[name][o], "total_bits": self.bits[name][o]}
+                for o in self.errors[name]
+            }
+            for name in self.errors
+        }
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Mapping[str, Mapping[str, float]]],
+        candidates: Mapping[str, Sequence[Option]],
+        sizes: Mapping[str, int],
+    ) -> SensitivityTable:
+        """A table measured earlier (`to_dict()`, e.g. `QuantizeReport.budget["sensitivity"]`), checked
+        against this run's `candidates` per layer: the errors are reused, so they must be of the same layers
+        and options (a table of another model or candidate set is refused). No solved weights come with it."""
+        if not isinstance(data, Mapping):
+            raise SensitivityTableError(
+                "sensitivity table: expected {layer: {option: {error, total_bits}}}, got "
+                f"{type(data).__name__}"
+            )
+        table = cls()
+        for name, options in candidates.items():
+            expected = {option_name(o) for o in options}
+            given = data.get(name)
+            if given is None or set(given) != expected:
+                got = "missing" if given is None else f"options {sorted(given)}"
+                raise SensitivityTableError(
+                    f"sensitivity table does not match this model and candidate specs: layer {name!r} is "
+                    f"{got}, expected options {sorted(expected)} (measure it again: run without the table)"
+                )
+            table.sizes[name] = int(sizes[name])
+            for key, option in zip(map(option_name, options), options, strict=True):
+                entry = given[key]
+                table.options.setdefault(name, {})[key] = option
+                table.errors.setdefault(name, {})[key] = float(entry["error"])
+                table.bits.setdefault(name, {})[key] = float(entry["total_bits"])
+        extra = sorted(set(data) - set(candidates))
+        if extra:
+            raise SensitivityTableError(
+                f"sensitivity table has layers this model does not quantize: {extra[:5]}"
+            )
+        return table
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    candidates: Mapping[str, Sequence[Option]],
+    probe: Probe,
+    hessians: Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
+    *,
+    solver: SolverOptions | None = None,
+    progress: bool = False,
+    keep_results: bool = True,
+) -> SensitivityTable:
+    """For each layer and each of its candidate options, the model's output error with that layer alone
+    quantized (solved with `quantize_weight` against the layer's Hessian, swapped in, probed, swapped back).
+
+    FP costs no probe: its error is 0 by definition. The model is left exactly as it was given. With
+    `keep_results=False` the solved weights are dropped after probing (they will be solved again anyway).
+    """
+    from dataclasses import asdict
+
+    from tqdm.auto import tqdm
+
+    solver = solver or SolverOptions()
+    table = SensitivityTable()
+    work = [(name, option) for name in layer_names for option in candidates[name]]
+    bar = tqdm(work, desc="LAQ sensitivity", unit="option", disable=not progress)
+    for name, option in bar:
+        key = option_name(option)
+        layer = model.get_submodule(name)
+        n = layer.weight.numel()
+        table.sizes[name] = n
+        table.options.setdefault(name, {})[key] = option
+        if key == FP:
+            table.errors.setdefault(name, {})[key] = 0.0
+            table.bits.setdefault(name, {})[key] = float(FP16_BITS)
+            continue
+        bar.set_postfix_str(f"{name[-32:]} {key}")
+        H = hessians[name]
+        H = H[0] if isinstance(H, tuple) else H
+        result = quantize_weight(layer.weight.detach(), H, option, name=name, **asdict(solver))
+        replace_module(model, name, AQModule.from_layer(layer, result))
+        try:
+            error = probe.error(model)
+        finally:
+            replace_module(model, name, layer)
+        table.errors.setdefault(name, {})[key] = error
+        table.bits.setdefault(name, {})[key] = float(result.total_bits)
+        if keep_results:
+            table.results.setdefault(name, {})[key] = result
+    bar.close()
+    return table

@@ -1,0 +1,131 @@
+"""The quantize run's checkpoint: one file per finished layer, on the shared checkpoint layer.
+
+Resume: with `checkpoint_dir`, each finished layer is written atomically (`layers/<name>.safetensors`,
+then its row in `manifest.json`, the commit point; `avq.storage.checkpoint`), together with the latest
+calibration pass's Hessians and the activation ranges, and a fingerprint of
+the model (class, config, weights), the `QuantizeConfig` and the calibration settings; `resume=True`
+applies the finished layers and continues with the rest, and a checkpoint of another model or config is
+refused with `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from avq.calibration.activations import ActQuantizer
+from avq.calibration.config import CalibrationConfig
+from avq.planning.presets import QuantizeConfig
+from avq.storage.checkpoint import CheckpointError, CheckpointFolder, tensor_digest
+
+MANIFEST_NAME = "manifest.json"
+
+
+def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> str:
+    """sha256 over the model class, config and weights, the QuantizeConfig and the calibration input."""
+    digest = hashlib.sha256()
+    model_config = dict(getattr(model, "config", {}) or {})
+    model_config = {k: v for k, v in model_config.items() if k not in ("_diffusers_version", "_name_or_path")}
+    digest.update(type(model).__name__.encode())
+    digest.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        tensor_digest(digest, tensor)
+    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    if isinstance(calibration, CalibrationConfig):
+        digest.update(json.dumps(calibration.to_dict(), sort_keys=True).encode())
+    else:
+        for name in sorted(calibration):
+            value = calibration[name]
+            H = value[0] if isinstance(value, tuple) else value
+            digest.update(name.encode())
+            tensor_digest(digest, H)
+    return digest.hexdigest()
+
+
+class QuantizeCheckpoint:
+    """`manifest.json` ({fingerprint, n_rows, rows, activations, laq, complete}), `hessians.safetensors`,
+    `activations.safetensors`, `layers/<name>.safetensors`; tensors first, the manifest last."""
+
+    def __init__(self, folder: Path, fp: str, resume: bool):
+        self.store = CheckpointFolder(folder, MANIFEST_NAME)
+        self.folder = Path(folder)
+        if self.store.exists():
+            manifest = self.store.read_meta()
+            if not resume:
+                raise CheckpointError(
+                    f"{folder} holds an unfinished run; resume it (resume=True / --resume) "
+                    "or delete the folder"
+                )
+            if manifest.get("fingerprint") != fp:
+                raise CheckpointError(
+                    f"{folder} is a checkpoint of another model or configuration (fingerprint mismatch); "
+                    "delete it or use the original model, preset, method and calibration settings"
+                )
+            self.manifest = manifest
+        else:
+            if folder.exists() and any(folder.iterdir()):
+                raise CheckpointError(f"{folder} exists and is not an avq checkpoint; choose another folder")
+            (folder / "layers").mkdir(parents=True, exist_ok=True)
+            self.manifest = {"fingerprint": fp, "n_rows": {}, "rows": {}, "complete": False}
+            self.commit()
+
+    def commit(self) -> None:
+        self.store.write_meta(self.manifest)
+
+    @property
+    def done(self) -> dict[str, dict]:
+        return self.manifest["rows"]
+
+    def load_hessians(self, names: list[str]) -> dict[str, tuple[torch.Tensor, int]] | None:
+        if not (self.folder / "hessians.safetensors").exists():
+            return None
+        stored = self.store.load_tensors("hessians.safetensors")
+        if not set(names) <= set(stored):
+            return None
+        return {n: (stored[n], int(self.manifest["n_rows"][n])) for n in names}
+
+    def save_statistics(
+        self, hessians: dict[str, tuple[torch.Tensor, int]], quantizers: dict[str, ActQuantizer]
+    ) -> None:
+        """The latest calibration's Hessians (replacing earlier ones) and all activation ranges so far."""
+        if quantizers:  # before the manifest names them
+            tensors = {f"{n}.{k}": t for n, q in quantizers.items() for k, t in q.state_dict().items()}
+            self.store.save_tensors("activations.safetensors", tensors)
+        self.store.save_tensors("hessians.safetensors", {n: h for n, (h, _) in hessians.items()})
+        self.manifest["n_rows"] = {n: c for n, (_, c) in hessians.items()}
+        self.manifest["activations"] = {n: q.to_entry() for n, q in quantizers.items()}
+        self.commit()
+
+    def load_quantizers(self) -> dict[str, ActQuantizer]:
+        entries = self.manifest.get("activations") or {}
+        if not entries:
+            return {}
+        stored = self.store.load_tensors("activations.safetensors")
+        quantizers = {}
+        for name, entry in entries.items():
+            quantizer = ActQuantizer.from_entry(entry)
+            quantizer.load_state_dict({k: stored[f"{name}.{k}"] for k in ("lo", "hi")})
+            quantizers[name] = quantizer
+        return quantizers
+
+    def save_layer(self, name: str, row: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.store.save_tensors(f"layers/{name}.safetensors", tensors)  # the tensors, then the manifest row
+        self.manifest["rows"][name] = row
+        self.commit()
+
+    def load_layer(self, name: str) -> dict[str, torch.Tensor]:
+        return self.store.load_tensors(f"layers/{name}.safetensors")
+
+    def save_laq(self, budget: dict) -> None:
+        self.manifest["laq"] = budget
+        self.commit()
+
+    def finish(self) -> None:
+        self.manifest["complete"] = True
+        self.commit()

@@ -1,0 +1,275 @@
+"""`avq.quantize`: calibrate, solve layer by layer, apply, checkpoint (docs/design.md, "Data flow").
+
+The plan (`avq.planning`) says which layers are quantized with which spec; this loop collects their
+statistics (`avq.calibration`), solves them (`avq.core`), swaps in `AQLinear`/`AQConv2d` and 8-bit input
+quantizers, and checkpoints every finished layer (`avq.run.checkpoint`). With an LAQ budget the specs come
+from `avq.run.laq` first.
+
+Sequential calibration (`QuantizeConfig.sequential`, `--sequential`): instead of collecting every
+Hessian from the FP model up front, the sampler is re-run once per top-level block (`down_blocks.i`,
+`mid_block`, `up_blocks.i`, `transformer_blocks.i`, ...; `avq.calibration.block_of`) on the model as
+quantized so far (A8 quantizers included), so a block's layers are fitted to the inputs they will see
+after the blocks before them are quantized. Costs one sampler run per block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from avq.calibration.activations import (
+    ActQuantizer,
+    RangeObserver,
+    attach_input_quantizer,
+    channel_dim_of,
+    in_channels_of,
+    shortcut_splits,
+)
+from avq.calibration.config import CalibrationConfig
+from avq.calibration.statistics import block_of, calibrate, group_by_block, quantizable_layers
+from avq.core.aq import quantize_weight
+from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from avq.core.bits import FP16_BITS, total_bits
+from avq.core.modules import AQModule, replace_module
+from avq.core.qweight import QuantizedWeight
+from avq.planning.budget import choose_specs
+from avq.planning.plan import LayerPlan, fitting_specs, plan_model
+from avq.planning.presets import QuantizeConfig
+from avq.planning.sensitivity import FP
+from avq.run.checkpoint import QuantizeCheckpoint, fingerprint
+from avq.run.laq import laq_plans
+from avq.run.report import QuantizeReport
+
+
+def _stored_tensors(result: QuantizedWeight | UniformQuantizedWeight) -> dict[str, torch.Tensor]:
+    return {k: getattr(result, k) for k in result._tensors}
+
+
+def _rebuild(plan: LayerPlan, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | UniformQuantizedWeight:
+    if plan.spec is not None:
+        return QuantizedWeight(spec=plan.spec, shape=plan.shape, **tensors)
+    return UniformQuantizedWeight(bits=plan.bits, shape=plan.shape, **tensors)
+
+
+def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQuantizedWeight) -> None:
+    layer = model.get_submodule(plan.name)
+    if isinstance(result, QuantizedWeight):
+        replace_module(model, plan.name, AQModule.from_layer(layer, result))
+    else:  # simulated: no uniform-quantized module yet
+        with torch.no_grad():
+            layer.weight.copy_(result.dequantize(layer.weight.dtype).to(layer.weight.device))
+
+
+def _solve(model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig):
+    weight = model.get_submodule(plan.name).weight.detach()
+    if config.method == "avq":
+        return quantize_weight(weight, hessian, plan.spec, name=plan.name, **asdict(config.solver))
+    if config.method == "gptq":
+        return quantize_weight_gptq(weight, hessian, plan.bits, name=plan.name)
+    return quantize_weight_rtn(weight, plan.bits, hessian, name=plan.name)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantizeConfig,
+    calibration: CalibrationConfig | Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    conditioning: torch.Tensor | None = None,
+    on_layer: Callable[[dict], None] | None = None,
+    report: QuantizeReport | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Quantize `model` in place and return it (docs/design.md contract).
+
+    Pass an empty `QuantizeReport()` as `report` to receive the per-layer table and notes.
+
+    `calibration`: a `CalibrationConfig` (run the FP sampler, `avq.calibration.calibrate`) or ready
+    Hessians `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are collected from the FP model before any
+    layer is replaced, or with `config.sequential` block by block from the model quantized so far.
+    `on_layer(row)` is called after each layer is finished (and checkpointed). See the module docstring
+    for the FP-keep rule and resume.
+    `sensitivity` (LAQ only): a table measured by an earlier run of the same model, calibration and
+    candidates (`report.budget["sensitivity"]`, also in `avq quantize --json`): the choice under this
+    budget is made from it without measuring again (budget sweeps), and only the chosen specs are solved.
+    """
+    from tqdm.auto import tqdm
+
+    # LAQ: rule 4 (overhead) is left to the budget, so those layers are candidates too.
+    plans = plan_model(
+        model, config if config.bits_budget is None else replace(config, max_overhead_bits=None)
+    )
+    quantizable = set(quantizable_layers(model))
+    plans = [
+        p if p.name in quantizable or not p.quantized else replace(p, reason="not a quantizable layer")
+        for p in plans
+    ]
+    todo = [p for p in plans if p.quantized]
+    if config.bits_budget is not None:  # fail before calibrating when even the cheapest choice is over
+        cheapest = {
+            p.name: {
+                "min": (
+                    0.0,
+                    min(
+                        [total_bits(p.shape, s) for s in fitting_specs(p.kind, p.shape, config)[1]]
+                        + [FP16_BITS]
+                    ),
+                )
+            }
+            if p.quantized
+            else {FP: (0.0, float(FP16_BITS))}
+            for p in plans
+        }
+        choose_specs(cheapest, {p.name: math.prod(p.shape) for p in plans}, config.bits_budget)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = QuantizeCheckpoint(Path(checkpoint_dir), fingerprint(model, config, calibration), resume)
+    done = ckpt.done if ckpt else {}
+
+    # Statistics: from the FP model before anything is replaced, or (sequential) per block, below.
+    pending = [p.name for p in todo if p.name not in done]
+    a8 = config.activation_bits < 16
+    if (a8 or config.sequential) and not isinstance(calibration, CalibrationConfig):
+        raise ValueError(
+            "quantize: 8-bit activations and sequential calibration need a CalibrationConfig (they run the "
+            "sampler), not ready Hessians"
+        )
+    quantizers: dict[str, ActQuantizer] = ckpt.load_quantizers() if ckpt and a8 else {}
+    hessians: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def statistics(names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
+        """Hessians (and, for A8, ranges into `quantizers`) of `names`: from the checkpoint or calibrated."""
+        stored = ckpt.load_hessians(names) if ckpt and names else None
+        if stored is not None and (not a8 or set(names) <= set(quantizers)):
+            return stored
+        observers = _range_observers(model, names, config) if a8 else {}
+        result = calibrate(
+            model, names, calibration, conditioning=conditioning, progress=progress, observers=observers
+        )
+        quantizers.update({n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count})
+        if ckpt:
+            ckpt.save_statistics(result, quantizers)
+        return result
+
+    if isinstance(calibration, CalibrationConfig):
+        if not config.sequential and pending:
+            hessians = statistics(pending)
+    else:
+        hessians = {}
+        for name in pending:
+            if name not in calibration:
+                raise ValueError(f"quantize: no Hessian given for layer {name!r}")
+            value = calibration[name]
+            hessians[name] = value if isinstance(value, tuple) else (value, -1)
+
+    report = QuantizeReport() if report is None else report
+    report.method, report.preset = config.method, config.preset
+    solved: dict[str, QuantizedWeight] = {}
+    if config.bits_budget is not None:
+        plans, solved = laq_plans(
+            model, plans, hessians, config, calibration, conditioning, ckpt, progress, report, sensitivity
+        )
+        todo = [p for p in plans if p.quantized]
+    if config.method != "avq":
+        report.notes.append(
+            f"{config.method} results are simulated: each dense weight is replaced by its dequantized "
+            f"int{config.bits} value (there is no uniform-quantized module yet), so the model is not smaller"
+        )
+    rows: dict[str, dict] = {}
+    blocks = group_by_block([p.name for p in todo])
+    bar = tqdm(todo, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    for plan in bar:
+        bar.set_postfix_str(plan.name[-40:])
+        if plan.name in done:
+            _apply(model, plan, _rebuild(plan, ckpt.load_layer(plan.name)))
+            if a8 and done[plan.name]["status"] == "quantized":
+                attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+            rows[plan.name] = done[plan.name]
+            continue
+        if plan.name not in hessians:  # sequential: the first unfinished layer of its block
+            hessians = statistics([n for n in blocks[block_of(plan.name)] if n not in done])
+        hessian, n_rows = hessians[plan.name]
+        if n_rows == 0:
+            rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
+            continue
+        start = time.perf_counter()
+        result = solved.get(plan.name) or _solve(model, plan, hessian, config)
+        _apply(model, plan, result)
+        if a8:  # now, so that a sequential calibration of later blocks sees 8-bit inputs here
+            attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+        row = {
+            "name": plan.name,
+            "kind": plan.kind,
+            "shape": list(plan.shape),
+            "status": "quantized",
+            "spec": plan.spec.name if plan.spec else f"int{plan.bits}",
+            "code_bits": result.code_bits,
+            "total_bits": result.total_bits,
+            "relative_error": float(result.info["relative_error"]),
+            "seconds": round(time.perf_counter() - start, 3),
+            "n_rows": int(n_rows),
+            "simulated": config.method != "avq",
+        }
+        if report.budget is not None:
+            row["sensitivity"] = (
+                report.budget["sensitivity"].get(plan.name, {}).get(row["spec"], {}).get("error")
+            )
+        rows[plan.name] = row
+        if ckpt:
+            ckpt.save_layer(plan.name, row, _stored_tensors(result))
+        if on_layer is not None:
+            on_layer(row)
+    bar.close()
+    if config.sequential:
+        report.notes.append(
+            f"sequential: calibrated block by block ({len(blocks)} blocks) on the model quantized so far"
+        )
+    if a8:
+        quantized = [name for name, row in rows.items() if row["status"] == "quantized"]
+        for name in quantized:
+            rows[name]["activation_splits"] = list(quantizers[name].splits)
+        n_split = sum(1 for name in quantized if quantizers[name].splits)
+        report.notes.append(
+            f"A{config.activation_bits}: inputs of {len(quantized)} quantized layers fake-quantized "
+            f"({n_split} with split ranges at skip concatenations); FP-kept layers keep FP inputs"
+        )
+    if ckpt:
+        ckpt.finish()
+    report.rows = [rows.get(p.name) or _kept_row(p, p.reason) for p in plans]
+    return model
+
+
+def _range_observers(model: nn.Module, names: list[str], config: QuantizeConfig) -> dict[str, RangeObserver]:
+    """One activation-range observer per layer; split at the skip concatenation where there is one."""
+    splits = shortcut_splits(model) if config.split_shortcuts else {}
+    observers = {}
+    for i, name in enumerate(names):
+        layer = model.get_submodule(name)
+        split = [splits[name]] if name in splits else []
+        observers[name] = RangeObserver(in_channels_of(layer), split, channel_dim_of(layer), seed=i)
+    return observers
+
+
+def _kept_row(plan: LayerPlan, reason: str) -> dict:
+    return {
+        "name": plan.name,
+        "kind": plan.kind,
+        "shape": list(plan.shape),
+        "status": "kept_fp",
+        "spec": None,
+        "code_bits": None,
+        "total_bits": None,
+        "relative_error": None,
+        "seconds": 0.0,
+        "reason": reason,
+    }

@@ -1,0 +1,138 @@
+"""Benchmark results files: `benchmarks/results/<name>.json` (docs/design.md, "Results files").
+
+Schema: `{"command", "commit", "device", "date", "torch", "rows": [...]}`. `commit` is `git rev-parse
+HEAD`, suffixed `+dirty` when the working tree has changes; `date` is UTC ISO 8601. README tables are
+generated from these files, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from avq.storage.atomic import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_results_dir() -> Path:
+    """`benchmarks/results` of the source checkout avq runs from, else of the working directory."""
+    if (REPO / "benchmarks").is_dir():
+        return REPO / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"
+
+
+def current_command(argv: Sequence[str] | None = None) -> str:
+    """The command line as a user would type it: `python <script or -m module> args...`."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return "python"
+    first = argv[0]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and first.endswith(".py"):
+        module = spec.name.removesuffix(".__main__")
+        head = ["python", "-m", module]
+    else:
+        path = Path(first)
+        if path.is_absolute():
+            for base in (REPO, Path.cwd()):
+                try:
+                    path = path.relative_to(base)
+                    break
+                except ValueError:
+                    continue
+        head = ["python", str(path)]
+    return shlex.join(head + argv[1:])
+
+
+def git_commit(cwd: Path = REPO) -> str:
+    """`git rev-parse HEAD` (+ `+dirty` if tracked files have uncommitted changes), or "unknown".
+
+    Untracked files do not count: a benchmark writes its own outputs (grids, JSON) before this is read.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if status.strip() else "")
+
+
+def device_name(device: str | torch.device | None = None) -> str:
+    """The CUDA device name for a CUDA `device` (default: CUDA if available), else the CPU model and
+    the number of cores this process may use."""
+    device = torch.device(device) if device is not None else None
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        import platform
+
+        model = platform.processor() or model
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    return f"{model}, {cores} cores"
+
+
+def _format(payload: dict) -> str:
+    """Indented JSON with one row per line (readable, and diffs stay one line per changed row)."""
+    head = [f" {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in payload.items() if k != "rows"]
+    rows = [f"  {json.dumps(row, allow_nan=False)}" for row in payload["rows"]]
+    body = ' "rows": [\n' + ",\n".join(rows) + "\n ]" if rows else ' "rows": []'
+    return "{\n" + ",\n".join([*head, body]) + "\n}\n"
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict],
+    *,
+    command: str | None = None,
+    device: str | torch.device | None = None,
+    results_dir: str | Path | None = None,
+) -> Path:
+    """Write `<results_dir>/<name>.json` atomically (`avq.storage.atomic.write_text_atomic`).
+
+    `command` defaults to the current command line (`python` for the interpreter); `device` is what the
+    figures were measured on (default: CUDA if available, else the CPU); `results_dir` defaults to the
+    repository's `benchmarks/results`. Rows must be JSON-serialisable dicts.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad results name {name!r}: expected a plain file stem such as 'layer_solver'")
+    folder = Path(results_dir) if results_dir is not None else default_results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command if command is not None else current_command(),
+        "commit": git_commit(),
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "rows": [dict(row) for row in rows],
+    }
+    text = _format(payload)
+    return write_text_atomic(folder / f"{name}.json", text)
