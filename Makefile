@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,track]" -e ./benchmarks
+	$(PY) -m pip install --quiet -e ".[dev,track,text]" -e ./benchmarks
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -9,9 +9,11 @@ from avq.core.hessian import prepare_hessian
 from avq.core.modules import AQConv2d, AQLinear
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec
+from avq.pipelines import load_pipeline, quantize_pipeline, save_pipeline
 from avq.planning.presets import QuantizeConfig, preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
+from avq.storage.diffusers_backend import register as _register_diffusers_backend
 from avq.storage.serialization import load_quantized, save_quantized
 
 __version__ = "0.1.0"
@@ -38,5 +40,10 @@ __all__ = [
     "QuantizeReport",
     "preset_config",
     "quantize",
+    "quantize_pipeline",
+    "save_pipeline",
+    "load_pipeline",
     "__version__",
 ]
+
+_register_diffusers_backend()  # diffusers' from_pretrained loads avq folders (avq.storage.diffusers_backend)

@@ -232,7 +232,24 @@ def pv_resume_table(data: dict) -> str:
     return "\n".join([*lines, "", _source(data)])
 
 
+def hessian_memory_table(data: dict) -> str:
+    """Calibration memory of real denoisers, from their configs (`benchmarks/hessian_memory.py`)."""
+    lines = [
+        "| denoiser | parameters | quantizable layers | largest K | all Hessians, fp32 | fp64 accumulators"
+        " | largest layer, fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} ({r['class']}) | {r['parameters'] / 1e9:.2f} B | {r['quantizable_layers']}"
+            f" | {r['max_K']:,} | {r['hessians_fp32_gib']} GiB | {r['accumulators_fp64_gib']} GiB"
+            f" | {r['largest_fp32_gib']} GiB |"
+        )
+    return "\n".join([*lines, "", _source(data)])
+
+
 TABLES = {
+    "hessian_memory": hessian_memory_table,
     "layer_solver": layer_solver_table,
     "kernels_cpu": kernels_table,
     "kernels_cpu_quick": kernels_table,

@@ -15,8 +15,9 @@ teacher's own sampling trajectories, and trains both halves of the representatio
 
 Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V steps), `semi` (resets),
 `optim` (AdamW with per-slot resets), `checkpoint` (atomic, pickle-free, refuses another run's),
-`distributed` (torchrun: gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`,
-`finetune_folder` behind `avq finetune`).
+`distributed` (torchrun: gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`),
+`pipeline_data` (a pipeline's own trajectories), `folders` (`finetune_folder` behind `avq finetune`,
+`finetune_pipeline`).
 
     from avq.finetune import FinetuneConfig, finetune
     student, history = finetune(student, teacher, FinetuneConfig(steps=300), checkpoint_dir="ckpt/")
@@ -24,7 +25,8 @@ Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V s
 
 from .checkpoint import FinetuneCheckpointError
 from .config import SEMI_MODES, FinetuneConfig, FinetuneError
-from .loop import distillation_loss, finetune, finetune_folder
+from .folders import finetune_folder, finetune_pipeline
+from .loop import distillation_loss, finetune
 from .optim import SlotAdamW
 from .pv import LayerChange, ShadowLayer, l2_beam_search, make_shadows, straight_through, v_step
 from .semi import semi_reset, stale_codewords
@@ -40,6 +42,7 @@ __all__ = [
     "distillation_loss",
     "finetune",
     "finetune_folder",
+    "finetune_pipeline",
     "l2_beam_search",
     "make_shadows",
     "semi_reset",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from avq.calibration.adapters import ModelAdapter, cat_kwargs
+from avq.calibration.adapters import ModelAdapter, cat_kwargs, to_device
 from avq.calibration.sampler import SamplerStep, make_ddim_scheduler, run_sampler
 
 from .config import FinetuneConfig
@@ -245,6 +245,41 @@ class TeacherData:
         rows = self.order[b * config.batch_size : (b + 1) * config.batch_size]  # the whole batch
         points = rows[shard(config.batch_size, self.ctx)]
         return pool_batch(self.pool, points)
+
+    def outputs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(model output, teacher target)` on the batch's rows: conditional, then (`distill_null`) null."""
+        param = next(model.parameters())
+        x, t, kwargs, target = model_inputs(batch, self.config.distill_null, param.device, param.dtype)
+        return self.adapter.forward(model, x, t, kwargs), target
+
+    @torch.no_grad()
+    def sample_grid(self, model: nn.Module, n: int = 16) -> torch.Tensor:
+        """`n` samples `[n, C, H, W]` of `model` with the teacher's sampler, from fixed noise and conditions
+        (the "sample" stream of the seed), so grids of successive steps are comparable."""
+        config = self.config
+        noise, cond, null = trajectory_inputs(self.adapter, config.seed, "sample", 0, range(n))
+        final = run_sampler(
+            model,
+            self.adapter,
+            noise,
+            cond,
+            null,
+            steps=config.sampling_steps,
+            guidance=config.guidance_scale,
+        )
+        return final.float().clamp(-1, 1).cpu()
+
+
+def model_inputs(batch: Batch, distill_null: bool, device: torch.device, dtype: torch.dtype):
+    """`(x, t, kwargs, target)` rows for the student: the conditional rows, then the null rows."""
+    if distill_null and batch.null is not None:
+        x = torch.cat([batch.x, batch.x])
+        t = torch.cat([batch.t, batch.t])
+        kwargs = cat_kwargs(batch.cond, batch.null)
+        target = torch.cat([batch.target_cond, batch.target_null])
+    else:
+        x, t, kwargs, target = batch.x, batch.t, batch.cond, batch.target_cond
+    return x.to(device, dtype), t.to(device), to_device(kwargs, device, dtype), target.to(device)
 
 
 def pool_batch(pool: TrajectoryPool, points: torch.Tensor) -> Batch:

@@ -14,9 +14,7 @@ models, the config and the thread count, so a resumed run ends bit-identical to 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from avq.calibration.adapters import adapter_for, cat_kwargs, to_device
-from avq.calibration.sampler import run_sampler
+from avq.calibration.adapters import adapter_for
 
 from . import distributed
-from .checkpoint import has_checkpoint, load_checkpoint, restore, run_identity, save_checkpoint
+from .checkpoint import load_checkpoint, restore, run_identity, save_checkpoint
 from .config import FinetuneConfig, FinetuneError
-from .data import Batch, TeacherData, build_pool, pool_batch, trajectory_inputs
+from .data import TeacherData, build_pool, model_inputs, pool_batch
 from .optim import SlotAdamW
+from .pipeline_data import PipelineTeacherData
 from .pv import ShadowLayer, make_shadows, p_step_parameters, shadow_name, straight_through, v_step
 from .semi import semi_reset
 
@@ -96,36 +94,22 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
 
 
 # ============================================================================ the loop
-def _model_inputs(batch: Batch, distill_null: bool, device: torch.device, dtype: torch.dtype):
-    """`(x, t, kwargs, target)` rows for the student: the conditional rows, then the null rows."""
-    if distill_null and batch.null is not None:
-        x = torch.cat([batch.x, batch.x])
-        t = torch.cat([batch.t, batch.t])
-        kwargs = cat_kwargs(batch.cond, batch.null)
-        target = torch.cat([batch.target_cond, batch.target_null])
-    else:
-        x, t, kwargs, target = batch.x, batch.t, batch.cond, batch.target_cond
-    return x.to(device, dtype), t.to(device), to_device(kwargs, device, dtype), target.to(device)
-
-
 def _distillation_loss(
     student: nn.Module,
     teacher: nn.Module,
-    adapter,
-    batch: Batch,
+    data: TeacherData | PipelineTeacherData,
+    batch: Any,
     config: FinetuneConfig,
     blocks: list[str],
 ) -> torch.Tensor:
     """MSE of the student's output against the teacher's on this rank's rows (+ the block term)."""
-    param = next(student.parameters())
-    x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
     with contextlib.ExitStack() as stack:
         got = stack.enter_context(capture_outputs(student, blocks)) if blocks else {}
-        out = adapter.forward(student, x, t, kwargs)
+        out, target = data.outputs(student, batch)
     loss = F.mse_loss(out.float(), target.float())
     if blocks:
         with torch.no_grad(), capture_outputs(teacher, blocks) as want:
-            adapter.forward(teacher, x, t, kwargs)
+            data.outputs(teacher, batch)
         block = sum(F.mse_loss(got[n].float(), want[n].float()) for n in blocks) / len(blocks)
         loss = loss + config.block_loss_weight * block
     return loss
@@ -165,8 +149,13 @@ def finetune(
     stop_after: int | None = None,
     device: str | torch.device | None = None,
     conditioning: torch.Tensor | None = None,
+    data: PipelineTeacherData | None = None,
 ) -> tuple[nn.Module, History]:
     """Fine-tune the quantized `student` (in place) against its FP `teacher` with SeMI-PV.
+
+    `data`: where the teacher trajectories come from; default the reference sampler around `teacher`
+    (`avq.finetune.data.TeacherData`); a pipeline's own sampling with `PipelineTeacherData`
+    (`finetune_pipeline`).
 
     `checkpoint_dir`: write a checkpoint every `config.checkpoint_every` steps and at the end; `resume`:
     continue from it (refused with `FinetuneCheckpointError` for another model, spec, teacher or config).
@@ -185,14 +174,24 @@ def finetune(
     ctx = distributed.setup(device)
     try:
         return _finetune(
-            student, teacher, config, ctx, checkpoint_dir, resume, tracker, progress, stop_after, conditioning
+            student,
+            teacher,
+            config,
+            ctx,
+            checkpoint_dir,
+            resume,
+            tracker,
+            progress,
+            stop_after,
+            conditioning,
+            data,
         )
     finally:
         distributed.teardown(ctx)
 
 
 def _finetune(
-    student, teacher, config, ctx, checkpoint_dir, resume, tracker, progress, stop_after, conditioning
+    student, teacher, config, ctx, checkpoint_dir, resume, tracker, progress, stop_after, conditioning, data
 ) -> tuple[nn.Module, History]:
     from tqdm.auto import tqdm
 
@@ -233,8 +232,8 @@ def _finetune(
         start, history, seconds_before = int(meta["step"]), list(meta["history"]), float(meta["seconds"])
     end = config.steps if stop_after is None else max(start, min(config.steps, stop_after))
     tracker = tracker if (tracker is not None and ctx.is_main) else NullTracker()
-    adapter = adapter_for(teacher, conditioning=conditioning)
-    data = TeacherData(teacher, adapter, config, ctx)
+    if data is None:
+        data = TeacherData(teacher, adapter_for(teacher, conditioning=conditioning), config, ctx)
     blocks = block_names(student) if config.block_loss_weight > 0 else []
     trained = optimizer.params()
     started = time.perf_counter()
@@ -257,7 +256,7 @@ def _finetune(
 
     def log_samples(step: int) -> None:
         if ctx.is_main and config.sample_every:
-            tracker.log_images("samples", sample_grid(student, adapter, config), caption=f"step {step}")
+            tracker.log_images("samples", data.sample_grid(student), caption=f"step {step}")
 
     bar = tqdm(
         range(start, end),
@@ -271,7 +270,7 @@ def _finetune(
         with straight_through(shadows):
             for step in bar:
                 optimizer.zero_grad()
-                loss = _distillation_loss(student, teacher, adapter, data.batch(step), config, blocks)
+                loss = _distillation_loss(student, teacher, data, data.batch(step), config, blocks)
                 loss.backward()
                 for p in trained:  # an unused tensor gets a zero gradient on every rank alike
                     if p.grad is None:
@@ -309,17 +308,6 @@ def _finetune(
 
 # ============================================================================ evaluation
 @torch.no_grad()
-def sample_grid(model: nn.Module, adapter, config: FinetuneConfig, n: int = SAMPLE_GRID) -> torch.Tensor:
-    """`n` samples `[n, C, H, W]` of `model` with the teacher's sampler, from fixed noise and conditions
-    (the "sample" stream of `config.seed`), so grids of successive steps are comparable."""
-    noise, cond, null = trajectory_inputs(adapter, config.seed, "sample", 0, range(n))
-    final = run_sampler(
-        model, adapter, noise, cond, null, steps=config.sampling_steps, guidance=config.guidance_scale
-    )
-    return final.float().clamp(-1, 1).cpu()
-
-
-@torch.no_grad()
 def distillation_loss(
     student: nn.Module,
     teacher: nn.Module,
@@ -340,111 +328,8 @@ def distillation_loss(
     total, count = 0.0, 0
     for lo in range(0, points.numel(), batch_size):
         batch = pool_batch(pool, points[lo : lo + batch_size])
-        x, t, kwargs, target = _model_inputs(batch, config.distill_null, param.device, param.dtype)
+        x, t, kwargs, target = model_inputs(batch, config.distill_null, param.device, param.dtype)
         out = adapter.forward(student, x, t, kwargs)
         total += float(F.mse_loss(out.float(), target.float(), reduction="sum"))
         count += target.numel()
     return total / count
-
-
-# ============================================================================ folders (the CLI job)
-def finetune_folder(
-    quantized: str | os.PathLike,
-    out: str | os.PathLike,
-    config: FinetuneConfig,
-    *,
-    teacher: str | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    tracker: str = "none",
-    progress: bool = True,
-    stop_after: int | None = None,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """`avq finetune`: load the avq save `quantized` and its teacher, fine-tune, save to `out`.
-
-    The teacher is `teacher` (a shipped model name or a diffusers folder) or else the FP source recorded
-    in the save (`quantization_config.extra.model`, written by `avq quantize`). Checkpoints go to
-    `checkpoint_dir` (default `<out>.partial`), which is removed after the final save. The save records
-    the fine-tuning settings and figures under `quantization_config.extra.finetune`. `device`: default
-    `cuda:LOCAL_RANK` when CUDA is available, else CPU. Returns the figures (on every rank; only the main
-    rank writes files).
-    """
-    from avq.storage.serialization import CONFIG_NAME, load_quantized, save_quantized
-    from avq.tracking import NullTracker, make_tracker
-
-    quantized, out = Path(quantized), Path(out)
-    partial = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".partial")
-    if out.exists() and out.resolve() == quantized.resolve():
-        raise FinetuneError(f"--out {out} is the input folder; write the fine-tuned model elsewhere")
-    if out.exists() and (
-        not out.is_dir() or any(p.name not in (CONFIG_NAME, "model.safetensors") for p in out.iterdir())
-    ):
-        raise FinetuneError(f"--out {out}: exists and is not an avq save; choose another folder")
-    if has_checkpoint(partial) and not resume:
-        raise FinetuneError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
-    if resume and not has_checkpoint(partial):
-        raise FileNotFoundError(f"no fine-tuning checkpoint to resume in {partial}")
-    ctx = distributed.setup(device)
-    try:
-        student = load_quantized(quantized)
-        extra = json.loads((quantized / CONFIG_NAME).read_text())["quantization_config"].get("extra") or {}
-        source = teacher or extra.get("model")
-        if not source:
-            raise FinetuneError(
-                f"{quantized} records no FP source model (quantization_config.extra.model); pass --teacher"
-            )
-        from avq.cli import load_model
-
-        fp = load_model(str(source))
-        run_tracker = (
-            make_tracker(
-                tracker,
-                {"quantized": str(quantized), "teacher": str(source), "finetune": config.to_dict()},
-            )
-            if ctx.is_main
-            else NullTracker()
-        )
-        started = time.perf_counter()
-        try:
-            student, history = finetune(
-                student,
-                fp,
-                config,
-                checkpoint_dir=partial,
-                resume=resume,
-                tracker=run_tracker,
-                progress=progress,
-                stop_after=stop_after,
-                device=ctx.device,
-            )
-        finally:
-            run_tracker.finish()
-        seconds = time.perf_counter() - started
-        steps_done = history[-1]["step"] if history else 0
-        summary = {
-            "config": config.to_dict(),
-            "teacher": str(source),
-            "steps_done": steps_done,
-            "final_loss": history[-1]["loss"] if history else None,
-            "codes_changed_total": sum(h["codes_changed"] for h in history),
-            "world_size": ctx.world_size,
-        }
-        figures = {
-            **summary,
-            "quantized": str(quantized),
-            "out": str(out),
-            "seconds": round(seconds, 2),
-            "saved": False,
-            "rank": ctx.rank,
-            "history": history,
-        }
-        if steps_done == config.steps:
-            if ctx.is_main:
-                save_quantized(student.cpu(), out, extra_config={**extra, "finetune": summary})
-                shutil.rmtree(partial, ignore_errors=True)
-            figures["saved"] = True
-            distributed.barrier(ctx)
-        return figures
-    finally:
-        distributed.teardown(ctx)

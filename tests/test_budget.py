@@ -188,7 +188,7 @@ def test_bits_budget_reuses_a_given_sensitivity_table(monkeypatch):
 
 def test_quantize_bits_budget_infeasible(monkeypatch):
     monkeypatch.setattr(
-        "avq.run.quantize.calibrate", lambda *a, **k: pytest.fail("calibrated before the check")
+        "avq.calibration.source.calibrate", lambda *a, **k: pytest.fail("calibrated before the check")
     )
     with pytest.raises(BudgetError, match="minimum achievable budget"):
         quantize(tiny_unet(), preset_config("w2a16", solver=FAST, bits_budget=1.0), TINY, progress=False)

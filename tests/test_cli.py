@@ -84,9 +84,9 @@ def test_quantize_shipped_model_rtn(tmp_path, capsys):
     "model, preset, message",
     [
         ("no-such-model", "w2a16", "unknown model 'no-such-model'"),
-        ("FOLDER_EMPTY", "w2a16", "not a diffusers model folder"),
+        ("FOLDER_EMPTY", "w2a16", "neither a diffusers pipeline folder"),
         ("FOLDER_NOCLASS", "w2a16", "no _class_name"),
-        ("PIPELINE", "w2a16", "not a diffusers model folder"),
+        ("PIPELINE", "w2a16", "names no unet or transformer"),
     ],
 )
 def test_user_errors_exit_2(model, preset, message, tmp_path, tiny_folder, capsys):

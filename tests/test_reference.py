@@ -160,7 +160,20 @@ def test_write_results_schema_and_atomicity(tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     assert {"command", "commit", "device", "date", "torch", "rows"} <= set(data)
     assert data["command"] == "python x.py --flag"
-    assert data["rows"] == rows
+    stamp = {"commit", "dirty", "command"}  # every row says where it came from
+    assert [{k: v for k, v in r.items() if k not in stamp} for r in data["rows"]] == rows
+    assert all(
+        r["command"] == "python x.py --flag" and r["commit"] == data["commit"].split("+")[0]
+        for r in data["rows"]
+    )
+    assert all(r["dirty"] == data["commit"].endswith("+dirty") for r in data["rows"])
+    kept = write_results(
+        "kept", [{"commit": "abc", "dirty": False, "command": "old", "x": 1}], results_dir=tmp_path
+    )
+    assert json.loads(kept.read_text())["rows"] == [
+        {"commit": "abc", "dirty": False, "command": "old", "x": 1}
+    ]
+    kept.unlink()
     assert data["torch"] == torch.__version__
     assert data["date"].endswith("+00:00")
     assert data["commit"] == "unknown" or len(data["commit"].split("+")[0]) == 40
@@ -170,7 +183,7 @@ def test_write_results_schema_and_atomicity(tmp_path, monkeypatch):
     # A failing write leaves the previous file intact and no temp file behind.
     with pytest.raises(ValueError):
         write_results("demo_results", [{"x": float("nan")}], results_dir=tmp_path)
-    assert json.loads(path.read_text())["rows"] == rows
+    assert [r["layer"] for r in json.loads(path.read_text())["rows"]] == ["a", "b"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo_results.json"]
 
     # Readers never see a partial file while writers replace it.
@@ -243,6 +256,9 @@ def test_layer_solver_quick_runs_end_to_end(tmp_path):
             "total_bits",
             "relative_error",
             "seconds",
+            "commit",
+            "dirty",
+            "command",
         }
         assert 0 <= r["relative_error"] < 1 and r["total_bits"] >= r["code_bits"] > 0 and r["seconds"] >= 0
     summary = [r for r in data["rows"] if r["layer"] == "summary"]

@@ -23,6 +23,7 @@ import avq.storage.serialization as serialization
 from avq import AQConv2d, AQLinear, QuantSpec, load_quantized, save_quantized
 from avq.core.modules import AQModule, replace_module
 from avq.storage import atomic as fileio
+from avq.storage.format import DIFFUSERS_WEIGHTS_NAME, config_digest
 from avq.storage.serialization import FormatError
 
 # Layer -> spec: kernel grouping (g=9) on a 1-input-channel conv, B=4 (M=2) and B=16 codes, a strided conv,
@@ -98,9 +99,11 @@ def rewrite(
     config: Callable[[dict], None] | None = None,
     fix_checksum: bool = True,
 ) -> None:
-    """Edit a saved folder's tensors and/or config; by default re-record the checksum so that the damage
-    reaches the checks behind it."""
+    """Edit a saved folder's tensors and/or config; by default re-record the checksums (weights and model
+    config) so that the damage reaches the checks behind them. The folder is left with `model.safetensors`
+    alone (its copy under diffusers' name would no longer match)."""
     weights, config_path = folder / "model.safetensors", folder / "config.json"
+    (folder / DIFFUSERS_WEIGHTS_NAME).unlink(missing_ok=True)
     data = json.loads(config_path.read_text())
     if tensors is not None:
         state = load_file(weights)
@@ -110,6 +113,7 @@ def rewrite(
         config(data)
     if fix_checksum:
         data["quantization_config"]["checksum"]["model.safetensors"] = f"sha256:{fileio.sha256_file(weights)}"
+        data["quantization_config"]["checksum"]["config.json"] = config_digest(data)
     config_path.write_text(json.dumps(data))
 
 
@@ -242,7 +246,7 @@ def test_save_replaces_previous_save_and_leaves_nothing_behind(quantized: nn.Mod
     save_quantized(nn.Sequential(), folder)
     save_quantized(quantized, folder)
     assert sorted(os.listdir(tmp_path)) == ["model"]
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["config.json", DIFFUSERS_WEIGHTS_NAME, "model.safetensors"]
     assert isinstance(load_quantized(folder).get_submodule("conv_in"), AQConv2d)
 
 
@@ -337,6 +341,7 @@ def test_unsupported_activation_bits(copy: Path) -> None:
 
 def test_missing_weights(copy: Path) -> None:
     (copy / "model.safetensors").unlink()
+    (copy / DIFFUSERS_WEIGHTS_NAME).unlink()  # either name alone would do (tests/test_diffusers_backend.py)
     with pytest.raises(FormatError, match="model.safetensors is missing"):
         load_quantized(copy)
 

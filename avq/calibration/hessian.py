@@ -36,7 +36,8 @@ class HessianAccumulator:
             )
         self.layer = layer
         self.padding = _explicit_padding(layer) if isinstance(layer, nn.Conv2d) else 0
-        self.sum = torch.zeros(K, K, dtype=torch.float64)
+        # Accumulated on the compute device (the layer's): no host round trip per batch.
+        self.sum = torch.zeros(K, K, dtype=torch.float64, device=layer.weight.device)
         self.count = 0
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"HessianAccumulator: max_rows must be >= 1 or None, got {max_rows}")
@@ -61,7 +62,7 @@ class HessianAccumulator:
         if self.max_rows is not None and rows.shape[0] > self.max_rows:
             keep = torch.randperm(rows.shape[0], generator=self.generator)[: self.max_rows]
             rows = rows[keep.to(rows.device)]
-        self.sum += (rows.T @ rows).to(torch.float64).cpu()
+        self.sum += (rows.T @ rows).to(device=self.sum.device, dtype=torch.float64)
         self.count += rows.shape[0]
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

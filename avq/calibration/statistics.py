@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from avq.calibration.adapters import adapter_for
-from avq.calibration.config import CalibrationConfig
+from avq.calibration.config import REFERENCE_GUIDANCE, REFERENCE_STEPS, CalibrationConfig
 from avq.calibration.hessian import HessianAccumulator
-from avq.calibration.sampler import SamplerStep, make_ddim_scheduler, run_sampler
+from avq.calibration.sampler import make_ddim_scheduler, run_sampler
 
 
 # ============================================================================ layers
@@ -85,29 +85,36 @@ def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> li
     return chunks
 
 
+class Recorder:
+    """The switch between a trajectory runner and the layer hooks: hooks add inputs only while `active`
+    (at the kept steps); the runner calls `step_done()` after every sampler step (progress)."""
+
+    def __init__(self, bar):
+        self.active = False
+        self._bar = bar
+
+    def step_done(self) -> None:
+        self.active = False
+        self._bar.update(1)
+
+
 @torch.no_grad()
-def calibrate(
+def collect_statistics(
     model: nn.Module,
     layer_names: Sequence[str],
-    config: CalibrationConfig | None = None,
+    config: CalibrationConfig,
+    run_pass: Callable[[Recorder], None],
     *,
-    conditioning: torch.Tensor | None = None,
-    scheduler=None,
+    steps_per_pass: int,
     progress: bool = True,
     observers: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """Input Hessians of the named layers along the FP sampling trajectory: `{name: (H [K, K], n_rows)}`.
-
-    `n_rows` is the number of input rows (tokens, or conv patches) averaged into `H`. Deterministic for
-    `config.seed` (and thread count), and the same with any `layers_per_pass`. `scheduler`: a diffusers
-    scheduler to copy the noise schedule from (default `make_ddim_scheduler()`). `observers`: `{name:
-    obj}` whose `obj.observe(input)` sees the same inputs as the Hessian of layer `name` (8-bit activation
-    ranges, `avq.calibration.activations.RangeObserver`); every key must be one of `layer_names`.
-    """
-    from diffusers import DDIMScheduler
+    """`{name: (H [K, K], n_rows)}` of the named layers of `model`, over the trajectories that `run_pass`
+    samples: it runs every trajectory once, switching `recorder.active` on at the steps to keep. Layers
+    are hooked a pass at a time (`layers_per_pass`, `max_hessian_gib`), so `run_pass` is called once per
+    pass and must reproduce the same trajectories each time. `observers`: see `calibrate`."""
     from tqdm.auto import tqdm
 
-    config = config or CalibrationConfig()
     names = list(dict.fromkeys(layer_names))
     observers = dict(observers or {})
     if not set(observers) <= set(names):
@@ -119,33 +126,16 @@ def calibrate(
             model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"calibrate: {type(model).__name__} has no layer {name!r}") from error
-    adapter = adapter_for(model, conditioning=conditioning, prompt_tokens=config.prompt_tokens)
-    scheduler = make_ddim_scheduler() if scheduler is None else DDIMScheduler.from_config(scheduler.config)
-    kept = set(config.kept_step_indices())
     chunks = _passes(model, names, config)
-    n_batches = -(-config.num_samples // config.batch_size)
-
     was_training = model.training
     model.eval()
     results: dict[str, tuple[torch.Tensor, int]] = {}
-    bar = tqdm(
-        total=len(chunks) * n_batches * config.num_steps,
-        desc="calibrate",
-        unit="step",
-        disable=not progress,
-    )
-    state = {"active": False}  # layer hooks record only at the kept steps
-
-    def before_step(index: int, t: torch.Tensor) -> None:
-        state["active"] = index in kept
-
-    def after_step(step: SamplerStep) -> None:
-        state["active"] = False
-        bar.update(1)
+    bar = tqdm(total=len(chunks) * steps_per_pass, desc="calibrate", unit="step", disable=not progress)
+    recorder = Recorder(bar)
 
     def make_hook(acc: HessianAccumulator, observer):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
-            if state["active"]:
+            if recorder.active:
                 acc.add(inputs[0])
                 if observer is not None:
                     observer.observe(inputs[0])
@@ -167,25 +157,9 @@ def calibrate(
                 for n, a in accumulators.items()
             ]
             try:
-                # The same generator sequence every pass: identical trajectories for every chunk.
-                generator = torch.Generator().manual_seed(config.seed)
-                for b in range(n_batches):
-                    n = min(config.batch_size, config.num_samples - b * config.batch_size)
-                    x = torch.randn((n, *adapter.latent_shape), generator=generator)
-                    cond, null = adapter.make_conditions(n, generator)
-                    run_sampler(
-                        model,
-                        adapter,
-                        x,
-                        cond,
-                        null,
-                        steps=config.num_steps,
-                        guidance=config.guidance_scale,
-                        scheduler=scheduler,
-                        before_step=before_step,
-                        after_step=after_step,
-                    )
+                run_pass(recorder)
             finally:
+                recorder.active = False
                 for handle in handles:
                     handle.remove()
             for name, acc in accumulators.items():
@@ -196,3 +170,65 @@ def calibrate(
         bar.close()
         model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    config: CalibrationConfig | None = None,
+    *,
+    conditioning: torch.Tensor | None = None,
+    scheduler=None,
+    progress: bool = True,
+    observers: Mapping[str, Any] | None = None,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Input Hessians of the named layers along the FP reference sampling trajectory of a bare model:
+    `{name: (H [K, K], n_rows)}` (pipelines: `avq.pipelines.calibration.PipelineSource`).
+
+    `n_rows` is the number of input rows (tokens, or conv patches) averaged into `H`. Deterministic for
+    `config.seed` (and thread count), and the same with any `layers_per_pass`. `scheduler`: a diffusers
+    scheduler to copy the noise schedule from (default `make_ddim_scheduler()`). `observers`: `{name:
+    obj}` whose `obj.observe(input)` sees the same inputs as the Hessian of layer `name` (8-bit activation
+    ranges, `avq.calibration.activations.RangeObserver`); every key must be one of `layer_names`.
+    """
+    from diffusers import DDIMScheduler
+
+    config = (config or CalibrationConfig()).resolved(REFERENCE_STEPS, REFERENCE_GUIDANCE)
+    adapter = adapter_for(model, conditioning=conditioning, prompt_tokens=config.prompt_tokens)
+    scheduler = make_ddim_scheduler() if scheduler is None else DDIMScheduler.from_config(scheduler.config)
+    kept = set(config.kept_step_indices())
+    n_batches = -(-config.num_samples // config.batch_size)
+
+    def run_pass(recorder: Recorder) -> None:
+        def before_step(index: int, t: torch.Tensor) -> None:
+            recorder.active = index in kept
+
+        # The same generator sequence every pass: identical trajectories for every chunk.
+        generator = torch.Generator().manual_seed(config.seed)
+        for b in range(n_batches):
+            n = min(config.batch_size, config.num_samples - b * config.batch_size)
+            x = torch.randn((n, *adapter.latent_shape), generator=generator)
+            cond, null = adapter.make_conditions(n, generator)
+            run_sampler(
+                model,
+                adapter,
+                x,
+                cond,
+                null,
+                steps=config.num_steps,
+                guidance=config.guidance_scale,
+                scheduler=scheduler,
+                before_step=before_step,
+                after_step=lambda step: recorder.step_done(),
+            )
+
+    return collect_statistics(
+        model,
+        layer_names,
+        config,
+        run_pass,
+        steps_per_pass=n_batches * config.num_steps,
+        progress=progress,
+        observers=observers,
+    )

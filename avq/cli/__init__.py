@@ -1,16 +1,21 @@
 """The `avq` command line. Each subcommand only parses arguments and calls the Python API.
 
-    avq quantize --model digits-unet|digits-dit|digits-unet-mini|FOLDER --preset w4a16|w2a16|w4a8|w2a8
-                 [--method avq|gptq|rtn] --out FOLDER [--json PATH] [--resume] [--num-samples N] [--seed S]
-                 [--bits-budget B] [--sequential] [--tracker none|wandb]
+    avq quantize --model PIPELINE_FOLDER|MODEL_FOLDER|digits-unet|digits-dit|digits-unet-mini
+                 --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn] --out FOLDER [--json PATH] [--resume]
+                 [--prompts FILE] [--num-samples N] [--steps S] [--guidance G] [--height H --width W]
+                 [--classes C ...] [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--seed S]
+                 [--bits-budget B] [--sequential] [--max-hessian-gib G] [--tracker none|wandb]
     avq finetune --quantized FOLDER --steps N --out FOLDER [--resume] [--tracker none|wandb]
                  [--teacher MODEL] [--semi selective|none|all] [--checkpoint-every N] [--json PATH]
-    avq sample   --model digits-unet|digits-dit|digits-unet-mini|FOLDER [--quantized FOLDER] --n N
-                 [--steps 20] [--guidance G] [--seed S] [--batch-size B] --out DIR [--json PATH]
+    avq sample   --model PIPELINE_FOLDER|MODEL_FOLDER|SHIPPED [--quantized FOLDER]
+                 (--prompt TEXT ... | --prompts FILE | --classes C ... | --n N) [--steps S] [--guidance G]
+                 [--seed S] [--batch-size B] [--device D] [--dtype T] --out DIR [--json PATH]
     avq eval     SAMPLES.npz [--fp FP_SAMPLES.npz] [--floor FP2.npz] [--reference test|train] [--json PATH]
 
-User errors (unknown model, a folder that is not a diffusers model, a preset that cannot be met, an
-unusable checkpoint) exit with status 2 and a one-line message.
+User errors (unknown model, a folder that is neither a pipeline nor a model, a pipeline without the text
+encoder its denoiser needs, an empty prompts file, `--device cuda` without CUDA, a preset that cannot be
+met, an unusable checkpoint, a save of a newer avq) exit with status 2 and a one-line message, before
+anything is written.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from avq.calibration.adapters import UnsupportedModelError
 from avq.cli.models import UserError, load_model
 from avq.cli.parser import build_parser
 from avq.extras import MissingExtraError
+from avq.pipelines.folders import PipelineError
+from avq.pipelines.prompts import PromptsError
 from avq.planning.budget import BudgetError
 from avq.planning.presets import PresetError
 from avq.planning.sensitivity import SensitivityTableError
@@ -47,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         FormatError,
         FileNotFoundError,
         MissingExtraError,
+        PipelineError,
+        PromptsError,
     ) as error:
         print(f"avq {args.command}: error: {error}", file=sys.stderr)
         return 2

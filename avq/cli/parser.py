@@ -1,11 +1,14 @@
-"""The `avq` argument parser: one subparser per subcommand, each bound to its function in `commands`."""
+"""The `avq` argument parser: one subparser per subcommand, each bound to its `cmd_*` function."""
 
 from __future__ import annotations
 
 import argparse
 
-from avq.cli.commands import cmd_eval, cmd_finetune, cmd_quantize, cmd_sample
+from avq.cli.evaluate import cmd_eval
+from avq.cli.finetune import cmd_finetune
 from avq.cli.models import SHIPPED_MODELS
+from avq.cli.quantize import cmd_quantize
+from avq.cli.sample import cmd_sample
 from avq.planning.presets import METHODS, PRESETS
 
 
@@ -16,26 +19,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser(
         "quantize",
-        help="quantize a diffusers model (time step-aware calibration, then layer by layer)",
-        description="Calibrate on the FP DDIM sampler, quantize every Linear/Conv2d (FP-keep rule in "
-        "avq.run.quantize), print a per-layer table and save the model (avq method).",
+        help="quantize a diffusers pipeline's denoiser or a model (time step-aware calibration, then layer "
+        "by layer)",
+        description="Calibrate on the FP sampler (a pipeline folder: the pipeline's own scheduler, steps, "
+        "guidance and text encoders on real prompts; a model folder or shipped model: DDIM 20 steps), "
+        "quantize every Linear/Conv2d of the denoiser (FP-keep rule in avq.planning.plan), print a "
+        "per-layer table and save: a pipeline folder (every other component as it was) or an avq save.",
     )
     q.add_argument(
         "--model",
         required=True,
-        help=f"shipped model ({', '.join(SHIPPED_MODELS)}) or diffusers model folder",
+        help=f"diffusers pipeline folder (model_index.json), diffusers model folder, or a shipped model "
+        f"({', '.join(SHIPPED_MODELS)})",
     )
     q.add_argument("--preset", required=True, choices=PRESETS, help="weight/activation bits")
     q.add_argument(
         "--method", default="avq", choices=METHODS, help="avq (default), or the simulated gptq/rtn baselines"
     )
-    q.add_argument("--out", required=True, help="output folder (avq save: config.json + model.safetensors)")
+    q.add_argument(
+        "--out",
+        required=True,
+        help="output folder: a pipeline folder for a pipeline, else an avq save (config.json + weights)",
+    )
     q.add_argument("--json", help="write the figures (per-layer rows, summary) to this JSON file")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial/")
     q.add_argument("--num-samples", type=_positive, default=64, help="calibration samples (default 64)")
     q.add_argument("--batch-size", type=_positive, default=16, help="calibration batch size (default 16)")
     q.add_argument(
-        "--steps", type=_positive, default=20, help="DDIM steps of the calibration sampler (default 20)"
+        "--steps",
+        type=_positive,
+        default=None,
+        help="sampler steps of the calibration (default: the pipeline's own; DDIM 20 for a bare model)",
+    )
+    q.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance of the calibration (default: the pipeline's own; 2.0 for a model)",
+    )
+    q.add_argument("--prompts", metavar="FILE", help="calibration prompts, one a line (default: 64 built-in)")
+    q.add_argument("--negative-prompt", help="null input of guidance (default: the pipeline's empty prompt)")
+    q.add_argument(
+        "--classes", type=int, nargs="+", help="class labels of a class-conditional pipeline (default: all)"
+    )
+    q.add_argument("--height", type=_positive, help="image height in pixels (default: the pipeline's)")
+    q.add_argument("--width", type=_positive, help="image width in pixels (default: the pipeline's)")
+    _device_options(q)
+    q.add_argument(
+        "--max-hessian-gib",
+        type=_positive_float,
+        default=None,
+        help="layers hooked per calibration pass so that their Hessian accumulators fit this (default: all)",
     )
     q.add_argument(
         "--timesteps-kept", type=_positive, default=10, help="steps whose inputs feed the statistics"
@@ -73,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "finetune",
-        help="SeMI-PV: fine-tune an avq save against its FP model (data-free distillation)",
+        help="SeMI-PV: fine-tune an avq save or quantized pipeline against its FP model (data-free)",
         description="PV-Tuning with selective momentum invalidation (avq.finetune): distill the FP teacher "
         "(the save's recorded source model, or --teacher) into the quantized model on the teacher's own "
         "sampling trajectories; AdamW on codebooks, scales and FP parameters, straight-through code "
@@ -109,8 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
     f.add_argument("--beam-width", type=_positive, help="beam width of the code search")
     f.add_argument("--trajectories", type=_positive, help="teacher trajectories sampled per epoch (32)")
-    f.add_argument("--sampling-steps", type=_positive, help="DDIM steps of the teacher trajectories (20)")
-    f.add_argument("--guidance", type=float, help="classifier-free guidance of the teacher sampler (2.0)")
+    f.add_argument(
+        "--sampling-steps",
+        type=_positive,
+        help="steps of the teacher trajectories (DDIM 20; a pipeline: its own)",
+    )
+    f.add_argument(
+        "--guidance", type=float, help="guidance of the teacher sampler (2.0; a pipeline: its own default)"
+    )
+    f.add_argument(
+        "--prompts", metavar="FILE", help="pipelines: teacher prompts, one a line (default: built-in)"
+    )
+    f.add_argument("--height", type=_positive, help="pipelines: image height of the teacher trajectories")
+    f.add_argument("--width", type=_positive, help="pipelines: image width of the teacher trajectories")
     f.add_argument("--timestep-sampling", choices=("uniform", "stratified"))
     f.add_argument("--block-loss-weight", type=float, help="weight of block-output matching (0: off)")
     f.add_argument("--sample-every", type=int, help="log a sample grid every N steps (0: never)")
@@ -123,15 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "sample",
-        help="class-balanced DDIM samples (classifier-free guidance) to samples.npz + samples.png",
-        description="Sample N images with labels i %% 10 (DDIM, classifier-free guidance) from a shipped "
-        "model, a diffusers folder or an avq save (--quantized). Same seed and batch size: same noise.",
+        help="images from a pipeline (prompts or classes) or a class-conditional model to samples.npz + PNGs",
+        description="A pipeline folder (--model, or --quantized from `avq quantize`): runs the pipeline on "
+        "--prompt/--prompts (text-to-image) or --classes (class-conditional) and writes samples.npz, one "
+        "PNG per image and a grid. A class-conditional model or avq save: N class-balanced DDIM samples "
+        "(labels i %% classes). Same seed and batch size: same noise.",
     )
-    s.add_argument("--model", default="digits-unet-mini", help="shipped model or diffusers folder")
-    s.add_argument("--quantized", help="avq save folder (avq.load_quantized); takes precedence over --model")
-    s.add_argument("--n", type=_positive, required=True, help="number of samples")
-    s.add_argument("--steps", type=_positive, default=20, help="DDIM steps (default 20)")
-    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (default 2.0)")
+    s.add_argument(
+        "--model", default="digits-unet-mini", help="pipeline folder, shipped model or diffusers model folder"
+    )
+    s.add_argument("--quantized", help="quantized pipeline folder or avq save; takes precedence over --model")
+    s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    s.add_argument("--prompts", metavar="FILE", help="prompts, one a line")
+    s.add_argument("--classes", type=int, nargs="+", help="class labels of a class-conditional pipeline")
+    s.add_argument("--n", type=_positive, default=None, help="number of samples (default: one per prompt)")
+    s.add_argument(
+        "--steps", type=_positive, default=None, help="sampler steps (default: the pipeline's; 20)"
+    )
+    s.add_argument("--guidance", type=float, default=None, help="guidance (default: the pipeline's; 2.0)")
+    s.add_argument("--height", type=_positive, help="image height (pipelines; default: the pipeline's)")
+    s.add_argument("--width", type=_positive, help="image width (pipelines; default: the pipeline's)")
+    _device_options(s)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=_positive, default=100, help="samples per batch (default 100)")
     s.add_argument("--out", required=True, help="output folder (samples.npz, samples.png)")
@@ -155,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the figures to this JSON file")
     e.set_defaults(func=cmd_eval)
     return parser
+
+
+def _device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="compute device: cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32 (default), float16 or bfloat16: the model's dtype"
+    )
 
 
 def _positive(text: str) -> int:

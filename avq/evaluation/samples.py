@@ -95,9 +95,9 @@ def generate_samples(
 
 
 def save_samples(folder, samples: torch.Tensor, labels: torch.Tensor, meta: dict, grid: int = 100):
-    """Write `samples.npz` (`samples` float32 [N, 1, H, W], `labels` int64 [N], `meta` a JSON string) and
-    `samples.png` (the first `grid` samples, 10 per row, 2x upscaled) into `folder`, each atomically
-    (temporary file + rename), so an interrupted run never leaves a half-written file under the real name.
+    """Write `samples.npz` (`samples` float32 [N, C, H, W] in [-1, 1], `labels` int64 [N], `meta` a JSON
+    string) and `samples.png` (the first `grid` samples, 10 per row; small images 2x upscaled) into
+    `folder`, each atomically (`write_atomic`): an interrupted run never leaves half a file.
     Returns the npz path.
     """
     import json
@@ -114,19 +114,43 @@ def save_samples(folder, samples: torch.Tensor, labels: torch.Tensor, meta: dict
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
     path = write_atomic(folder / "samples.npz", lambda f: np.savez(f, **arrays))
-    shown = arrays["samples"][:grid, 0]  # [G, H, W]
+    shown = _to_uint8(samples[:grid])  # [G, H, W, C]
     if len(shown):
         cols = min(10, len(shown))
         rows = -(-len(shown) // cols)
-        h, w = shown.shape[1:]
-        canvas = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1), dtype=np.uint8)
+        h, w, c = shown.shape[1:]
+        canvas = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.uint8)
         for i, img in enumerate(shown):
-            r, c = divmod(i, cols)
-            pixels = np.round((img.clip(-1, 1) + 1) * 127.5).astype(np.uint8)
-            canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = pixels
-        image = Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST)
+            r, col = divmod(i, cols)
+            canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
+        image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+        if h <= 64:  # small images: upscale the grid so it can be seen
+            image = image.resize((image.width * 2, image.height * 2), Image.NEAREST)
         write_atomic(folder / "samples.png", lambda f: image.save(f, format="PNG"))
     return path
+
+
+def _to_uint8(samples: torch.Tensor) -> np.ndarray:
+    """`[N, C, H, W]` in [-1, 1] -> `[N, H, W, C]` uint8 (C = 1 or 3; others keep their first channel)."""
+    x = samples.detach().cpu().float()
+    if x.shape[1] not in (1, 3):
+        x = x[:, :1]
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def save_image_files(folder, samples: torch.Tensor) -> list:
+    """One PNG per sample, `folder/images/00000.png`, ..., each written atomically."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder) / "images"
+    paths = []
+    for i, img in enumerate(_to_uint8(samples)):
+        image = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        paths.append(write_atomic(folder / f"{i:05d}.png", lambda f, im=image: im.save(f, format="PNG")))
+    return paths
 
 
 def load_samples(path) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -36,6 +36,7 @@ PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8")
 DEFAULT_KEEP_FP: tuple[tuple[str, str], ...] = (
     ("conv_in", "first layer (model input)"),
     ("pos_embed.proj", "first layer (patch embedding)"),
+    ("x_embedder", "first layer (patch embedding)"),
     ("conv_out", "last layer (model output)"),
     ("proj_out*", "last layer (model output)"),
 )

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from avq.calibration.adapters import adapter_for
-from avq.calibration.config import CalibrationConfig
+from avq.calibration.config import REFERENCE_GUIDANCE, REFERENCE_STEPS, CalibrationConfig
 from avq.calibration.sampler import SamplerStep, run_sampler
 from avq.core.aq import SolverOptions, quantize_weight
 from avq.core.bits import FP16_BITS
@@ -73,12 +73,17 @@ class Probe:
         return out
 
     def error(self, model: nn.Module) -> float:
-        """Relative MSE of `model`'s outputs against the FP reference: sum |e - e_fp|^2 / sum |e_fp|^2."""
-        num = den = 0.0
-        for eps, ref in zip(self.outputs(model), self.reference, strict=True):
-            num += float((eps - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-        return num / den if den > 0 else num
+        """Relative MSE of `model`'s outputs against the FP reference (`relative_mse`)."""
+        return relative_mse(self.outputs(model), self.reference)
+
+
+def relative_mse(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """`sum |o - r|^2 / sum |r|^2` over matching output tensors: a probe's error against FP."""
+    num = den = 0.0
+    for out, ref in zip(outputs, reference, strict=True):
+        num += float((out - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return num / den if den > 0 else num
 
 
 @torch.no_grad()
@@ -94,9 +99,8 @@ def make_probe(
     Default: 8 samples, 20 steps, 5 kept timesteps, seed 1234 (not the calibration seed, so the probe is
     not the data the Hessians were fitted on).
     """
-    config = config or CalibrationConfig(
-        num_samples=8, batch_size=8, num_steps=20, num_timesteps_kept=5, seed=1234
-    )
+    config = config or CalibrationConfig(num_samples=8, batch_size=8, num_timesteps_kept=5, seed=1234)
+    config = config.resolved(REFERENCE_STEPS, REFERENCE_GUIDANCE)
     adapter = adapter_for(model, conditioning=conditioning, prompt_tokens=config.prompt_tokens)
     kept = set(config.kept_step_indices())
     generator = torch.Generator().manual_seed(config.seed)

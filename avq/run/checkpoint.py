@@ -27,7 +27,8 @@ MANIFEST_NAME = "manifest.json"
 
 
 def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> str:
-    """sha256 over the model class, config and weights, the QuantizeConfig and the calibration input."""
+    """sha256 over the model class, config and weights, the QuantizeConfig and the calibration input
+    (a `CalibrationConfig`, a calibration source's `to_dict()`, or the given Hessians)."""
     digest = hashlib.sha256()
     model_config = dict(getattr(model, "config", {}) or {})
     model_config = {k: v for k, v in model_config.items() if k not in ("_diffusers_version", "_name_or_path")}
@@ -39,6 +40,8 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
     digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     if isinstance(calibration, CalibrationConfig):
         digest.update(json.dumps(calibration.to_dict(), sort_keys=True).encode())
+    elif isinstance(calibration, dict) and "source" in calibration:  # a CalibrationSource's to_dict()
+        digest.update(json.dumps(calibration, sort_keys=True, default=str).encode())
     else:
         for name in sorted(calibration):
             value = calibration[name]

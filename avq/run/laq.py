@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from avq.calibration.config import CalibrationConfig
+from avq.calibration.source import CalibrationSource
 from avq.core.bits import FP16_BITS
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec
@@ -39,7 +39,7 @@ def laq_plans(
     plans: list[LayerPlan],
     hessians: dict[str, tuple[torch.Tensor, int]],
     config: QuantizeConfig,
-    calibration: Any,
+    source: CalibrationSource | None,
     conditioning: torch.Tensor | None,
     ckpt: QuantizeCheckpoint | None,
     progress: bool,
@@ -66,7 +66,7 @@ def laq_plans(
             table = SensitivityTable.from_dict(sensitivity, candidates, sizes)
             report.notes.append("LAQ: sensitivity table given (reused, not measured)")
         else:
-            table = measure_laq(model, candidates, hessians, config, calibration, conditioning, progress)
+            table = measure_laq(model, candidates, hessians, config, source, conditioning, progress)
             for name in [n for n, opts in candidates.items() if opts == [FP]]:  # forced FP: fixed cost only
                 table.errors[name], table.bits[name] = {FP: 0.0}, {FP: float(FP16_BITS)}
                 table.sizes[name] = sizes[name]
@@ -103,22 +103,13 @@ def measure_laq(
     candidates: dict[str, list],
     hessians: dict[str, tuple[torch.Tensor, int]],
     config: QuantizeConfig,
-    calibration: Any,
+    source: CalibrationSource | None,
     conditioning: torch.Tensor | None,
     progress: bool,
 ):
     """The LAQ sensitivity table of the layers with a choice, on a small probe of FP sampler inputs."""
-    probe_config = None
-    if isinstance(calibration, CalibrationConfig):
-        probe_config = replace(
-            calibration,
-            num_samples=min(8, calibration.num_samples),
-            batch_size=min(8, calibration.num_samples),
-            num_timesteps_kept=min(5, calibration.num_steps),
-            seed=calibration.seed + 1,  # not the calibration trajectories
-            layers_per_pass=None,
-        )
-    probe = make_probe(model, probe_config, conditioning=conditioning)
+    # Ready Hessians come without a sampler: the probe then runs the reference sampler's default probe.
+    probe = source.probe(model) if source is not None else make_probe(model, None, conditioning=conditioning)
     measured = [n for n, opts in candidates.items() if opts != [FP]]
     return measure_sensitivity(
         model,

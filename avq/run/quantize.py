@@ -34,7 +34,8 @@ from avq.calibration.activations import (
     shortcut_splits,
 )
 from avq.calibration.config import CalibrationConfig
-from avq.calibration.statistics import block_of, calibrate, group_by_block, quantizable_layers
+from avq.calibration.source import CalibrationSource, SamplerSource
+from avq.calibration.statistics import block_of, group_by_block, quantizable_layers
 from avq.core.aq import quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from avq.core.bits import FP16_BITS, total_bits
@@ -68,6 +69,21 @@ def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQ
             layer.weight.copy_(result.dequantize(layer.weight.dtype).to(layer.weight.device))
 
 
+def as_source(calibration: Any, conditioning: torch.Tensor | None = None) -> CalibrationSource | None:
+    """The statistics source of a `quantize` call: a `CalibrationConfig` runs the reference sampler
+    (`SamplerSource`), a `CalibrationSource` is used as is, ready Hessians have none (None)."""
+    if isinstance(calibration, CalibrationConfig):
+        return SamplerSource(calibration, conditioning)
+    if isinstance(calibration, CalibrationSource):
+        return calibration
+    if isinstance(calibration, Mapping):
+        return None
+    raise TypeError(
+        "quantize: calibration must be a CalibrationConfig, a CalibrationSource or {layer: Hessian}, got "
+        f"{type(calibration).__name__}"
+    )
+
+
 def _solve(model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig):
     weight = model.get_submodule(plan.name).weight.detach()
     if config.method == "avq":
@@ -80,7 +96,9 @@ def _solve(model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: Qua
 def quantize(
     model: nn.Module,
     config: QuantizeConfig,
-    calibration: CalibrationConfig | Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
+    calibration: CalibrationConfig
+    | CalibrationSource
+    | Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
     *,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -90,12 +108,14 @@ def quantize(
     report: QuantizeReport | None = None,
     sensitivity: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Quantize `model` in place and return it (docs/design.md contract).
+    """Quantize `model` in place and return it (docs/design.md contract). A diffusers pipeline goes to
+    `avq.quantize_pipeline` (its denoiser is quantized; the pipeline is returned).
 
     Pass an empty `QuantizeReport()` as `report` to receive the per-layer table and notes.
 
-    `calibration`: a `CalibrationConfig` (run the FP sampler, `avq.calibration.calibrate`) or ready
-    Hessians `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are collected from the FP model before any
+    `calibration`: a `CalibrationConfig` (run the FP reference sampler, `avq.calibration.calibrate`), a
+    `CalibrationSource` (e.g. a pipeline's own sampler, `avq.quantize_pipeline`), or ready Hessians
+    `{name: H [K, K]}` (or `(H, n_rows)`). Hessians are collected from the FP model before any
     layer is replaced, or with `config.sequential` block by block from the model quantized so far.
     `on_layer(row)` is called after each layer is finished (and checkpointed). See the module docstring
     for the FP-keep rule and resume.
@@ -104,6 +124,18 @@ def quantize(
     budget is made from it without measuring again (budget sweeps), and only the chosen specs are solved.
     """
     from tqdm.auto import tqdm
+
+    from avq.pipelines.quantize import is_pipeline, quantize_pipeline
+
+    if is_pipeline(model):  # a DiffusionPipeline: its denoiser, calibrated on the pipeline itself
+        if conditioning is not None or not (
+            calibration is None or isinstance(calibration, CalibrationConfig)
+        ):
+            raise TypeError("quantize: a pipeline takes a CalibrationConfig (its own sampler and encoders)")
+        options = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, on_layer=on_layer)
+        return quantize_pipeline(
+            model, config, calibration, report=report, sensitivity=sensitivity, **options
+        )
 
     # LAQ: rule 4 (overhead) is left to the budget, so those layers are candidates too.
     plans = plan_model(
@@ -131,15 +163,17 @@ def quantize(
             for p in plans
         }
         choose_specs(cheapest, {p.name: math.prod(p.shape) for p in plans}, config.bits_budget)
+    source = as_source(calibration, conditioning)
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = QuantizeCheckpoint(Path(checkpoint_dir), fingerprint(model, config, calibration), resume)
+        identity = source.to_dict() if source is not None else calibration
+        ckpt = QuantizeCheckpoint(Path(checkpoint_dir), fingerprint(model, config, identity), resume)
     done = ckpt.done if ckpt else {}
 
     # Statistics: from the FP model before anything is replaced, or (sequential) per block, below.
     pending = [p.name for p in todo if p.name not in done]
     a8 = config.activation_bits < 16
-    if (a8 or config.sequential) and not isinstance(calibration, CalibrationConfig):
+    if (a8 or config.sequential) and source is None:
         raise ValueError(
             "quantize: 8-bit activations and sequential calibration need a CalibrationConfig (they run the "
             "sampler), not ready Hessians"
@@ -153,15 +187,13 @@ def quantize(
         if stored is not None and (not a8 or set(names) <= set(quantizers)):
             return stored
         observers = _range_observers(model, names, config) if a8 else {}
-        result = calibrate(
-            model, names, calibration, conditioning=conditioning, progress=progress, observers=observers
-        )
+        result = source.statistics(model, names, observers=observers, progress=progress)
         quantizers.update({n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count})
         if ckpt:
             ckpt.save_statistics(result, quantizers)
         return result
 
-    if isinstance(calibration, CalibrationConfig):
+    if source is not None:
         if not config.sequential and pending:
             hessians = statistics(pending)
     else:
@@ -177,7 +209,7 @@ def quantize(
     solved: dict[str, QuantizedWeight] = {}
     if config.bits_budget is not None:
         plans, solved = laq_plans(
-            model, plans, hessians, config, calibration, conditioning, ckpt, progress, report, sensitivity
+            model, plans, hessians, config, source, conditioning, ckpt, progress, report, sensitivity
         )
         todo = [p for p in plans if p.quantized]
     if config.method != "avq":

@@ -46,25 +46,34 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """The one atomic writer: `write(handle)` fills a uniquely named temporary file in `path`'s folder,
-    which is fsynced and then renamed over `path`, so a reader (or a crash) never sees half a file; the
-    rename is made durable by fsyncing the folder. Creates the folder; mode 0644."""
+def write_file_atomic(path: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
+    """The one atomic writer: `fill(tmp)` writes a uniquely named temporary file in `path`'s folder, which
+    is fsynced and then renamed over `path`, so a reader (or a crash) never sees half a file; the rename is
+    made durable by fsyncing the folder. Creates the folder; mode 0644."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fill(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """`write_file_atomic` for writers that take an open binary handle (`np.savez`, `PIL.Image.save`)."""
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return write_file_atomic(path, fill)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -79,7 +88,7 @@ def write_json_atomic(path: str | os.PathLike, data: object, indent: int = 2) ->
 
 
 def write_folder_atomic(folder: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
-    """`write_atomic` for a whole folder: `fill(tmp)` writes the files into a uniquely named sibling folder,
+    """`write_file_atomic` for a folder: `fill(tmp)` writes the files into a uniquely named sibling folder,
     whose files and entries are fsynced before it is renamed to `folder`. A previous `folder` is renamed
     aside first, restored if the rename fails, and deleted after: readers see the old or the new folder,
     never a mix."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from avq.storage.atomic import fsync_dir, sha256_file, write_json_atomic
+from avq.storage.atomic import fsync_dir, sha256_file, write_file_atomic, write_json_atomic
 
 META_NAME = "checkpoint.json"
 
@@ -60,22 +59,9 @@ def save_tensors_atomic(
     `path`; returns the file's sha256 with `checksum` (else None). Tensors go to contiguous CPU memory."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        digest = sha256_file(tmp) if checksum else None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return digest
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    path = write_file_atomic(path, lambda tmp: save_file(contiguous, str(tmp)))
+    return sha256_file(path) if checksum else None
 
 
 def load_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> dict[str, torch.Tensor]:

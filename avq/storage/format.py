@@ -2,12 +2,12 @@
 
 `config.json` is the model's diffusers config plus a `quantization_config` block::
 
-    {"format": "avq", "version": 1, "activation_bits": 16 | 8,
+    {"quant_method": "avq", "format": "avq", "version": 1, "activation_bits": 16 | 8,
      "activations": {name: {"bits": 8, "channels": C, "splits": [..], "channel_dim": 1 | -1}}  (a8 only),
      "layers": {name: {"kind": "linear" | "conv2d", "spec": {...}, "shape": [...], "bias": bool,
                        "param_dtype": "float32" | "float16" | ...,
                        "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..]  (convs)}},
-     "checksum": {"model.safetensors": "sha256:<hex>"},
+     "checksum": {"model.safetensors": "sha256:<hex>", "config.json": "sha256:<hex>"},
      "extra": {...}  (only when `save_quantized(extra_config=...)` was given)}
 
 `model.safetensors` holds `model.state_dict()`: for each quantized layer `name.codes` (uint8 for B <= 8,
@@ -15,10 +15,20 @@ else uint16), `name.codebooks` and `name.scales` (fp16) and `name.bias`; every o
 Layers with an 8-bit input quantizer (`avq.calibration.activations`) also hold `name.input_quantizer.lo/hi`.
 `param_dtype` is the dtype of the module's codebook/scale parameters in memory (see `avq.core.modules`); the
 file always holds fp16, and loading casts back, so a round trip is bit-exact.
+
+`diffusion_pytorch_model.safetensors` is the same file under the name diffusers' `from_pretrained` looks for
+(a hard link, or a copy where the file system has none; `avq.storage.diffusers_backend`). A folder may hold
+either name or both; each one present must match the `model.safetensors` checksum.
+
+The `config.json` checksum is the sha256 of the canonical JSON (`canonical_json`) of the config without its
+`quantization_config` block: a damaged key (say `mid_block_scale_factor` -> `mid_block_scahe_factor`) would
+otherwise load silently, with diffusers' default in its place. Folders saved before it existed have no such
+entry and load with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +52,9 @@ FORMAT = "avq"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME}
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # the same file, for diffusers
+WEIGHTS_NAMES = (WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
+OWN_FILES = {CONFIG_NAME, *WEIGHTS_NAMES}
 AQ_TENSORS = ("codes", "codebooks", "scales")
 PARAM_DTYPES = {
     "float16": torch.float16,
@@ -103,60 +115,66 @@ def json_safe(data: dict, what: str) -> dict:
         raise FormatError(f"save_quantized: {what} is not JSON-safe: {error}") from error
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, who: str = "load_quantized") -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FormatError(f"load_quantized: {path} not found ({CONFIG_NAME} is missing)")
+        raise FormatError(f"{who}: {path} not found ({CONFIG_NAME} is missing)")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FormatError(f"load_quantized: {path} is not valid JSON: {error}") from error
+        raise FormatError(f"{who}: {path} is not valid JSON: {error}") from error
     if not isinstance(config, dict):
-        raise FormatError(f"load_quantized: {path} must hold a JSON object, got {type(config).__name__}")
+        raise FormatError(f"{who}: {path} must hold a JSON object, got {type(config).__name__}")
     return config
 
 
-def check_quantization_config(config: dict, folder: Path) -> dict:
+def check_quantization_config(config: dict, folder: Path, who: str = "load_quantized") -> dict:
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
-        raise FormatError(
-            f"load_quantized: {folder / CONFIG_NAME} has no quantization_config block: not an avq save"
-        )
+        raise FormatError(f"{who}: {folder / CONFIG_NAME} has no quantization_config block: not an avq save")
+    return check_quantization_block(qc, who)
+
+
+def check_quantization_block(qc: dict, who: str = "load_quantized") -> dict:
+    """Check a `quantization_config` block (format, version, activations, layer entries); return it."""
     if qc.get("format") != FORMAT:
+        raise FormatError(f"{who}: quantization_config format is {qc.get('format')!r}, not {FORMAT!r}")
+    version = qc.get("version")
+    if is_int(version) and version > VERSION:
         raise FormatError(
-            f"load_quantized: quantization_config format is {qc.get('format')!r}, not {FORMAT!r}"
+            f"{who}: unsupported quantization_config version {version}: the folder was written by a newer "
+            f"avq version (this avq reads version {VERSION}); upgrade avq to load it"
         )
-    if qc.get("version") != VERSION:
+    if version != VERSION:
         raise FormatError(
-            f"load_quantized: unsupported quantization_config version {qc.get('version')!r}; "
-            f"this avq reads version {VERSION}"
+            f"{who}: unsupported quantization_config version {version!r}; this avq reads version {VERSION}"
         )
     if qc.get("activation_bits") not in (8, 16):
         raise FormatError(
-            f"load_quantized: activation_bits={qc.get('activation_bits')!r} is not supported by this "
+            f"{who}: activation_bits={qc.get('activation_bits')!r} is not supported by this "
             "version of avq (16: activations untouched, or 8)"
         )
     activations = qc.get("activations", {})
     if qc["activation_bits"] == 8 and not activations:
-        raise FormatError("load_quantized: activation_bits=8 but no 'activations' entries")
+        raise FormatError(f"{who}: activation_bits=8 but no 'activations' entries")
     if not isinstance(activations, dict):
-        raise FormatError("load_quantized: quantization_config.activations must be an object")
+        raise FormatError(f"{who}: quantization_config.activations must be an object")
     for name, entry in activations.items():
         try:
             ActQuantizer.from_entry(entry)
         except (KeyError, TypeError, ValueError) as error:
-            raise FormatError(f"load_quantized: activations entry {name!r} is malformed: {error}") from None
+            raise FormatError(f"{who}: activations entry {name!r} is malformed: {error}") from None
     layers = qc.get("layers")
     if not isinstance(layers, dict):
-        raise FormatError("load_quantized: quantization_config.layers must be an object")
+        raise FormatError(f"{who}: quantization_config.layers must be an object")
     for name, entry in layers.items():
-        check_layer_entry(name, entry)
+        check_layer_entry(name, entry, who)
     return qc
 
 
-def check_layer_entry(name: str, entry: Any) -> None:
+def check_layer_entry(name: str, entry: Any, who: str = "load_quantized") -> None:
     def fail(problem: str) -> FormatError:
-        return FormatError(f"load_quantized: quantization_config layer {name!r}: {problem}")
+        return FormatError(f"{who}: quantization_config layer {name!r}: {problem}")
 
     if not name or not isinstance(entry, dict):
         raise fail("must be a non-empty name mapped to an object")
@@ -188,17 +206,58 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def verify_checksum(path: Path, qc: dict) -> None:
+def canonical_json(config: dict) -> str:
+    """`config` without its `quantization_config` block, as compact JSON with sorted keys (ASCII only): the
+    same text for the same data however the file was formatted, so its hash survives a re-indented file."""
+    rest = {key: value for key, value in config.items() if key != "quantization_config"}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+
+
+def config_digest(config: dict) -> str:
+    """The checksum entry of `config.json`: `sha256:<hex>` of `canonical_json(config)`."""
+    return "sha256:" + hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()
+
+
+def verify_config_checksum(
+    config: dict, qc: dict, who: str = "load_quantized", source: str = CONFIG_NAME
+) -> None:
+    """Check the model config (`config.json` less its `quantization_config`) against its recorded sha256.
+
+    A folder saved before this entry existed has none: it loads, with a warning.
+    """
+    checksum = qc.get("checksum")
+    recorded = checksum.get(CONFIG_NAME) if isinstance(checksum, dict) else None
+    if recorded is None:
+        log.warning(
+            "%s: %s has no checksum entry for %s (saved by an older avq): its model config is not verified",
+            who,
+            source,
+            CONFIG_NAME,
+        )
+        return
+    if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
+        raise FormatError(f"{who}: the checksum entry for {CONFIG_NAME} is not 'sha256:<hex>'")
+    actual = config_digest(config)
+    if recorded != actual:
+        raise FormatError(
+            f"{who}: checksum mismatch for the model config in {source}: a key or value outside "
+            f"quantization_config was changed, the file was tampered or corrupted (recorded {recorded}, "
+            f"found {actual})"
+        )
+
+
+def verify_checksum(path: Path, qc: dict, who: str = "load_quantized") -> None:
+    """Check a weights file (either name) against the recorded `model.safetensors` sha256."""
     checksum = qc.get("checksum")
     recorded = checksum.get(WEIGHTS_NAME) if isinstance(checksum, dict) else None
     if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
         raise FormatError(
-            f"load_quantized: quantization_config.checksum has no 'sha256:<hex>' entry for {WEIGHTS_NAME}"
+            f"{who}: quantization_config.checksum has no 'sha256:<hex>' entry for {WEIGHTS_NAME}"
         )
     actual = sha256_file(path)
     if recorded != f"sha256:{actual}":
         raise FormatError(
-            f"load_quantized: checksum mismatch for {path}: the file was tampered or corrupted "
+            f"{who}: checksum mismatch for {path}: the file was tampered or corrupted "
             f"(recorded {recorded}, found sha256:{actual})"
         )
 

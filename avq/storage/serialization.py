@@ -1,29 +1,18 @@
-"""`save_quantized` / `load_quantized`: a folder with `config.json` and `model.safetensors` (docs/design.md,
-"Contracts"); the format itself and its checks are in `avq.storage.format`.
-
-`config.json` is the model's diffusers config plus a `quantization_config` block::
-
-    {"format": "avq", "version": 1, "activation_bits": 16 | 8,
-     "activations": {name: {"bits": 8, "channels": C, "splits": [..], "channel_dim": 1 | -1}}  (a8 only),
-     "layers": {name: {"kind": "linear" | "conv2d", "spec": {...}, "shape": [...], "bias": bool,
-                       "param_dtype": "float32" | "float16" | ...,
-                       "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..]  (convs)}},
-     "checksum": {"model.safetensors": "sha256:<hex>"},
-     "extra": {...}  (only when `save_quantized(extra_config=...)` was given)}
-
-`model.safetensors` holds `model.state_dict()`: for each quantized layer `name.codes` (uint8 for B <= 8,
-else uint16), `name.codebooks` and `name.scales` (fp16) and `name.bias`; every other tensor as is.
-Layers with an 8-bit input quantizer (`avq.calibration.activations`) also hold `name.input_quantizer.lo/hi`.
-`param_dtype` is the dtype of the module's codebook/scale parameters in memory (see `avq.core.modules`); the
-file always holds fp16, and loading casts back, so a round trip is bit-exact.
-Loading uses safetensors only (no pickle) and never touches the network.
+"""`save_quantized` / `load_quantized`: an avq model folder, `config.json` (the diffusers config plus the
+`quantization_config` block) and `model.safetensors` (also as `diffusion_pytorch_model.safetensors`, a hard
+link, for diffusers' `from_pretrained`), written atomically (`write_folder_atomic`) and read with safetensors
+only (no pickle, no network). The format and its checks are in `avq.storage.format`; loading through
+diffusers is `avq.storage.diffusers_backend`, which builds its modules with `quantized_layer` and
+`input_quantizer_targets` below.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,25 +29,29 @@ from avq.calibration.activations import (
 )
 from avq.core.layout import effective_group_size
 from avq.core.modules import AQConv2d, AQLinear, AQModule, replace_module
-from avq.core.qweight import QuantizedWeight
+from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
 from avq.storage.atomic import sha256_file, write_folder_atomic
 from avq.storage.format import (
     AQ_TENSORS,
     CONFIG_NAME,
+    DIFFUSERS_WEIGHTS_NAME,
     FORMAT,
     OWN_FILES,
     PARAM_DTYPES,
     VERSION,
     WEIGHTS_NAME,
+    WEIGHTS_NAMES,
     FormatError,
     check_quantization_config,
+    config_digest,
     format_names,
     json_safe,
     layer_entry,
     model_config,
     read_config,
     verify_checksum,
+    verify_config_checksum,
 )
 
 log = logging.getLogger("avq")
@@ -70,8 +63,12 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
 
     Everything is written to a temporary sibling folder and fsynced, then swapped into place, so a failure
     leaves any previous save untouched. An existing `folder` is replaced as a whole; to never delete files
-    that are not ours, it must hold nothing but `config.json` and `model.safetensors`.
+    that are not ours, it must hold nothing but `config.json`, `model.safetensors` and
+    `diffusion_pytorch_model.safetensors`. The weights are written once; the second name is a hard link (a
+    copy where the file system has none), so that diffusers' `from_pretrained` finds them.
     `extra_config` (JSON-safe) is stored as `quantization_config["extra"]` (e.g. preset, solver figures).
+    A model loaded through diffusers (`avq.storage.diffusers_backend`) carries its old avq block in its
+    config: it is replaced by the new one.
     """
     folder = Path(os.path.abspath(folder))  # absolute, so that `.parent`/`.name` work for "." too
     if folder.exists():
@@ -98,11 +95,12 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
         layers[name] = layer_entry(module)
     quantizers = input_quantizers(model)
     config = model_config(model)
-    if "quantization_config" in config:
+    previous = config.pop("quantization_config", None)
+    if previous is not None and not (isinstance(previous, dict) and previous.get("format") == FORMAT):
         raise FormatError("save_quantized: the model's config already has a 'quantization_config' entry")
     quantization_config: dict[str, Any] = {
-        # diffusers reads `quant_method`: with it, UNet2DModel.from_pretrained on an avq folder fails with
-        # "Unknown quantization type, got avq" instead of a confusing message; load with avq.load_quantized.
+        # diffusers reads `quant_method` to pick its quantizer: "avq" is registered on `import avq`
+        # (avq.storage.diffusers_backend), so that `<ModelClass>.from_pretrained(folder)` loads this folder.
         "quant_method": FORMAT,
         "format": FORMAT,
         "version": VERSION,
@@ -122,11 +120,25 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
     def fill(tmp: Path) -> None:
         weights_path = tmp / WEIGHTS_NAME
         save_file(_unshared(tensors), str(weights_path), metadata={"format": "pt"})
-        quantization_config["checksum"] = {WEIGHTS_NAME: f"sha256:{sha256_file(weights_path)}"}
+        link_or_copy(weights_path, tmp / DIFFUSERS_WEIGHTS_NAME)
+        quantization_config["checksum"] = {
+            WEIGHTS_NAME: f"sha256:{sha256_file(weights_path)}",  # and DIFFUSERS_WEIGHTS_NAME, the same file
+            CONFIG_NAME: config_digest(config),  # the model config, without this block
+        }
         config["quantization_config"] = quantization_config
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write_folder_atomic(folder, fill)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (no second copy on disk), or a copy where links fail (file systems
+    without hard links, e.g. some network and FAT mounts)."""
+    try:
+        os.link(source, target)
+    except OSError as error:
+        log.debug("save_quantized: hard link %s failed (%s); copying", target.name, error)
+        shutil.copyfile(source, target)
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,10 +173,8 @@ def load_quantized(
         raise FormatError(f"load_quantized: folder {folder} not found")
     config = read_config(folder)
     quantization_config = check_quantization_config(config, folder)
-    weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FormatError(f"load_quantized: {weights_path} not found ({WEIGHTS_NAME} is missing)")
-    verify_checksum(weights_path, quantization_config)
+    verify_config_checksum(config, quantization_config, source=str(folder / CONFIG_NAME))
+    weights_path = weights_file(folder, quantization_config)
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as error:  # SafetensorError, OSError, ...: one clear message for all
@@ -177,26 +187,20 @@ def load_quantized(
         model = _build_skeleton(config)
     layers = quantization_config["layers"]
     # Validate everything before touching `model`, so that a bad file leaves a caller's model as it was.
-    modules = {name: _build_layer(model, name, entry, tensors) for name, entry in layers.items()}
+    modules = {name: quantized_layer(model, name, entry, tensors) for name, entry in layers.items()}
     current = model.state_dict()
     expected: dict[str, torch.Tensor | None] = {  # None: a quantized layer's tensor, checked when built
         key: tensor for key, tensor in current.items() if not any(key.startswith(f"{n}.") for n in layers)
     }
     dense_quantizers = {}  # input quantizers of layers that stay dense (simulated or FP)
-    for name, entry in quantization_config.get("activations", {}).items():
-        quantizer = ActQuantizer.from_entry(entry)
+    targets = input_quantizer_targets(model, quantization_config.get("activations", {}), modules)
+    for name, (layer, quantizer) in targets.items():
         if name in modules:  # fresh module: fill its quantizer from the file now
             keys = {k: f"{name}.{QUANTIZER_ATTR}.{k}" for k in ("lo", "hi")}
             if not all(key in tensors for key in keys.values()):
                 raise FormatError(f"load_quantized: {WEIGHTS_NAME} is missing the input ranges of {name!r}")
-            _attach(modules[name], name, quantizer, {k: tensors[key] for k, key in keys.items()})
+            _attach(layer, name, quantizer, {k: tensors[key] for k, key in keys.items()})
         else:
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError:
-                raise FormatError(f"load_quantized: activations entry {name!r} names no layer") from None
-            if in_channels_of(layer) != quantizer.channels:
-                raise FormatError(f"load_quantized: activations entry {name!r} does not fit the layer")
             dense_quantizers[name] = quantizer
             for key, tensor in quantizer.state_dict().items():
                 expected[f"{name}.{QUANTIZER_ATTR}.{key}"] = tensor
@@ -259,50 +263,93 @@ def _build_skeleton(config: dict) -> nn.Module:
     return cls.from_config({k: v for k, v in config.items() if k != "quantization_config"})
 
 
-def _build_layer(model: nn.Module, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> AQModule:
-    """The quantized module for layer `name` of `model`, from `entry` and the file's tensors."""
+def weights_file(folder: Path, quantization_config: dict, who: str = "load_quantized") -> Path:
+    """The folder's weights file, checked: `model.safetensors` and/or `diffusion_pytorch_model.safetensors`,
+    each one present matching the recorded checksum (so two names are one file, or the same bytes)."""
+    present = [folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()]
+    if not present:
+        raise FormatError(
+            f"{who}: {folder / WEIGHTS_NAME} not found ({WEIGHTS_NAME} is missing, and so is "
+            f"{DIFFUSERS_WEIGHTS_NAME})"
+        )
+    verify_checksum(present[0], quantization_config, who)
+    for other in present[1:]:
+        if not os.path.samefile(present[0], other):  # a copy (no hard links there): check its bytes too
+            verify_checksum(other, quantization_config, who)
+    return present[0]
+
+
+def quantized_layer(
+    model: nn.Module,
+    name: str,
+    entry: dict,
+    tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    who: str = "load_quantized",
+) -> AQModule:
+    """The `AQLinear`/`AQConv2d` for layer `name` of `model` as described by its (checked) layer `entry`.
+
+    Checks that `model` has a layer of that kind and weight shape there. With `tensors` (a state dict), the
+    module holds the file's codes, codebooks, scales and bias, validated; without, it is an empty module of
+    the right spec, shapes and dtypes (zero codes, codebooks and scales; a loader fills it afterwards, like
+    diffusers' `from_pretrained` through `avq.storage.diffusers_backend`). Codebooks and scales get `dtype`,
+    by default the entry's `param_dtype`.
+    """
     try:
         existing = model.get_submodule(name)
     except AttributeError as error:
         raise FormatError(
-            f"load_quantized: quantized layer {name!r} does not exist in the {type(model).__name__} model"
+            f"{who}: quantized layer {name!r} does not exist in the {type(model).__name__} model"
         ) from error
     kind = entry["kind"]
     wanted = (nn.Linear, AQLinear) if kind == "linear" else (nn.Conv2d, AQConv2d)
     if not isinstance(existing, wanted):
         raise FormatError(
-            f"load_quantized: layer {name!r} is a {type(existing).__name__} in the model, but saved as {kind}"
+            f"{who}: layer {name!r} is a {type(existing).__name__} in the model, but saved as {kind}"
         )
     shape = tuple(entry["shape"])
     model_shape = tuple(existing.shape if isinstance(existing, AQModule) else existing.weight.shape)
     if model_shape != shape:
         raise FormatError(
-            f"load_quantized: layer {name!r} has weight shape {list(model_shape)} in the model, "
+            f"{who}: layer {name!r} has weight shape {list(model_shape)} in the model, "
             f"but {list(shape)} in the file"
         )
+    dtype = PARAM_DTYPES[entry.get("param_dtype", "float16")] if dtype is None else dtype
 
     def tensor(key: str) -> torch.Tensor:
         full = f"{name}.{key}"
         if full not in tensors:
-            raise FormatError(f"load_quantized: {WEIGHTS_NAME} is missing tensor {full!r}")
+            raise FormatError(f"{who}: {WEIGHTS_NAME} is missing tensor {full!r}")
         return tensors[full]
 
     try:
         spec = QuantSpec.from_dict(entry["spec"])
         effective_group_size(shape, spec)  # e.g. kernel grouping needs g == kh*kw
-        qweight = QuantizedWeight(
-            spec=spec,
-            shape=shape,
-            codes=tensor("codes"),
-            codebooks=tensor("codebooks"),
-            scales=tensor("scales"),
-        )
+        if tensors is None:
+            out, groups = shape[0], math.prod(shape[1:]) // spec.group_size
+            books = (spec.num_codebooks, spec.codebook_size, spec.group_size)
+            qweight = QuantizedWeight(
+                spec=spec,
+                shape=shape,
+                codes=torch.zeros(out, groups, spec.num_codebooks, dtype=code_dtype(spec.nbits)),
+                codebooks=torch.zeros(books, dtype=torch.float16),
+                scales=torch.zeros(out, dtype=torch.float16),
+            )
+            bias = torch.zeros(out, dtype=dtype) if entry["bias"] else None
+        else:
+            qweight = QuantizedWeight(
+                spec=spec,
+                shape=shape,
+                codes=tensor("codes"),
+                codebooks=tensor("codebooks"),
+                scales=tensor("scales"),
+            )
+            bias = tensor("bias") if entry["bias"] else None
     except (TypeError, ValueError) as error:
         if isinstance(error, FormatError):
             raise
-        raise FormatError(f"load_quantized: layer {name!r}: {error}") from error
-    bias = tensor("bias") if entry["bias"] else None
-    dtype = PARAM_DTYPES[entry.get("param_dtype", "float16")]
+        raise FormatError(f"{who}: layer {name!r}: {error}") from error
     try:
         if kind == "linear":
             module: AQModule = AQLinear(qweight, bias, dtype=dtype)
@@ -311,8 +358,33 @@ def _build_layer(model: nn.Module, name: str, entry: dict, tensors: dict[str, to
             stride, dilation = tuple(entry["stride"]), tuple(entry["dilation"])
             module = AQConv2d(qweight, bias, stride, padding, dilation, dtype=dtype)
     except ValueError as error:
-        raise FormatError(f"load_quantized: layer {name!r}: {error}") from error
+        raise FormatError(f"{who}: layer {name!r}: {error}") from error
     return module
+
+
+def input_quantizer_targets(
+    model: nn.Module, activations: dict, modules: dict[str, AQModule], who: str = "load_quantized"
+) -> dict[str, tuple[nn.Module, ActQuantizer]]:
+    """`{name: (layer, quantizer)}` for the (checked) `activations` entries: the layer that gets the input
+    quantizer (the new module of `modules`, or the layer of `model` that stays as it is) and a fresh
+    `ActQuantizer` of the entry's geometry (ranges not set); checks that it fits the layer."""
+    targets = {}
+    for name, entry in activations.items():
+        quantizer = ActQuantizer.from_entry(entry)
+        if name in modules:
+            layer = modules[name]
+        else:
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise FormatError(f"{who}: activations entry {name!r} names no layer") from None
+        if (
+            not isinstance(layer, (nn.Linear, nn.Conv2d, AQModule))
+            or in_channels_of(layer) != quantizer.channels
+        ):
+            raise FormatError(f"{who}: activations entry {name!r} does not fit the layer")
+        targets[name] = (layer, quantizer)
+    return targets
 
 
 def _attach(module: AQModule, name: str, quantizer: ActQuantizer, ranges: dict[str, torch.Tensor]) -> None:

@@ -120,19 +120,24 @@ def write_results(
 
     `command` defaults to the current command line (`python` for the interpreter); `device` is what the
     figures were measured on (default: CUDA if available, else the CPU); `results_dir` defaults to the
-    repository's `benchmarks/results`. Rows must be JSON-serialisable dicts.
+    repository's `benchmarks/results`. Rows must be JSON-serialisable dicts; each row is stamped with the
+    commit, whether the tree was dirty and the command unless it carries its own (rows collected from
+    earlier runs).
     """
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad results name {name!r}: expected a plain file stem such as 'layer_solver'")
     folder = Path(results_dir) if results_dir is not None else default_results_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    command = command if command is not None else current_command()
+    commit = git_commit()
+    stamp = {"commit": commit.removesuffix("+dirty"), "dirty": commit.endswith("+dirty"), "command": command}
     payload = {
-        "command": command if command is not None else current_command(),
-        "commit": git_commit(),
+        "command": command,
+        "commit": commit,
         "device": device_name(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "rows": [dict(row) for row in rows],
+        "rows": [{**stamp, **row} for row in rows],  # rows computed elsewhere keep their own stamp
     }
     text = _format(payload)
     return write_text_atomic(folder / f"{name}.json", text)
