@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from avq.cli import main
 from avq_bench.classifier import CLASSIFIER_DIR, accuracy, load_classifier
@@ -114,3 +115,41 @@ def test_sample_from_quantized_folder(tmp_path, capsys):
         capsys,
         "not found",
     )
+
+
+def test_eval_any_images_psnr_and_inception_fid(tmp_path, capsys):
+    """RGB images of any size: PSNR/SSIM to FP; FID with an Inception weights file (safetensors, here
+    random weights of the right architecture); identical sets have FID 0; a foreign file is refused."""
+    from safetensors.torch import save_file
+
+    from avq.evaluation.inception import FIDInception
+    from avq.evaluation.samples import save_samples
+
+    torch.manual_seed(0)
+    # the architecture of FID's Inception-v3: torchvision's parameter count without the aux head and fc
+    network = FIDInception()
+    assert sum(p.numel() for p in network.parameters()) == 21_785_568
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    fp = torch.rand(3, 3, 24, 40) * 2 - 1
+    noisy = (fp + 0.1 * torch.randn_like(fp)).clamp(-1, 1)
+    labels = torch.full((3,), -1)
+    for name, images in (("fp", fp), ("q", noisy), ("fp2", torch.rand(3, 3, 24, 40) * 2 - 1)):
+        save_samples(tmp_path / name, images, labels, {})
+    figures = tmp_path / "f.json"
+    args = ["eval", str(tmp_path / "q" / "samples.npz"), "--fp", str(tmp_path / "fp" / "samples.npz")]
+    assert main(args + ["--json", str(figures)]) == 0
+    data = json.loads(figures.read_text())
+    assert 15 < data["psnr"] < 30 and 0 < data["ssim"] < 1 and "fid_to_fp" not in data
+    full = args + ["--inception", str(weights), "--floor", str(tmp_path / "fp2" / "samples.npz")]
+    assert main(full + ["--real", str(tmp_path / "fp" / "samples.npz"), "--json", str(figures)]) == 0
+    data = json.loads(figures.read_text())
+    assert data["fid_to_fp"] == pytest.approx(data["fid"]) and data["fid_to_fp"] > 0 and data["fid_floor"] > 0
+    same = ["eval", str(tmp_path / "fp" / "samples.npz"), "--fp", str(tmp_path / "fp" / "samples.npz")]
+    assert main(same + ["--inception", str(weights), "--json", str(figures)]) == 0
+    assert json.loads(figures.read_text())["fid_to_fp"] == pytest.approx(0, abs=1e-6)
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    capsys.readouterr()
+    assert main(args + ["--inception", str(tmp_path / "other.safetensors")]) == 2
+    assert "not FID's Inception-v3 weights" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "q" / "samples.npz")]) == 2  # no --fp, no FID network

@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp", help="FP samples.npz of the same seed and batch size (PSNR, SSIM, FID to FP)")
     e.add_argument("--floor", help="FP samples.npz of another seed: FID floor")
     e.add_argument(
+        "--inception",
+        metavar="FILE",
+        help="FID's Inception-v3 weights as safetensors (see avq.evaluation.inception): FID for images of "
+        "any size, to --fp, to --real and the --floor",
+    )
+    e.add_argument("--real", metavar="NPZ", help="with --inception: real images (samples.npz layout) for FID")
+    e.add_argument(
         "--reference", default="test", choices=("test", "train"), help="real images (default test)"
     )
     e.add_argument("--json", help="write the figures to this JSON file")
