@@ -132,7 +132,7 @@ def test_deterministic_and_layers_per_pass(family):
 
 
 def test_passes_respect_the_hessian_memory_budget():
-    from avq.calibration.statistics import _passes
+    from avq.calibration.statistics import hessian_passes
 
     model = tiny_unet()
     names = quantizable_layers(model)
@@ -141,10 +141,10 @@ def test_passes_respect_the_hessian_memory_budget():
         w = model.get_submodule(n).weight
         sizes[n] = 8 * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1)) ** 2
     budget = 2 * max(sizes.values())
-    chunks = _passes(model, names, CalibrationConfig(max_hessian_gib=budget / 2**30))
+    chunks = hessian_passes(model, names, budget / 2**30)
     assert [n for c in chunks for n in c] == names and len(chunks) > 1
     assert all(sum(sizes[n] for n in c) <= budget for c in chunks)
-    tiny = _passes(model, names, CalibrationConfig(max_hessian_gib=1e-9))  # every layer alone
+    tiny = hessian_passes(model, names, 1e-9)  # every layer alone
     assert all(len(c) == 1 for c in tiny)
     with pytest.raises(ValueError, match="max_hessian_gib"):
         CalibrationConfig(max_hessian_gib=0)

@@ -67,10 +67,14 @@ def group_by_block(names: Sequence[str]) -> dict[str, list[str]]:
     return blocks
 
 
-def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> list[list[str]]:
-    """Layers hooked per sampling pass: at most `layers_per_pass`, accumulators within `max_hessian_gib`."""
-    per_pass = config.layers_per_pass or max(1, len(names))
-    budget = math.inf if config.max_hessian_gib is None else config.max_hessian_gib * 2**30
+def hessian_passes(
+    model: nn.Module, names: Sequence[str], max_gib: float | None, layers_per_pass: int | None = None
+) -> list[list[str]]:
+    """Consecutive layers packed into passes whose float64 accumulators (`8 K^2` bytes a layer) stay within
+    `max_gib` GiB (None: no limit) and that hold at most `layers_per_pass` layers; a layer larger than the
+    budget gets a pass of its own."""
+    per_pass = layers_per_pass or max(1, len(names))
+    budget = math.inf if max_gib is None else max_gib * 2**30
     chunks: list[list[str]] = [[]]
     used = 0.0
     for name in names:
@@ -82,7 +86,24 @@ def _passes(model: nn.Module, names: list[str], config: CalibrationConfig) -> li
             used = 0.0
         chunks[-1].append(name)
         used += size
-    return chunks
+    return chunks if chunks[0] else []
+
+
+def default_hessian_gib(device: torch.device | str | None = None) -> float:
+    """Half of the compute device's free memory, in GiB: the default budget of one pass of Hessians
+    (CUDA: `torch.cuda.mem_get_info`; CPU: `MemAvailable` of /proc/meminfo; 8 GiB where neither answers)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**30 / 2
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 2**30 / 2
+    except OSError:
+        pass
+    return 8.0
 
 
 class Recorder:
@@ -126,7 +147,7 @@ def collect_statistics(
             model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"calibrate: {type(model).__name__} has no layer {name!r}") from error
-    chunks = _passes(model, names, config)
+    chunks = hessian_passes(model, names, config.max_hessian_gib, config.layers_per_pass)
     was_training = model.training
     model.eval()
     results: dict[str, tuple[torch.Tensor, int]] = {}

@@ -35,7 +35,13 @@ from avq.calibration.activations import (
 )
 from avq.calibration.config import CalibrationConfig
 from avq.calibration.source import CalibrationSource, SamplerSource
-from avq.calibration.statistics import block_of, group_by_block, quantizable_layers
+from avq.calibration.statistics import (
+    block_of,
+    default_hessian_gib,
+    group_by_block,
+    hessian_passes,
+    quantizable_layers,
+)
 from avq.core.aq import quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from avq.core.bits import FP16_BITS, total_bits
@@ -179,6 +185,8 @@ def quantize(
             "sampler), not ready Hessians"
         )
     quantizers: dict[str, ActQuantizer] = ckpt.load_quantizers() if ckpt and a8 else {}
+    # Each layer's place in the plan seeds its range observer: the same in any pass and after a resume.
+    order = {p.name: i for i, p in enumerate(todo)}
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
 
     def statistics(names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -186,16 +194,26 @@ def quantize(
         stored = ckpt.load_hessians(names) if ckpt and names else None
         if stored is not None and (not a8 or set(names) <= set(quantizers)):
             return stored
-        observers = _range_observers(model, names, config) if a8 else {}
+        observers = _range_observers(model, names, config, order) if a8 else {}
         result = source.statistics(model, names, observers=observers, progress=progress)
         quantizers.update({n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count})
         if ckpt:
             ckpt.save_statistics(result, quantizers)
         return result
 
+    # Streaming (the default): passes of layers whose Hessians fit the budget, each calibrated on the FP
+    # model, solved and freed before the next; the solved layers are applied after the last pass. LAQ
+    # measures every layer against the others' FP weights, so it takes every Hessian at once.
+    passes: list[list[str]] = []
     if source is not None:
-        if not config.sequential and pending:
+        if config.bits_budget is not None and pending:
             hessians = statistics(pending)
+        elif not config.sequential:
+            budget = source.config.max_hessian_gib
+            if budget is None:
+                budget = default_hessian_gib(next(model.parameters()).device)
+            # Over every layer, finished or not: a resumed run meets the same passes as the interrupted one.
+            passes = hessian_passes(model, [p.name for p in todo], budget)
     else:
         hessians = {}
         for name in pending:
@@ -219,26 +237,37 @@ def quantize(
         )
     rows: dict[str, dict] = {}
     blocks = group_by_block([p.name for p in todo])
+    pass_of = {name: i for i, names in enumerate(passes) for name in names}
+    deferred: list[tuple[LayerPlan, QuantizedWeight | UniformQuantizedWeight]] = []
+
+    def install(plan: LayerPlan, result: QuantizedWeight | UniformQuantizedWeight) -> None:
+        """Apply a solved layer now (sequential: later blocks calibrate on it) or after the last pass."""
+        if not config.sequential:
+            deferred.append((plan, result))
+            return
+        _apply(model, plan, result)
+        if a8:
+            attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+
     bar = tqdm(todo, desc=f"quantize ({config.method})", unit="layer", disable=not progress)
     for plan in bar:
         bar.set_postfix_str(plan.name[-40:])
         if plan.name in done:
-            _apply(model, plan, _rebuild(plan, ckpt.load_layer(plan.name)))
-            if a8 and done[plan.name]["status"] == "quantized":
-                attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+            if done[plan.name]["status"] == "quantized":
+                install(plan, _rebuild(plan, ckpt.load_layer(plan.name)))
             rows[plan.name] = done[plan.name]
             continue
-        if plan.name not in hessians:  # sequential: the first unfinished layer of its block
-            hessians = statistics([n for n in blocks[block_of(plan.name)] if n not in done])
+        if plan.name not in hessians:  # the first unfinished layer of its pass (sequential: its block)
+            names = passes[pass_of[plan.name]] if passes else blocks[block_of(plan.name)]
+            hessians = {}  # free the previous pass's Hessians before collecting the next
+            hessians = statistics([n for n in names if n not in done])
         hessian, n_rows = hessians[plan.name]
         if n_rows == 0:
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
             continue
         start = time.perf_counter()
         result = solved.get(plan.name) or _solve(model, plan, hessian, config)
-        _apply(model, plan, result)
-        if a8:  # now, so that a sequential calibration of later blocks sees 8-bit inputs here
-            attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+        install(plan, result)
         row = {
             "name": plan.name,
             "kind": plan.kind,
@@ -262,6 +291,16 @@ def quantize(
         if on_layer is not None:
             on_layer(row)
     bar.close()
+    hessians = {}
+    for plan, result in deferred:
+        _apply(model, plan, result)
+        if a8:
+            attach_input_quantizer(model.get_submodule(plan.name), quantizers[plan.name])
+    if len(passes) > 1:
+        report.notes.append(
+            f"streamed: {len(passes)} calibration passes, each within {budget:.3g} GiB of Hessian "
+            "accumulators, solved and freed in turn"
+        )
     if config.sequential:
         report.notes.append(
             f"sequential: calibrated block by block ({len(blocks)} blocks) on the model quantized so far"
@@ -281,14 +320,17 @@ def quantize(
     return model
 
 
-def _range_observers(model: nn.Module, names: list[str], config: QuantizeConfig) -> dict[str, RangeObserver]:
-    """One activation-range observer per layer; split at the skip concatenation where there is one."""
+def _range_observers(
+    model: nn.Module, names: list[str], config: QuantizeConfig, order: dict[str, int]
+) -> dict[str, RangeObserver]:
+    """One activation-range observer per layer (seeded by its place in the plan, `order`); split at the
+    skip concatenation where there is one."""
     splits = shortcut_splits(model) if config.split_shortcuts else {}
     observers = {}
-    for i, name in enumerate(names):
+    for name in names:
         layer = model.get_submodule(name)
         split = [splits[name]] if name in splits else []
-        observers[name] = RangeObserver(in_channels_of(layer), split, channel_dim_of(layer), seed=i)
+        observers[name] = RangeObserver(in_channels_of(layer), split, channel_dim_of(layer), seed=order[name])
     return observers
 
 
