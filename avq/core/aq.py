@@ -260,11 +260,18 @@ class _Solver:
         g, G = self.g, self.G
         order = self.H.diagonal().reshape(G, g).sum(1).argsort(descending=True)  # [G]
         cols = (order[:, None] * g + torch.arange(g, device=order.device)).reshape(-1)  # [K]
-        H = self.H[cols][:, cols]  # [K, K] in processing order
-        H = H + SEQUENTIAL_DAMP * H.diagonal().mean() * torch.eye(self.K, device=H.device)
+        # At most two [K, K] buffers besides `self.H` at any time (2 GiB each at K = 23,040).
+        H = self.H[cols]  # [K, K] rows in processing order
+        for lo in range(0, self.K, SEQUENTIAL_BLOCK):  # columns in place, a block of rows at a time
+            H[lo : lo + SEQUENTIAL_BLOCK] = H[lo : lo + SEQUENTIAL_BLOCK][:, cols]
+        H.diagonal().add_(SEQUENTIAL_DAMP * H.diagonal().mean())
         L, info = torch.linalg.cholesky_ex(H)
+        del H
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [K, K]
+            H_inv = torch.cholesky_inverse(L)  # [K, K]
+            del L
+            U, info = torch.linalg.cholesky_ex(H_inv, upper=True)  # [K, K]
+            del H_inv
         if info.item() != 0:
             log.warning("sequential code init: H^-1 has no Cholesky factor; keeping k-means codes")
             return codes

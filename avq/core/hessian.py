@@ -30,13 +30,16 @@ def prepare_hessian(
     H = hessian.detach().to(device=device or hessian.device, dtype=torch.float32)
     if not torch.isfinite(H).all():
         raise ValueError(f"{name}: hessian contains NaN or inf")
-    H = (H + H.T) / 2
+    # Memory: at K = 23,040 a [K, K] fp32 buffer is 2 GiB, so this makes one copy (the symmetric sum) and
+    # works in place on it; the Cholesky probe's factor is the only other buffer, and it is dropped.
+    H = H + H.T
+    H.div_(2)
     diag_mean = H.diagonal().mean()
     if not diag_mean > 0:
         raise ValueError(
             f"{name}: hessian has no positive diagonal mass (the layer never saw a non-zero input)"
         )
-    H = H / diag_mean
+    H.div_(diag_mean)
     dead = H.diagonal() <= 0  # inputs that were always zero: their weights do not matter
     if dead.any():
         # Decouple them with a small diagonal entry instead of damping every input (as GPTQ does).
@@ -44,14 +47,16 @@ def prepare_hessian(
         H[:, dead] = 0
         H[dead, dead] = 1e-2
         log.info("%s: %d of %d inputs were always zero", name, int(dead.sum()), K)
-    eye = torch.eye(K, device=H.device, dtype=H.dtype)
+    diagonal = H.diagonal().clone()  # [K]: damping is tried on the diagonal only (H + damp * I)
     damp = 0.0
     for attempt in range(12):
-        _, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if info.item() == 0:
+        H.diagonal().copy_(diagonal + damp)
+        info = torch.linalg.cholesky_ex(H)[1].item()
+        if info == 0:
             break
         if attempt == 0:
             # Start from the most negative eigenvalue so one more step usually suffices.
+            H.diagonal().copy_(diagonal)
             min_eig = torch.linalg.eigvalsh(H).min().item()
             damp = max(-min_eig, 0.0) + 1e-4
         else:
@@ -64,5 +69,4 @@ def prepare_hessian(
             name,
             damp,
         )
-        H = H + damp * eye
-    return H
+    return H  # damped in place: its diagonal holds `diagonal + damp`
