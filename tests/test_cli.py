@@ -126,3 +126,18 @@ def test_python_dash_m_help():
         [sys.executable, "-m", "avq", "quantize", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--preset" in result.stdout
+
+
+def test_bench_times_every_kernel_path(tmp_path, capsys):
+    figures = tmp_path / "bench.json"
+    args = ["bench", "--shape", "64", "128", "--spec", "1x8g4", "--rows", "1", "8", "--repeats", "2"]
+    assert main(args + ["--device", "cpu", "--json", str(figures)]) == 0
+    data = json.loads(figures.read_text())
+    assert data["spec"] == "1x8g4" and [r["rows"] for r in data["rows"]] == [1, 8]
+    for row in data["rows"]:
+        assert all(row[k] > 0 for k in ("dense", "lut", "dequant", "auto")) and row["auto_kernel"] in (
+            "lut",
+            "dequant",
+        )
+    assert "auto picks" in capsys.readouterr().out
+    assert main(["bench", "--shape", "64", "100", "--spec", "1x8g8"]) == 2  # K not divisible by g

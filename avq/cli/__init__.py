@@ -10,6 +10,7 @@
     avq sample   --model PIPELINE_FOLDER|MODEL_FOLDER|SHIPPED [--quantized FOLDER]
                  (--prompt TEXT ... | --prompts FILE | --classes C ... | --n N) [--steps S] [--guidance G]
                  [--seed S] [--batch-size B] [--device D] [--dtype T] --out DIR [--json PATH]
+    avq bench    [--shape N K] [--spec 2x8g8] [--rows 1 16 256] [--device D] [--dtype T] [--json PATH]
     avq eval     SAMPLES.npz [--fp FP_SAMPLES.npz] [--floor FP2.npz] [--reference test|train] [--json PATH]
 
 User errors (unknown model, a folder that is neither a pipeline nor a model, a pipeline without the text

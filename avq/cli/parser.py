@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from avq.cli.bench import cmd_bench
 from avq.cli.evaluate import cmd_eval
 from avq.cli.finetune import cmd_finetune
 from avq.cli.models import SHIPPED_MODELS
@@ -218,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", help="write the figures to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="time AQLinear's kernels (LUT, dequantize + GEMM, Triton on CUDA, auto) against dense",
+        description="Kernel timings on this machine for one layer shape and spec, random codes: dense "
+        "F.linear, each kernel path that can run here, and the automatic choice, per number of rows.",
+    )
+    b.add_argument("--shape", type=_positive, nargs=2, default=(4096, 4096), metavar=("N", "K"))
+    b.add_argument("--spec", default="2x8g8", help="AQ spec MxBgG (default 2x8g8)")
+    b.add_argument(
+        "--rows", type=_positive, nargs="+", default=(1, 16, 256), help="GEMM rows (default 1 16 256)"
+    )
+    b.add_argument("--repeats", type=_positive, default=20, help="timed calls per figure (median)")
+    _device_options(b)
+    b.add_argument("--json", help="write the figures to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
