@@ -203,3 +203,27 @@ def test_finetune_a_quantized_pipeline_resumes_bit_identical(tmp_path, fast_solv
     before = load_quantized(q / "unet").state_dict()
     assert any(not torch.equal(a[k], before[k]) for k in a)  # it did train
     assert (tmp_path / "straight" / "model_index.json").is_file()
+
+
+def test_hub_style_transformer2dmodel_and_pixart_128(tmp_path, fast_solver, capsys):
+    """A DiT folder whose configs say `Transformer2DModel` (as hub DiT/PixArt folders do) loads through
+    diffusers' own remapping and quantizes; PixArt at `sample_size=128` (resolution conditioning) too."""
+    from diffusers import DiffusionPipeline
+
+    dit = save_pipeline("dit", tmp_path / "dit")
+    index = json.loads((dit / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "Transformer2DModel"]
+    (dit / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((dit / "transformer" / "config.json").read_text())
+    (dit / "transformer" / "config.json").write_text(
+        json.dumps({**config, "_class_name": "Transformer2DModel"})
+    )
+    pixart = tmp_path / "pixart"
+    build_pipeline("pixart", sample_size=128).save_pretrained(pixart)
+    tiny = ["--num-samples", "2", "--batch-size", "2", "--steps", "2", "--timesteps-kept", "2", "--quiet"]
+    for folder, extra in ((dit, ["--classes", "3"]), (pixart, ["--height", "32", "--width", "32"])):
+        out = tmp_path / f"{folder.name}-q"
+        args = ["quantize", "--model", str(folder), "--preset", "w4a16", "--out", str(out), *tiny, *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        pipe = DiffusionPipeline.from_pretrained(out)
+        assert any(isinstance(m, AQModule) for m in pipe.transformer.modules())
