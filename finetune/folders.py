@@ -64,6 +64,7 @@ def finetune_pipeline_folder(
     stop_after: int | None,
     device: str | torch.device | None,
     sampling: CalibrationConfig | None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """`avq finetune` on a quantized pipeline folder (`avq quantize` of a pipeline): the teacher is the FP
     pipeline folder recorded in its denoiser's save, or `teacher`; the result is a pipeline folder."""
@@ -78,7 +79,7 @@ def finetune_pipeline_folder(
     if resume and not has_checkpoint(partial):
         raise FileNotFoundError(f"no fine-tuning checkpoint to resume in {partial}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    student = load_pipeline_folder(quantized, device=device)
+    student = load_pipeline_folder(quantized, device=device, dtype=dtype)
     name = denoiser_name(student)
     block = json.loads((quantized / name / "config.json").read_text()).get("quantization_config") or {}
     extra = block.get("extra") or {}
@@ -88,7 +89,7 @@ def finetune_pipeline_folder(
             f"{quantized}: the FP pipeline folder to distill from is unknown (recorded: {source!r}); "
             "pass --teacher FP_PIPELINE_FOLDER"
         )
-    fp = load_pipeline_folder(source, device=device)
+    fp = load_pipeline_folder(source, device=device, dtype=dtype)
     run_tracker = make_tracker(
         tracker, {"quantized": str(quantized), "teacher": str(source), "finetune": config.to_dict()}
     )
@@ -148,6 +149,7 @@ def finetune_folder(
     stop_after: int | None = None,
     device: str | torch.device | None = None,
     sampling: Any = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """`avq finetune`: load the avq save `quantized` and its teacher, fine-tune, save to `out`. A pipeline
     folder goes to `finetune_pipeline_folder` (`sampling`: the teacher pipeline's
@@ -156,7 +158,8 @@ def finetune_folder(
     The teacher is `teacher` (a shipped model name or a diffusers folder) or else the FP source recorded
     in the save (`quantization_config.extra.model`, written by `avq quantize`). Checkpoints go to
     `checkpoint_dir` (default `<out>.partial`), which is removed after the final save. The save records
-    the fine-tuning settings and figures under `quantization_config.extra.finetune`. `device`: default
+    the fine-tuning settings and figures under `quantization_config.extra.finetune`. `dtype`: the compute
+    dtype of the student and the teacher (default float32). `device`: default
     `cuda:LOCAL_RANK` when CUDA is available, else CPU. Returns the figures (on every rank; only the main
     rank writes files).
     """
@@ -180,6 +183,7 @@ def finetune_folder(
             stop_after=stop_after,
             device=device,
             sampling=sampling,
+            dtype=dtype,
         )
     partial = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".partial")
     if out.exists() and out.resolve() == quantized.resolve():
@@ -194,7 +198,7 @@ def finetune_folder(
         raise FileNotFoundError(f"no fine-tuning checkpoint to resume in {partial}")
     ctx = distributed.setup(device)
     try:
-        student = load_quantized(quantized)
+        student = load_quantized(quantized).to(dtype)
         extra = json.loads((quantized / CONFIG_NAME).read_text())["quantization_config"].get("extra") or {}
         source = teacher or extra.get("model")
         if not source:
@@ -203,7 +207,7 @@ def finetune_folder(
             )
         from avq.cli import load_model
 
-        fp = load_model(str(source))
+        fp = load_model(str(source)).to(dtype)
         run_tracker = (
             make_tracker(
                 tracker,

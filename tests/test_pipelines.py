@@ -227,3 +227,29 @@ def test_hub_style_transformer2dmodel_and_pixart_128(tmp_path, fast_solver, caps
         assert main(args) == 0, capsys.readouterr().err
         pipe = DiffusionPipeline.from_pretrained(out)
         assert any(isinstance(m, AQModule) for m in pipe.transformer.modules())
+
+
+def test_scheduler_the_calibration_cannot_drive_is_refused():
+    from avq.pipelines.folders import PipelineError, check_pipeline
+
+    pipe = build_pipeline("sd")
+
+    class Frozen:  # a scheduler object without step(): nothing to count steps by
+        config = pipe.scheduler.config
+
+        def set_timesteps(self, n):
+            pass
+
+    pipe.scheduler = Frozen()
+    with pytest.raises(PipelineError, match="cannot drive calibration"):
+        check_pipeline(pipe)
+    with pytest.raises(PipelineError, match="cannot drive calibration"):
+        PipelineSource(pipe)
+
+
+def test_sample_in_half_precision(tmp_path, capsys):
+    folder = save_pipeline("sd", tmp_path / "fp")
+    args = ["sample", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--height", "32"]
+    args += ["--width", "32", "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "s")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "s" / "images" / "00000.png").is_file()

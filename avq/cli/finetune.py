@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avq.cli.models import UserError, write_json
+from avq.cli.models import UserError, resolve_dtype, write_json
 from avq.storage.checkpoint import CheckpointError
 
 # `avq finetune` option -> FinetuneConfig field (options left unset keep the config's defaults)
@@ -56,6 +56,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             device=args.device,
             sampling=_pipeline_sampling(args),
+            dtype=resolve_dtype(args.dtype),
         )
     except (FinetuneError, CheckpointError) as error:
         raise UserError(str(error)) from None

@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
     )
+    f.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16: compute dtype")
     f.add_argument("--json", help="write the settings, figures and per-step history to this JSON file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)

@@ -122,7 +122,7 @@ def load_pipeline_folder(
         if name in index and _is_avq_folder(folder / name):
             from avq.storage.serialization import load_quantized
 
-            overrides[name] = load_quantized(folder / name, device=device)
+            overrides[name] = load_quantized(folder / name, device=device).to(dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             folder, torch_dtype=dtype, local_files_only=True, **overrides
