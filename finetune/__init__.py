@@ -15,7 +15,7 @@ teacher's own sampling trajectories, and trains both halves of the representatio
 
 Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V steps), `semi` (resets),
 `optim` (AdamW with per-slot resets), `checkpoint` (atomic, pickle-free, refuses another run's),
-`distributed` (torchrun: gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`),
+(torchrun: `avq.distributed`, gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`),
 `pipeline_data` (a pipeline's own trajectories), `folders` (`finetune_folder` behind `avq finetune`,
 `finetune_pipeline`).
 

@@ -25,9 +25,9 @@ import torch.nn as nn
 
 from avq.calibration.adapters import ModelAdapter, cat_kwargs, to_device
 from avq.calibration.sampler import SamplerStep, make_ddim_scheduler, run_sampler
+from avq.distributed import DistContext, all_gather_rows, shard
 
 from .config import FinetuneConfig
-from .distributed import DistContext, all_gather_rows, shard
 
 _STREAMS = {"train": 0, "sample": 1, "heldout": 2, "order": 3}
 

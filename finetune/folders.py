@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from avq import distributed
 from avq.calibration.config import CalibrationConfig
 
-from . import distributed
 from .checkpoint import has_checkpoint
 from .config import FinetuneConfig, FinetuneError
 from .loop import History, finetune

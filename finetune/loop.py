@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from avq import distributed
 from avq.calibration.adapters import adapter_for
 
-from . import distributed
 from .checkpoint import load_checkpoint, restore, run_identity, save_checkpoint
 from .config import FinetuneConfig, FinetuneError
 from .data import TeacherData, build_pool, model_inputs, pool_batch
@@ -162,7 +162,7 @@ def finetune(
     `tracker`: an `avq.tracking` tracker (metrics every `log_every` steps; sample grids every
     `sample_every`); only the main rank logs. `stop_after`: end after that many steps (with a checkpoint),
     as an interruption would. Under torchrun the process group is set up here unless the caller did
-    (`avq.finetune.distributed`). `conditioning`: class labels / prompt embeddings for the trajectories
+    (`avq.distributed`). `conditioning`: class labels / prompt embeddings for the trajectories
     (`avq.calibration.adapter_for`). Returns `(student, history)`: one dict per step done (this call and
     the resumed ones): step, loss, learning rates, code-change and SeMI counts.
     """

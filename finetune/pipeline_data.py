@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 
 from avq.calibration.config import CalibrationConfig
+from avq.distributed import DistContext
 from avq.pipelines.calibration import PipelineSource, RecordedProbe, first_tensor, record_probe
 
 from .config import FinetuneConfig, FinetuneError
 from .data import stream_seed
-from .distributed import DistContext
 
 
 class PipelineTeacherData:

@@ -248,3 +248,41 @@ def test_kill_9_in_the_middle_of_a_pass_then_resume(tmp_path):
     assert main([*args, "--out", str(straight)]) == 0
     a, b = avq.load_quantized(killed).state_dict(), avq.load_quantized(straight).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_quantize_like_one(tmp_path):
+    """`torchrun --nproc_per_node=2 -m avq quantize`: the ranks solve alternate layers of each pass (gloo on
+    CPU) and gather them; the saved model is the 1-process run's, bit for bit, and only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from avq.cli import main
+
+    folder = tmp_path / "tiny-unet"
+    tiny_unet().save_pretrained(folder)
+    budget = 4 * 8 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
+    args = ["quantize", "--model", str(folder), "--preset", "w4a8", "--max-hessian-gib", f"{budget:.9f}"]
+    args += ["--num-samples", "3", "--batch-size", "2", "--steps", "4", "--timesteps-kept", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert main([*args, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "avq",
+    ]
+    command += [*args, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = avq.load_quantized(tmp_path / "one").state_dict()
+    b = avq.load_quantized(tmp_path / "two").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert [r["relative_error"] for r in one["rows"]] == [r["relative_error"] for r in two["rows"]]
+    assert any(note.startswith("streamed:") for note in two["notes"])
+    assert {r["rank"] for r in two["rows"] if r["status"] == "quantized"} == {0, 1}  # both ranks solved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.json", "tiny-unet", "two", "two.json"]

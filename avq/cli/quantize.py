@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from avq import distributed
 from avq.calibration.config import CalibrationConfig
 from avq.cli.models import UserError, load_model, resolve_device, resolve_dtype, write_json
 from avq.run.report import QuantizeReport
@@ -41,11 +42,8 @@ def calibration_from_args(args: argparse.Namespace, *, pipeline: bool) -> Calibr
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from avq.pipelines.folders import is_pipeline_folder, load_pipeline_folder, save_pipeline
+    from avq.pipelines.folders import is_pipeline_folder
     from avq.planning.presets import preset_config
-    from avq.run.quantize import quantize
-    from avq.storage.serialization import save_quantized
-    from avq.tracking import make_tracker
 
     # a8 / unknown / budget with gptq|rtn: raises before any heavy work
     config = preset_config(args.preset, args.method, bits_budget=args.bits_budget, sequential=args.sequential)
@@ -65,13 +63,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if pipeline and config.method != "avq":
         raise UserError(f"--method {config.method} is simulated (dense weights): pipelines take --method avq")
     calibration = calibration_from_args(args, pipeline=pipeline)  # reads --prompts: fails before loading
+    # Under torchrun the ranks share each pass's layers; without --device each takes cuda:LOCAL_RANK.
+    ctx = distributed.setup(device if args.device else None)
+    device = ctx.device
+    try:
+        return _run(args, config, calibration, sensitivity, pipeline, device, dtype, out, partial, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _run(args, config, calibration, sensitivity, pipeline, device, dtype, out, partial, ctx) -> int:
+    from avq.pipelines.folders import load_pipeline_folder, save_pipeline
+    from avq.run.quantize import quantize
+    from avq.storage.serialization import save_quantized
+    from avq.tracking import NullTracker, make_tracker
+
     if pipeline:
         target = load_pipeline_folder(args.model, device=device, dtype=dtype)
     else:
         target = load_model(args.model).to(device=device, dtype=dtype)
-    tracker = make_tracker(
-        args.tracker,
-        {"model": args.model, "quantize": config.to_dict(), "calibration": calibration.to_dict()},
+    tracker = (
+        make_tracker(
+            args.tracker,
+            {"model": args.model, "quantize": config.to_dict(), "calibration": calibration.to_dict()},
+        )
+        if ctx.is_main
+        else NullTracker()
     )
     try:
         start = time.perf_counter()
@@ -82,7 +99,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             calibration,
             checkpoint_dir=partial,
             resume=args.resume,
-            progress=not args.quiet,
+            progress=not args.quiet and ctx.is_main,
             report=report,
             sensitivity=sensitivity,
         )
@@ -92,6 +109,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tracker.log_metrics({"seconds": seconds, "summary": report.summary(), "budget": budget})
     finally:
         tracker.finish()
+    if not ctx.is_main:  # the main rank reports and saves
+        return 0
     print(report.table())
     figures = {
         "command": " ".join(["avq", *sys.argv[1:]]) if args.argv is None else " ".join(["avq", *args.argv]),

@@ -55,9 +55,20 @@ class QuantizeCheckpoint:
     """`manifest.json` ({fingerprint, n_rows, rows, activations, laq, complete}), `hessians.safetensors`,
     `activations.safetensors`, `layers/<name>.safetensors`; tensors first, the manifest last."""
 
-    def __init__(self, folder: Path, fp: str, resume: bool):
+    def __init__(self, folder: Path, fp: str, resume: bool, *, writable: bool = True):
+        """`writable=False`: another process (torchrun's main rank) writes it; this one only reads what
+        was committed when it opened (finished layers, a pass's Hessians)."""
         self.store = CheckpointFolder(folder, MANIFEST_NAME)
         self.folder = Path(folder)
+        self.writable = writable
+        self.initial: dict[str, torch.Tensor] = {}
+        if not writable:
+            self.manifest = self.store.read_meta() if self.store.exists() else {"rows": {}, "n_rows": {}}
+            if self.manifest.get("fingerprint", fp) != fp:
+                raise CheckpointError(f"{folder} is a checkpoint of another model or configuration")
+            if (self.folder / "hessians.safetensors").exists():  # the interrupted pass, as committed now
+                self.initial = self.store.load_tensors("hessians.safetensors")
+            return
         if self.store.exists():
             manifest = self.store.read_meta()
             if not resume:
@@ -79,13 +90,18 @@ class QuantizeCheckpoint:
             self.commit()
 
     def commit(self) -> None:
-        self.store.write_meta(self.manifest)
+        if self.writable:
+            self.store.write_meta(self.manifest)
 
     @property
     def done(self) -> dict[str, dict]:
         return self.manifest["rows"]
 
     def load_hessians(self, names: list[str]) -> dict[str, tuple[torch.Tensor, int]] | None:
+        if not self.writable:  # the main rank may be replacing the file: only what was there at the start
+            if not set(names) <= set(self.initial):
+                return None
+            return {n: (self.initial[n], int(self.manifest["n_rows"][n])) for n in names}
         if not (self.folder / "hessians.safetensors").exists():
             return None
         stored = self.store.load_tensors("hessians.safetensors")
@@ -97,6 +113,8 @@ class QuantizeCheckpoint:
         self, hessians: dict[str, tuple[torch.Tensor, int]], quantizers: dict[str, ActQuantizer]
     ) -> None:
         """The latest calibration's Hessians (replacing earlier ones) and all activation ranges so far."""
+        if not self.writable:
+            return
         if quantizers:  # before the manifest names them
             tensors = {f"{n}.{k}": t for n, q in quantizers.items() for k, t in q.state_dict().items()}
             self.store.save_tensors("activations.safetensors", tensors)
@@ -118,6 +136,8 @@ class QuantizeCheckpoint:
         return quantizers
 
     def save_layer(self, name: str, row: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.writable:
+            return
         self.store.save_tensors(f"layers/{name}.safetensors", tensors)  # the tensors, then the manifest row
         self.manifest["rows"][name] = row
         self.commit()

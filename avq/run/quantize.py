@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from avq import distributed
 from avq.calibration.activations import (
     ActQuantizer,
     RangeObserver,
@@ -46,7 +47,7 @@ from avq.core.aq import quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.modules import AQModule, replace_module
-from avq.core.qweight import QuantizedWeight
+from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs, plan_model
 from avq.planning.presets import QuantizeConfig
@@ -54,6 +55,69 @@ from avq.planning.sensitivity import FP
 from avq.run.checkpoint import QuantizeCheckpoint, fingerprint
 from avq.run.laq import laq_plans
 from avq.run.report import QuantizeReport
+
+
+def _open_checkpoint(folder: Path, fp: str, resume: bool, ctx: distributed.DistContext) -> QuantizeCheckpoint:
+    """The run's checkpoint; under torchrun only the main rank writes it, and every rank first reads it as
+    it was (and refuses it alike) before the main rank may change it."""
+    if not ctx.distributed:
+        return QuantizeCheckpoint(folder, fp, resume)
+    snapshot = QuantizeCheckpoint(folder, fp, resume, writable=False)
+    distributed.barrier(ctx)
+    ckpt = QuantizeCheckpoint(folder, fp, resume) if ctx.is_main else snapshot
+    distributed.barrier(ctx)
+    return ckpt
+
+
+def _solve_shared(
+    model: nn.Module,
+    plans: list[LayerPlan],
+    hessians: dict[str, tuple[torch.Tensor, int]],
+    config: QuantizeConfig,
+    ctx: distributed.DistContext,
+) -> dict[str, QuantizedWeight | UniformQuantizedWeight]:
+    """Layer `i` of the pass is solved by rank `i % world_size`; every rank then receives every result
+    (its stored tensors and `relative_error`/`seconds`), so all ranks end with the same model."""
+    results = {}
+    for i, plan in enumerate(plans):
+        if i % ctx.world_size == ctx.rank:
+            results[plan.name] = _solve(model, plan, hessians[plan.name][0], config)
+            results[plan.name].info["rank"] = ctx.rank
+    wire = torch.device("cuda", ctx.local_rank) if ctx.device.type == "cuda" else torch.device("cpu")
+    for i, plan in enumerate(plans):
+        owner = i % ctx.world_size
+        mine = results.get(plan.name)
+        tensors = {
+            k: v.to(wire) for k, v in (_stored_tensors(mine) if mine else _empty_tensors(plan)).items()
+        }
+        figures = torch.tensor(
+            [mine.info["relative_error"], mine.info.get("seconds", 0.0)] if mine else [0.0, 0.0],
+            dtype=torch.float64,
+            device=wire,
+        )
+        distributed.broadcast_([*tensors.values(), figures], ctx, src=owner)
+        if mine is None:
+            result = _rebuild(plan, {k: v.cpu() for k, v in tensors.items()})
+            result.info = {"relative_error": float(figures[0]), "seconds": float(figures[1]), "rank": owner}
+            results[plan.name] = result
+    return results
+
+
+def _empty_tensors(plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """Receive buffers shaped like the stored tensors of `plan`'s result."""
+    out, K = plan.shape[0], math.prod(plan.shape[1:])
+    if plan.spec is not None:
+        s = plan.spec
+        return {
+            "codes": torch.zeros(out, K // s.group_size, s.num_codebooks, dtype=code_dtype(s.nbits)),
+            "codebooks": torch.zeros(s.num_codebooks, s.codebook_size, s.group_size, dtype=torch.float16),
+            "scales": torch.zeros(out, dtype=torch.float16),
+        }
+    return {
+        "codes": torch.zeros(out, K, dtype=torch.uint8),
+        "scales": torch.zeros(out, dtype=torch.float16),
+        "zeros": torch.zeros(out, dtype=torch.float16),
+    }
 
 
 def _stored_tensors(result: QuantizedWeight | UniformQuantizedWeight) -> dict[str, torch.Tensor]:
@@ -170,10 +234,16 @@ def quantize(
         }
         choose_specs(cheapest, {p.name: math.prod(p.shape) for p in plans}, config.bits_budget)
     source = as_source(calibration, conditioning)
+    ctx = distributed.current(next(model.parameters()).device)
+    if ctx.distributed and (source is None or config.sequential or config.bits_budget is not None):
+        raise ValueError(
+            "quantize under torchrun shards the streaming passes: it takes a calibration (not ready "
+            "Hessians) and neither sequential calibration nor an LAQ budget"
+        )
     ckpt = None
     if checkpoint_dir is not None:
         identity = source.to_dict() if source is not None else calibration
-        ckpt = QuantizeCheckpoint(Path(checkpoint_dir), fingerprint(model, config, identity), resume)
+        ckpt = _open_checkpoint(Path(checkpoint_dir), fingerprint(model, config, identity), resume, ctx)
     done = ckpt.done if ckpt else {}
 
     # Statistics: from the FP model before anything is replaced, or (sequential) per block, below.
@@ -261,6 +331,9 @@ def quantize(
             names = passes[pass_of[plan.name]] if passes else blocks[block_of(plan.name)]
             hessians = {}  # free the previous pass's Hessians before collecting the next
             hessians = statistics([n for n in names if n not in done])
+            if ctx.distributed:  # the ranks solve the pass's layers in turn and share the results
+                pass_plans = [p for p in todo if p.name in hessians and hessians[p.name][1] > 0]
+                solved = _solve_shared(model, pass_plans, hessians, config, ctx)
         hessian, n_rows = hessians[plan.name]
         if n_rows == 0:
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
@@ -277,10 +350,12 @@ def quantize(
             "code_bits": result.code_bits,
             "total_bits": result.total_bits,
             "relative_error": float(result.info["relative_error"]),
-            "seconds": round(time.perf_counter() - start, 3),
+            "seconds": round(result.info.get("seconds", time.perf_counter() - start), 3),
             "n_rows": int(n_rows),
             "simulated": config.method != "avq",
         }
+        if ctx.distributed:
+            row["rank"] = result.info["rank"]  # the process that solved it
         if report.budget is not None:
             row["sensitivity"] = (
                 report.budget["sensitivity"].get(plan.name, {}).get(row["spec"], {}).get("error")

@@ -1,4 +1,6 @@
-"""Data-parallel fine-tuning under `torchrun` (one process per device; NCCL on GPUs, gloo on CPU).
+"""Several processes under `torchrun` (one per device; NCCL on GPUs, gloo on CPU): the engine of data-parallel
+fine-tuning (`avq.finetune`) and of sharded quantization (`avq.run.quantize`: each pass's layers are solved
+by different ranks and gathered).
 
 `setup()` reads torchrun's environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR/PORT`): with
 more than one process it initialises the default process group (unless the caller already did) and picks
@@ -67,6 +69,15 @@ def setup(device: str | torch.device | None = None) -> DistContext:
         dist.init_process_group(backend=backend)
         initialized_here = True
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here)
+
+
+def current(device: str | torch.device | None = None) -> DistContext:
+    """The context of an already initialised process group (e.g. by `setup` in the CLI), or one process."""
+    device = torch.device(device or "cpu")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return DistContext(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def teardown(ctx: DistContext) -> None:
