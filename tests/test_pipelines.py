@@ -253,3 +253,74 @@ def test_sample_in_half_precision(tmp_path, capsys):
     args += ["--width", "32", "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "s")]
     assert main(args) == 0, capsys.readouterr().err
     assert (tmp_path / "s" / "images" / "00000.png").is_file()
+
+
+def _tiny_calibration(family: str, **overrides) -> CalibrationConfig:
+    size = {k: v for k, v in call_kwargs(family).items() if k in ("height", "width")}
+    base = dict(num_samples=2, batch_size=2, num_steps=2, num_timesteps_kept=2, prompts=tuple(PROMPTS[:2]))
+    return CalibrationConfig(**{**base, **size, **overrides})
+
+
+def _fast(preset: str, **overrides):
+    return avq.preset_config(preset, solver=avq.SolverOptions(max_rounds=2, kmeans_iters=4), **overrides)
+
+
+def test_pipeline_resume_laq_and_sequential(tmp_path):
+    """A pipeline through the Python API: an interrupted run resumes to the uninterrupted model; LAQ
+    measures on probes recorded from the pipeline's own sampling; sequential calibration re-runs the
+    pipeline on the partly quantized denoiser."""
+    reference = avq.quantize_pipeline(
+        build_pipeline("sd"), _fast("w4a8"), _tiny_calibration("sd"), progress=False
+    )
+    finished = []
+
+    def stop_after_two(row: dict) -> None:
+        finished.append(row["name"])
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        avq.quantize_pipeline(
+            build_pipeline("sd"),
+            _fast("w4a8"),
+            _tiny_calibration("sd"),
+            checkpoint_dir=ckpt,
+            on_layer=stop_after_two,
+            progress=False,
+        )
+    resumed = avq.quantize_pipeline(
+        build_pipeline("sd"),
+        _fast("w4a8"),
+        _tiny_calibration("sd"),
+        checkpoint_dir=ckpt,
+        resume=True,
+        progress=False,
+    )
+    a, b = reference.unet.state_dict(), resumed.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    report = avq.QuantizeReport()
+    laq = avq.quantize_pipeline(  # flux: a transformer, and few layers to measure
+        build_pipeline("flux"),
+        _fast("w2a16", bits_budget=4.0),
+        _tiny_calibration("flux"),
+        report=report,
+        progress=False,
+    )
+    assert report.budget is not None and report.budget["total_bits"] <= 4.0 + 1e-9
+    errors = [
+        e["error"] for opts in report.budget["sensitivity"].values() for k, e in opts.items() if k != "fp"
+    ]
+    assert errors and all(e >= 0 for e in errors) and any(e > 0 for e in errors)
+    assert any(isinstance(m, AQModule) for m in laq.transformer.modules())
+
+    report = avq.QuantizeReport()
+    avq.quantize_pipeline(
+        build_pipeline("sd"),
+        _fast("w4a8", sequential=True),
+        _tiny_calibration("sd"),
+        report=report,
+        progress=False,
+    )
+    assert any(note.startswith("sequential:") for note in report.notes)
