@@ -286,3 +286,36 @@ def test_torchrun_two_processes_quantize_like_one(tmp_path):
     assert any(note.startswith("streamed:") for note in two["notes"])
     assert {r["rank"] for r in two["rows"] if r["status"] == "quantized"} == {0, 1}  # both ranks solved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.json", "tiny-unet", "two", "two.json"]
+
+
+def test_fingerprint_is_the_same_in_every_process():
+    """A resume happens in another process: the run's fingerprint must not depend on Python's hash seed
+    (diffusers lists `_use_default_values` in set order)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "\n".join(
+        [
+            "import torch, avq",
+            "from diffusers import UNet2DModel",
+            "from avq.run.checkpoint import fingerprint",
+            "torch.manual_seed(0)",
+            "config = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16))",
+            "config.update(norm_num_groups=4, down_block_types=('DownBlock2D',) * 2)",
+            "config.update(up_block_types=('UpBlock2D',) * 2)",
+            "m = UNet2DModel.from_config(config)",
+            "fp = fingerprint(m, avq.preset_config('w4a16'), avq.CalibrationConfig())",
+            "print(len(m.config._use_default_values), fp)",
+        ]
+    )
+    outputs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.add(result.stdout.strip().splitlines()[-1])
+    defaults = int(next(iter(outputs)).split()[0])
+    assert defaults >= 2 and len(outputs) == 1, outputs

@@ -292,3 +292,20 @@ def test_sample_drives_a_class_conditional_dit():
 def test_load_reference_reads_the_model_class_from_config():
     model = load_reference("digits-unet-mini")
     assert type(model).__name__ == "UNet2DModel" and not model.training
+
+
+def test_scale_benchmark_tiny_runs_and_resumes(tmp_path):
+    """`benchmarks/scale.py --tiny`: the product's quantize path on an SD 1.5-shaped (channels / 10) UNet,
+    stopped at its time limit and resumed; the results file has layer, pass and summary rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--tiny", "--work", str(tmp_path / "w")]
+    command += ["--results-dir", str(tmp_path), "--steps", "2", "--num-samples", "1", "--blocks", "mid_block"]
+    for extra in (["--max-seconds", "0"], ["--max-seconds", "600", "--resume"]):
+        result = subprocess.run(command + extra, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale_cpu.json").read_text())["rows"]
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and summary["complete"] and summary["runs"] == 2
+    layers = [r for r in rows if r["kind"] == "layer"]
+    assert len(layers) == summary["layers_done"] > 1 and all(r["seconds_per_mweight"] > 0 for r in layers)
+    assert summary["peak_rss_gib"] > 0 and summary["projected_whole_model_solve_seconds"] > 0

@@ -31,7 +31,9 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
     (a `CalibrationConfig`, a calibration source's `to_dict()`, or the given Hessians)."""
     digest = hashlib.sha256()
     model_config = dict(getattr(model, "config", {}) or {})
-    model_config = {k: v for k, v in model_config.items() if k not in ("_diffusers_version", "_name_or_path")}
+    # Private keys are left out: e.g. diffusers' `_use_default_values` lists keys in set order, which
+    # changes from one process to the next and would refuse every resume.
+    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
     digest.update(type(model).__name__.encode())
     digest.update(json.dumps(model_config, sort_keys=True, default=str).encode())
     for key, tensor in model.state_dict().items():

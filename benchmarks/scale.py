@@ -1,0 +1,224 @@
+"""Quantizing real-size denoisers through the product's own path: time per layer shape, passes, memory.
+
+    python benchmarks/scale.py --max-seconds 1800            # -> benchmarks/results/scale_<device>.json
+    python benchmarks/scale.py --max-seconds 1800 --resume   # continue a run stopped at its time limit
+    python benchmarks/scale.py --model sd1.5 --blocks all    # the whole UNet (hours on a CPU)
+
+An SD 1.5-shaped `UNet2DConditionModel` (the published config, `avq_bench.real_configs`, written to the
+work folder; random weights, seeded) is quantized at W2A8 by `avq.quantize` itself, with its streaming
+passes (`--max-hessian-gib`, default: half the device's free memory), its checkpoint and its default
+solver. Layers outside `--blocks` (default: a down block, the mid block and the up block whose convs have
+`K = 23,040`) are kept in FP through the config's FP-keep list, so a time-limited run on 2 CPU cores
+reaches the largest layers. The calibration is the reference sampler's, smaller than the default to fit
+a CPU (`--num-samples`, `--steps`, `--sample-size`; recorded).
+
+Figures: per solved layer its shape, `K`, seconds and seconds per million weights; per pass its wall
+time (calibration + solves); peak RSS of the process (and peak GPU memory on CUDA); the total; and the
+whole-model time **projected** from the measured seconds per million weights of each layer kind and `K`
+(labelled as a projection whenever the run did not quantize every layer). The same script runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import avq
+from avq.calibration.statistics import block_of, default_hessian_gib, hessian_passes, quantizable_layers
+from avq.planning.presets import DEFAULT_KEEP_FP
+from avq.storage.atomic import write_json_atomic
+from avq_bench.real_configs import SD15_UNET
+from avq_bench.results import device_name, write_results
+
+MODELS = {"sd1.5": ("UNet2DConditionModel", SD15_UNET)}
+DEFAULT_BLOCKS = ("down_blocks.3", "mid_block", "up_blocks.0")
+
+
+class TimeLimit(KeyboardInterrupt):
+    """Raised from the per-layer callback when `--max-seconds` is over: the checkpoint keeps the layers."""
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is KiB on Linux
+
+
+def build(name: str, sample_size: int, device: torch.device, work: Path) -> nn.Module:
+    import diffusers
+
+    class_name, config = MODELS[name]
+    config = {**config, "sample_size": sample_size}
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=2) + "\n")
+    torch.manual_seed(0)
+    return getattr(diffusers, class_name)(**config).to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="sd1.5", choices=sorted(MODELS))
+    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS), help="top-level blocks, or all")
+    parser.add_argument("--preset", default="w2a8")
+    parser.add_argument("--max-seconds", type=float, default=1800, help="stop after this (resumable)")
+    parser.add_argument("--max-hessian-gib", type=float, default=None, help="default: half of free memory")
+    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--timesteps-kept", type=int, default=2)
+    parser.add_argument("--sample-size", type=int, default=32, help="latent size (64 for 512 px)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="channels / 10: a smoke test of the script")
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    work = args.work / (args.model + ("-tiny" if args.tiny else ""))
+    if args.tiny:
+        MODELS[args.model] = (
+            MODELS[args.model][0],
+            {**MODELS[args.model][1], "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64},
+        )
+    started = time.perf_counter()
+    model = build(args.model, args.sample_size, device, work)
+    names = quantizable_layers(model)
+    wanted = set(names) if args.blocks == ["all"] else {n for n in names if block_of(n) in args.blocks}
+    keep = DEFAULT_KEEP_FP + tuple((n, "not in the measured blocks") for n in names if n not in wanted)
+    config = avq.preset_config(args.preset, keep_fp=keep)
+    calibration = avq.CalibrationConfig(
+        num_samples=args.num_samples,
+        batch_size=args.num_samples,
+        num_steps=args.steps,
+        num_timesteps_kept=args.timesteps_kept,
+        max_hessian_gib=args.max_hessian_gib,
+    )
+    budget = args.max_hessian_gib or default_hessian_gib(device)
+    plans = {n: avq.planning.plan_layer(n, model.get_submodule(n), config) for n in names}
+    todo = [n for n in names if n in wanted and plans[n].quantized]
+    layers = {n: (plans[n].kind, math.prod(plans[n].shape[1:]), math.prod(plans[n].shape)) for n in names}
+    passes = hessian_passes(model, todo, budget)
+    pass_of = {n: i for i, p in enumerate(passes) for n in p}
+    # Layers solved by earlier runs of a resumed benchmark, then this run's, kept as they finish.
+    log = work / "events.json"
+    events: list[dict] = json.loads(log.read_text()) if args.resume and log.is_file() else []
+    run = 1 + max((e["run"] for e in events), default=-1)
+    deadline = started + args.max_seconds
+
+    def on_layer(row: dict) -> None:
+        events.append(
+            {**row, "t": time.perf_counter() - started, "pass": pass_of.get(row["name"]), "run": run}
+        )
+        write_json_atomic(log, events)
+        if time.perf_counter() > deadline:
+            raise TimeLimit
+
+    report = avq.QuantizeReport()
+    build_seconds = time.perf_counter() - started
+    complete = True
+    try:
+        avq.quantize(
+            model,
+            config,
+            calibration,
+            checkpoint_dir=work / "checkpoint",
+            resume=args.resume,
+            on_layer=on_layer,
+            report=report,
+        )
+    except TimeLimit:
+        complete = False
+    seconds = time.perf_counter() - started
+    rows = _layer_rows(model, events)
+    rows += _pass_rows([e for e in events if e["run"] == run], build_seconds)
+    rows.append(_summary(layers, events, rows, complete, seconds, budget, len(passes), args, device))
+    out = write_results(f"scale_{device.type}", rows, device=device, results_dir=args.results_dir)
+    print(json.dumps(rows[-1], indent=1))
+    print(out)
+    return 0
+
+
+def _layer_rows(model: nn.Module, events: list[dict]) -> list[dict]:
+    rows = []
+    for e in events:
+        if e.get("status") != "quantized":
+            continue
+        weights = math.prod(e["shape"])
+        rows.append(
+            {
+                "kind": "layer",
+                "layer": e["name"],
+                "shape": e["shape"],
+                "K": math.prod(e["shape"][1:]),
+                "spec": e["spec"],
+                "seconds": e["seconds"],
+                "seconds_per_mweight": e["seconds"] / (weights / 1e6),
+                "relative_error": e["relative_error"],
+                "pass": e["pass"],
+            }
+        )
+    return rows
+
+
+def _pass_rows(events: list[dict], build_seconds: float) -> list[dict]:
+    """Each pass's wall time in this run: from the end of the previous pass's last layer (or the model
+    build) to the end of its own last layer, so calibration and solves both count."""
+    rows, last_t = [], build_seconds
+    for index in sorted({e["pass"] for e in events if e["pass"] is not None}):
+        mine = [e for e in events if e["pass"] == index]
+        rows.append({"kind": "pass", "pass": index, "layers": len(mine), "seconds": mine[-1]["t"] - last_t})
+        last_t = mine[-1]["t"]
+    return rows
+
+
+def _summary(layers, events, rows, complete, seconds, budget, n_passes, args, device) -> dict:
+    """Totals, memory, and the whole-model time projected from seconds per million weights by (kind, K)."""
+    rate: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r["kind"] == "layer":
+            rate.setdefault(("conv" if len(r["shape"]) == 4 else "linear", r["K"]), r["seconds_per_mweight"])
+    projected = 0.0
+    for kind, K, weights in layers.values():
+        kind = "conv" if kind == "conv2d" else "linear"
+        same = [(k, s) for (c, k), s in rate.items() if c == kind] or [(k, s) for (_, k), s in rate.items()]
+        if same:  # the nearest measured K of the same kind, scaled by K (the solve's cost per weight ~ K)
+            k, s = min(same, key=lambda ks: abs(math.log(ks[0] / K)))
+            projected += s * K / k * weights / 1e6
+    return {
+        "kind": "summary",
+        "model": args.model + ("-tiny" if args.tiny else ""),
+        "device": device_name(device),
+        "complete": complete,
+        "layers_solved": sum(1 for r in rows if r["kind"] == "layer"),
+        "layers_done": len(events),
+        "runs": 1 + max((e["run"] for e in events), default=0),
+        "blocks": args.blocks,
+        "seconds_total": seconds,
+        "passes": n_passes,
+        "hessian_budget_gib": budget,
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "max_K_solved": max((r["K"] for r in rows if r["kind"] == "layer"), default=None),
+        "projected_whole_model_solve_seconds": projected,
+        "projection": "measured seconds per million weights of the nearest K of the same layer kind, x K "
+        "ratio, over every quantizable layer (solves only: calibration passes not included)",
+        "calibration": {
+            "num_samples": args.num_samples,
+            "steps": args.steps,
+            "timesteps_kept": args.timesteps_kept,
+            "sample_size": args.sample_size,
+        },
+        "config": {"preset": args.preset, "solver": "defaults"},
+        "seed": 0,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
