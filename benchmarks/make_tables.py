@@ -248,7 +248,40 @@ def hessian_memory_table(data: dict) -> str:
     return "\n".join([*lines, "", _source(data)])
 
 
+def scale_table(data: dict) -> str:
+    """`benchmarks/scale.py`: solved layers of a real-size denoiser, passes, memory, the projection."""
+    rows = data["rows"]
+    s = next(r for r in rows if r["kind"] == "summary")
+    lines = [
+        "| layer | shape | K | spec | seconds | s per M weights | rel. H-error |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["kind"] == "layer":
+            shape = "x".join(map(str, r["shape"]))
+            lines.append(
+                f"| {r['layer']} | {shape} | {r['K']:,} | {r['spec']} | {r['seconds']:.0f}"
+                f" | {r['seconds_per_mweight']:.1f} | {r['relative_error']:.4g} |"
+            )
+    passes = ", ".join(f"{r['layers']} layers in {r['seconds']:.0f} s" for r in rows if r["kind"] == "pass")
+    calib = s["calibration"]
+    status = "complete" if s["complete"] else f"stopped at its time limit after {s['layers_done']} layers"
+    lines += [
+        "",
+        f"{s['model']}, blocks {', '.join(s['blocks'])}: {status}, {s['seconds_total']:.0f} s in all "
+        f"({s['runs']} run(s)); passes this run: {passes or 'none finished'}; Hessian budget "
+        f"{s['hessian_budget_gib']:.3g} GiB; peak RSS {s['peak_rss_gib']:.2f} GiB"
+        + (f", peak GPU {s['peak_gpu_gib']:.2f} GiB" if s["peak_gpu_gib"] is not None else "")
+        + f". Calibration: {calib['num_samples']} samples, {calib['steps']} steps, "
+        f"{calib['timesteps_kept']} kept, latent {calib['sample_size']}. "
+        "**Projected** whole-UNet solve time: "
+        f"{s['projected_whole_model_solve_seconds'] / 3600:.1f} h ({s['projection']}). " + _source(data),
+    ]
+    return "\n".join(lines)
+
+
 TABLES = {
+    "scale_cpu": scale_table,
     "hessian_memory": hessian_memory_table,
     "layer_solver": layer_solver_table,
     "kernels_cpu": kernels_table,
