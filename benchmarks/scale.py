@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeLimit:
         complete = False
     seconds = time.perf_counter() - started
-    rows = _layer_rows(model, events)
+    rows = _layer_rows(events)
     rows += _pass_rows([e for e in events if e["run"] == run], build_seconds)
     rows.append(_summary(layers, events, rows, complete, seconds, budget, len(passes), args, device))
     out = write_results(f"scale_{device.type}", rows, device=device, results_dir=args.results_dir)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _layer_rows(model: nn.Module, events: list[dict]) -> list[dict]:
+def _layer_rows(events: list[dict]) -> list[dict]:
     rows = []
     for e in events:
         if e.get("status") != "quantized":

@@ -61,12 +61,12 @@ def trajectory_inputs(
 
 @dataclass
 class SamplerRun:
-    """One batch of guided DDIM trajectories. With `record`, every step's input and the model outputs."""
+    """One batch of guided DDIM trajectories: the samples, every step's input and the model outputs."""
 
     final: torch.Tensor  # [n, C, H, W] the samples
-    x: torch.Tensor | None = None  # [n, S, C, H, W]: x_t fed to the model at each step
-    out_cond: torch.Tensor | None = None  # [n, S, *out]: model output with the condition
-    out_null: torch.Tensor | None = None  # [n, S, *out]: with the null condition (None: none exists)
+    x: torch.Tensor  # [n, S, C, H, W]: x_t fed to the model at each step
+    out_cond: torch.Tensor  # [n, S, *out]: model output with the condition
+    out_null: torch.Tensor | None  # [n, S, *out]: with the null condition (None: none exists)
 
 
 @torch.no_grad()
@@ -79,12 +79,11 @@ def sample_trajectories(
     *,
     steps: int,
     guidance: float,
-    record: bool = True,
 ) -> SamplerRun:
     """One batch of trajectories on the shared sampler loop (`avq.calibration.sampler`, as calibration).
 
-    The model sees the conditional and the null input whenever a null condition exists and either guidance
-    is on or `record` is set (the null outputs are distillation targets too).
+    Every step's input and outputs are recorded; the model sees the null input whenever a null condition
+    exists, guided or not (the null outputs are distillation targets too).
     """
     xs, outs_c, outs_u = [], [], []
 
@@ -101,11 +100,9 @@ def sample_trajectories(
         null,
         steps=steps,
         guidance=guidance,
-        evaluate_null=record,
-        after_step=keep if record else None,
+        evaluate_null=True,
+        after_step=keep,
     )
-    if not record:
-        return SamplerRun(final=final)
     return SamplerRun(
         final=final,
         x=torch.stack(xs, 1),
@@ -175,7 +172,6 @@ def build_pool(
             _select(null, index),
             steps=config.sampling_steps,
             guidance=config.guidance_scale,
-            record=True,
         )
         runs.append(run)
     param = next(teacher.parameters())

@@ -108,15 +108,16 @@ def default_hessian_gib(device: torch.device | str | None = None) -> float:
 
 class Recorder:
     """The switch between a trajectory runner and the layer hooks: hooks add inputs only while `active`
-    (at the kept steps); the runner calls `step_done()` after every sampler step (progress)."""
+    (at the kept steps); the runner calls `step_done()` after every sampler step (progress, when `bar`)."""
 
-    def __init__(self, bar):
+    def __init__(self, bar=None):
         self.active = False
         self._bar = bar
 
     def step_done(self) -> None:
         self.active = False
-        self._bar.update(1)
+        if self._bar is not None:
+            self._bar.update(1)
 
 
 @torch.no_grad()

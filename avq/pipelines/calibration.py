@@ -215,7 +215,7 @@ class RecordedProbe:
 def record_probe(source: PipelineSource, config: CalibrationConfig, *, offset: int = 0) -> RecordedProbe:
     """Run `config`'s calls and keep the denoiser's inputs and outputs at the kept steps."""
     probe = RecordedProbe()
-    recorder = _Flag()
+    recorder = Recorder()
 
     def keep(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if recorder.active:
@@ -228,15 +228,6 @@ def record_probe(source: PipelineSource, config: CalibrationConfig, *, offset: i
     finally:
         handle.remove()
     return probe
-
-
-class _Flag:
-    """A `Recorder` without progress."""
-
-    active = False
-
-    def step_done(self) -> None:
-        self.active = False
 
 
 def first_tensor(output: Any) -> torch.Tensor:
