@@ -7,8 +7,8 @@
 An SD 1.5-shaped `UNet2DConditionModel` (the published config, `avq_bench.real_configs`, written to the
 work folder; random weights, seeded) is quantized at W2A8 by `avq.quantize` itself, with its streaming
 passes (`--max-hessian-gib`, default: half the device's free memory), its checkpoint and its default
-solver. Layers outside `--blocks` (default: a down block, the mid block and the up block whose convs have
-`K = 23,040`) are kept in FP through the config's FP-keep list, so a time-limited run on 2 CPU cores
+solver. Layers outside `--blocks` (default: the first down block, the mid block and the up block whose convs
+have `K = 23,040`) are kept in FP through the config's FP-keep list, so a time-limited run on 2 CPU cores
 reaches the largest layers. The calibration is the reference sampler's, smaller than the default to fit
 a CPU (`--num-samples`, `--steps`, `--sample-size`; recorded).
 
@@ -32,14 +32,20 @@ import torch
 import torch.nn as nn
 
 import avq
-from avq.calibration.statistics import block_of, default_hessian_gib, hessian_passes, quantizable_layers
+from avq.calibration.statistics import (
+    block_of,
+    default_hessian_gib,
+    hessian_passes,
+    layer_fan_in,
+    quantizable_layers,
+)
 from avq.planning.presets import DEFAULT_KEEP_FP
 from avq.storage.atomic import write_json_atomic
 from avq_bench.real_configs import SD15_UNET
 from avq_bench.results import device_name, write_results
 
 MODELS = {"sd1.5": ("UNet2DConditionModel", SD15_UNET)}
-DEFAULT_BLOCKS = ("down_blocks.3", "mid_block", "up_blocks.0")
+DEFAULT_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0")
 
 
 class TimeLimit(KeyboardInterrupt):
@@ -100,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         num_timesteps_kept=args.timesteps_kept,
         max_hessian_gib=args.max_hessian_gib,
     )
-    budget = args.max_hessian_gib or default_hessian_gib(device)
     plans = {n: avq.planning.plan_layer(n, model.get_submodule(n), config) for n in names}
     todo = [n for n in names if n in wanted and plans[n].quantized]
     layers = {n: (plans[n].kind, math.prod(plans[n].shape[1:]), math.prod(plans[n].shape)) for n in names}
+    # The passes `avq.quantize` will make (its default budget, unless given), to label the events; the
+    # budget it actually used is read back from its report.
+    largest_k = max((layer_fan_in(model, n) for n in todo), default=0)
+    budget = args.max_hessian_gib or default_hessian_gib(device, largest_k)
     passes = hessian_passes(model, todo, budget)
     pass_of = {n: i for i, p in enumerate(passes) for n in p}
     # Layers solved by earlier runs of a resumed benchmark, then this run's, kept as they finish.
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     rows = _layer_rows(events)
     rows += _pass_rows([e for e in events if e["run"] == run], build_seconds)
+    if report.hessian_budget_gib is not None:
+        budget, passes = report.hessian_budget_gib, report.passes
     rows.append(_summary(layers, events, rows, complete, seconds, budget, len(passes), args, device))
     out = write_results(f"scale_{device.type}", rows, device=device, results_dir=args.results_dir)
     print(json.dumps(rows[-1], indent=1))

@@ -139,7 +139,7 @@ def test_passes_respect_the_hessian_memory_budget():
     sizes = {}
     for n in names:
         w = model.get_submodule(n).weight
-        sizes[n] = 8 * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1)) ** 2
+        sizes[n] = 4 * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1)) ** 2
     budget = 2 * max(sizes.values())
     chunks = hessian_passes(model, names, budget / 2**30)
     assert [n for c in chunks for n in c] == names and len(chunks) > 1

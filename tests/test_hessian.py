@@ -47,3 +47,49 @@ def test_unsupported_layers_are_named():
         avq.HessianAccumulator(nn.Embedding(4, 4))
     with pytest.raises(RuntimeError, match="no inputs were recorded"):
         _ = avq.HessianAccumulator(nn.Linear(2, 2)).hessian
+
+
+def test_float32_sum_matches_float64_and_is_taken_in_place():
+    # Many batches of large-magnitude, offset inputs: the float32 sum stays within float32 round-off of the
+    # float64 reference, and `take` hands over the sum's own buffer.
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    acc32, acc64 = avq.HessianAccumulator(conv), avq.HessianAccumulator(conv, dtype=torch.float64)
+    assert acc32.sum.dtype == torch.float32
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x = 30 + 10 * torch.randn(4, 8, 6, 6, generator=generator)
+        acc32.add(x)
+        acc64.add(x)
+    reference = acc64.sum / acc64.count
+    buffer = acc32.sum.data_ptr()
+    H = acc32.take()
+    assert H.data_ptr() == buffer and H.dtype == torch.float32
+    assert (H.double() - reference).norm() / reference.norm() < 1e-5
+    with pytest.raises(RuntimeError, match="already taken"):
+        acc32.take()
+    with pytest.raises(ValueError, match="float32 or float64"):
+        avq.HessianAccumulator(conv, dtype=torch.float16)
+
+
+def test_solver_can_work_in_the_given_hessian():
+    # overwrite_hessian=True: the same result without a copy of H; the caller's H is spent.
+    W = torch.randn(16, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    X = torch.randn(200, 36, generator=torch.Generator().manual_seed(2))
+    H = X.T @ X / 200
+    spent = H.clone()
+    copied = avq.quantize_weight(W, H, avq.QuantSpec(1, 4, 2), max_rounds=2)
+    inplace = avq.quantize_weight(W, spent, avq.QuantSpec(1, 4, 2), max_rounds=2, overwrite_hessian=True)
+    assert torch.equal(copied.codes, inplace.codes) and torch.equal(copied.codebooks, inplace.codebooks)
+    assert inplace.info["relative_error"] == pytest.approx(copied.info["relative_error"], rel=1e-6)
+    assert not torch.equal(spent, H)  # worked in place (scaled to mean diagonal 1)
+
+
+def test_default_pass_budget_sets_the_solver_aside():
+    from avq.calibration.statistics import default_hessian_gib, pass_budget_gib
+
+    gib = 2**30
+    assert pass_budget_gib(20 * gib, 0) == pytest.approx(5.0)
+    # K = 23,040: two float32 [K, K] buffers (3.95 GiB) are set aside before the quarter is taken.
+    assert pass_budget_gib(20 * gib, 23040) == pytest.approx((20 - 2 * 4 * 23040**2 / gib) / 4)
+    assert pass_budget_gib(gib, 23040) == 0.0  # never negative: a pass then holds one layer
+    assert default_hessian_gib("cpu", 0) > 0

@@ -7,13 +7,13 @@ sampler (with classifier-free guidance: the model sees the conditional and the n
 the statistics, since both run at inference) and accumulates `H = E[x x^T]` of each requested layer at
 `num_timesteps_kept` timesteps spread uniformly over the trajectory.
 
-Streamed: hooks add each batch into a float64 `[K, K]` sum (`avq.calibration.hessian.HessianAccumulator`);
+Streamed: hooks add each batch into a float32 `[K, K]` sum (`avq.calibration.hessian.HessianAccumulator`);
 activations are never kept. Peak memory is the model's own forward plus the Hessians of the hooked
 layers; with
 `layers_per_pass=n` only `n` layers are hooked per sampling pass and the sampler is re-run (same seed,
 identical trajectory) for the next `n`, which bounds memory by those layers' Hessians at the cost of
-more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float64 accumulators
-(`8 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its own).
+more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float32 accumulators
+(`4 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its own).
 (Caching one block's inputs and running block by block is not implemented.)
 
 A small adapter per model family (`adapter_for`) knows the latent shape and how to condition the model.
@@ -70,7 +70,7 @@ def group_by_block(names: Sequence[str]) -> dict[str, list[str]]:
 def hessian_passes(
     model: nn.Module, names: Sequence[str], max_gib: float | None, layers_per_pass: int | None = None
 ) -> list[list[str]]:
-    """Consecutive layers packed into passes whose float64 accumulators (`8 K^2` bytes a layer) stay within
+    """Consecutive layers packed into passes whose float32 accumulators (`4 K^2` bytes a layer) stay within
     `max_gib` GiB (None: no limit) and that hold at most `layers_per_pass` layers; a layer larger than the
     budget gets a pass of its own."""
     per_pass = layers_per_pass or max(1, len(names))
@@ -78,9 +78,8 @@ def hessian_passes(
     chunks: list[list[str]] = [[]]
     used = 0.0
     for name in names:
-        layer = model.get_submodule(name)
-        K = layer.in_features if isinstance(layer, nn.Linear) else math.prod(layer.weight.shape[1:])
-        size = 8.0 * K * K
+        K = layer_fan_in(model, name)
+        size = 4.0 * K * K
         if chunks[-1] and (len(chunks[-1]) >= per_pass or used + size > budget):
             chunks.append([])
             used = 0.0
@@ -89,21 +88,44 @@ def hessian_passes(
     return chunks if chunks[0] else []
 
 
-def default_hessian_gib(device: torch.device | str | None = None) -> float:
-    """Half of the compute device's free memory, in GiB: the default budget of one pass of Hessians
-    (CUDA: `torch.cuda.mem_get_info`; CPU: `MemAvailable` of /proc/meminfo; 8 GiB where neither answers)."""
+SOLVER_BUFFERS = 2  # [K, K] float32 buffers the AQ solver adds to a layer's own Hessian (sequential init)
+
+
+def default_hessian_gib(device: torch.device | str | None = None, largest_k: int = 0) -> float:
+    """The default budget of one pass of Hessians, in GiB: a quarter of the compute device's free memory
+    once the solver's working set for the largest layer (`SOLVER_BUFFERS` float32 `[K, K]` buffers) is set
+    aside. The other three quarters leave room for calibration's activations, allocator slack and the rest
+    of the host (free memory: `free_memory_bytes`). Peak memory of SD 1.5's UNet in float32 on a 24 GiB host:
+    `benchmarks/results/scale_cpu.json`."""
+    return pass_budget_gib(free_memory_bytes(device), largest_k)
+
+
+def pass_budget_gib(free_bytes: float, largest_k: int) -> float:
+    """`default_hessian_gib` for a given amount of free memory (bytes)."""
+    reserve = SOLVER_BUFFERS * 4.0 * largest_k * largest_k
+    return max(free_bytes - reserve, 0.0) / 4 / 2**30
+
+
+def free_memory_bytes(device: torch.device | str | None = None) -> float:
+    """Free memory of the compute device: `torch.cuda.mem_get_info` on CUDA, `MemAvailable` of
+    /proc/meminfo on a CPU, 16 GiB where neither answers."""
     device = torch.device(device or "cpu")
     if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / 2**30 / 2
+        return float(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / 2**30 / 2
+                    return int(line.split()[1]) * 1024.0
     except OSError:
         pass
-    return 8.0
+    return 16.0 * 2**30
+
+
+def layer_fan_in(model: nn.Module, name: str) -> int:
+    """`K` of a Linear or Conv2d layer: the side of its input Hessian."""
+    layer = model.get_submodule(name)
+    return layer.in_features if isinstance(layer, nn.Linear) else math.prod(layer.weight.shape[1:])
 
 
 class Recorder:
@@ -187,7 +209,8 @@ def collect_statistics(
             for name, acc in accumulators.items():
                 # A layer the sampler never calls (e.g. an unused branch) has no statistics: n_rows = 0.
                 K = acc.sum.shape[0]
-                results[name] = (acc.hessian if acc.count else torch.zeros(K, K), acc.count)
+                results[name] = (acc.take() if acc.count else torch.zeros(K, K), acc.count)
+            del accumulators
     finally:
         bar.close()
         model.train(was_training)

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from avq.core.hessian import prepare_hessian
+from avq.core.hessian import damped_hessian
 from avq.core.layout import as_matrix, effective_group_size
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
@@ -45,6 +45,7 @@ log = logging.getLogger("avq")
 SOLVER_INITS = ("sequential", "kmeans")
 SEQUENTIAL_DAMP = 0.01  # GPTQ's damping (x mean diag H) for the H^-1 of the sequential first pass
 SEQUENTIAL_BLOCK = 128  # inputs per lazy error-feedback block of the sequential pass (as GPTQ)
+CODE_BLOCK = 512  # inputs per block of a code sweep (one `E @ H[:, block]` GEMM each)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class SolverOptions:
     max_rounds: int = 20  # rounds of (codes, codebooks, scales)
     tol: float = 1e-3  # stop when a round improves the loss by less than this fraction
     kmeans_iters: int = 20  # faiss k-means iterations per codebook at initialisation
-    cg_iters: int = 30  # conjugate-gradient iterations of a codebook update
+    cg_iters: int = 5  # conjugate-gradient iterations of a codebook update (warm-started: 5 match 30)
     score_chunk: int = 1 << 22  # max candidate scores held at once (bounds memory for B = 16)
     seed: int = 0
     device: str | None = None  # default: the weight's device
@@ -75,12 +76,21 @@ class SolverOptions:
 
 
 def quantize_weight(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, name: str = "layer", **options
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    name: str = "layer",
+    overwrite_hessian: bool = False,
+    **options,
 ) -> QuantizedWeight:
     """Quantize a Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight against its input Hessian.
 
-    `options` are the fields of `SolverOptions`. Returns a `QuantizedWeight` whose `info` holds the
-    relative error `tr(dW H dW^T) / tr(W H W^T)` of the stored (fp16) result, the rounds and seconds.
+    `options` are the fields of `SolverOptions`. `overwrite_hessian=True` hands `hessian` over: a float32
+    Hessian on the compute device is worked on in place instead of copied (one `[K, K]` buffer fewer, 2 GiB
+    at `K = 23,040`) and holds garbage afterwards; the quantize run does this. Returns a `QuantizedWeight`
+    whose `info` holds the relative error `tr(dW H dW^T) / tr(W H W^T)` of the stored (fp16) result, the
+    rounds and seconds.
     """
     opts = SolverOptions(**options)
     start = time.perf_counter()
@@ -94,7 +104,8 @@ def quantize_weight(
     if not torch.isfinite(W).all():
         raise ValueError(f"{name}: weight contains NaN or inf")
     out, K = W.shape
-    H = prepare_hessian(hessian, K, name=name, device=device)  # [K, K], mean diag 1
+    # [K, K], mean diag 1, damped; `diagonal` [K] is its diagonal before damping
+    H, diagonal = damped_hessian(hessian, K, name=name, device=device, overwrite=overwrite_hessian)
     M = spec.num_codebooks
     # Randomness comes from faiss (seeded per codebook) and numpy (`default_rng(opts.seed)`) only: the
     # caller's global torch RNG is left alone.
@@ -113,9 +124,11 @@ def quantize_weight(
     rounds = 0
     for rounds in range(1, opts.max_rounds + 1):
         codes = solver.update_codes(codes, codebooks, scales)
-        codebooks = solver.update_codebooks(codes, codebooks, scales)
-        scales = solver.update_scales(codes, codebooks, scales)
-        new_loss = solver.loss(codes, codebooks, scales)
+        # The loss after the codebook step comes with it; the scale step (which can only lower it) reuses
+        # the step's `decode @ H`, so a round costs `cg_iters + 3` products with `H` in all.
+        codebooks, AH, new_loss = solver.update_codebooks(codes, codebooks, scales)
+        scales = solver.update_scales(codes, codebooks, scales, AH=AH)
+        del AH
         history.append(new_loss / loss_ref)
         improvement = (loss - new_loss) / max(loss, 1e-30)
         loss = new_loss
@@ -127,10 +140,13 @@ def quantize_weight(
     codebooks = codebooks.half().float()
     scales = scales.half().float()
     codes = solver.update_codes(codes, codebooks, scales)
-    # Report against the caller's Hessian: the solver's copy may be damped.
+    # Report against the caller's Hessian: the solver's is damped, so its diagonal is put back first (the
+    # error is a ratio, the scaling to mean diagonal 1 cancels).
     decoded = scales[:, None] * solver.decode(codes, codebooks)  # [out, K]
+    del solver
+    H.diagonal().copy_(diagonal)
     info = {
-        "relative_error": relative_error(W, decoded, hessian.to(device)),
+        "relative_error": relative_error(W, decoded, H),
         "rounds": rounds,
         "seconds": time.perf_counter() - start,
         "history": history,
@@ -201,6 +217,7 @@ class _Solver:
         self.W, self.H, self.M, self.g, self.opts = W, H, M, g, opts
         self.out, self.K = W.shape
         self.G = self.K // g
+        self.WH = W @ H  # [out, K], once: every loss below is `(W - sA) . (WH - s AH)`
 
     # ------------------------------------------------------------------ objective
     def decode(self, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -211,11 +228,18 @@ class _Solver:
         return A.reshape(self.out, self.K)
 
     def reference_loss(self) -> float:
-        return float(((self.W @ self.H) * self.W).sum())
+        return float((self.WH * self.W).sum())
 
     def loss(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> float:
-        E = self.W - scales[:, None] * self.decode(codes, codebooks)  # [out, K]
-        return float(((E @ self.H) * E).sum())
+        return self._loss(self.decode(codes, codebooks), scales)[0]
+
+    def _loss(
+        self, A: torch.Tensor, scales: torch.Tensor, AH: torch.Tensor | None = None
+    ) -> tuple[float, torch.Tensor]:
+        """The loss at the unscaled decode `A [out, K]`, and `A @ H` (computed unless given)."""
+        AH = A @ self.H if AH is None else AH  # [out, K]
+        s = scales[:, None]
+        return float(((self.W - s * A) * (self.WH - s * AH)).sum()), AH
 
     # ------------------------------------------------------------------ (a) codes
     @torch.no_grad()
@@ -231,17 +255,26 @@ class _Solver:
         """
         g = self.g
         codes = codes.clone()
-        A = self.decode(codes, codebooks)  # [out, K]
-        E = self.W - scales[:, None] * A  # [out, K]
+        E = self.W - scales[:, None] * self.decode(codes, codebooks)  # [out, K]
         s = scales[:, None]  # [out, 1]
-        for j in range(self.G):
-            J = slice(j * g, (j + 1) * g)
-            HJJ = self.H[J, J]  # [g, g]
-            p = E @ self.H[:, J]  # [out, g]
-            rhs = candidate_rhs(codebooks, HJJ)
-            new_codes, delta = self._beam_search(codes[:, j], codebooks, rhs, HJJ, p, scales)
-            codes[:, j] = new_codes
-            E[:, J] -= s * delta
+        # Blocked like GPTQ's lazy updates: `E @ H[:, block]` is one GEMM per block of columns, and each
+        # coded group's change is fed forward to the block's later groups through `H[block, block]`. Per
+        # group that is `O(out * g * width)` instead of re-reading all of `E` (`O(out * K)`, memory-bound).
+        width = max(1, CODE_BLOCK // g) * g
+        for b0 in range(0, self.K, width):
+            b1 = min(self.K, b0 + width)
+            P = E @ self.H[:, b0:b1]  # [out, width]: p of every group in the block
+            Hbb = self.H[b0:b1, b0:b1]  # [width, width]
+            for j in range(b0 // g, b1 // g):
+                J = slice(j * g, (j + 1) * g)
+                local = slice(J.start - b0, J.stop - b0)
+                HJJ = Hbb[local, local]  # [g, g]
+                rhs = candidate_rhs(codebooks, HJJ)
+                new_codes, delta = self._beam_search(codes[:, j], codebooks, rhs, HJJ, P[:, local], scales)
+                codes[:, j] = new_codes
+                change = s * delta  # [out, g]
+                E[:, J] -= change
+                P[:, local.stop :] -= change @ Hbb[local, local.stop :]
         return codes
 
     @torch.no_grad()
@@ -316,15 +349,17 @@ class _Solver:
     @torch.no_grad()
     def update_codebooks(
         self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Least squares in all codewords at once, by preconditioned conjugate gradients.
 
         With codes fixed the decoded weight is linear in the codebooks, `A = S(codebooks)`, so the loss is
         quadratic; its normal-equation operator is `S^T(s^2 * (S(x) H))`, applied without forming it.
+        Returns the codebooks, their `decode @ H` `[out, K]` and the loss there (never above the start's).
         """
-        if self.opts.cg_iters == 0:
-            return codebooks
         s = scales[:, None]
+        start_loss, start_AH = self._loss(self.decode(codes, codebooks), scales)
+        if self.opts.cg_iters == 0:
+            return codebooks, start_AH, start_loss
         flat_codes = codes.reshape(-1, self.M)  # [out*G, M]
 
         def scatter(grad: torch.Tensor) -> torch.Tensor:  # [out, K] -> [M, C, g]: S^T
@@ -347,7 +382,7 @@ class _Solver:
             return scatter(s * s * (self.decode(codes, x) @ self.H)) + ridge * x
 
         x = codebooks.clone()
-        r = scatter(s * ((self.W - s * self.decode(codes, x)) @ self.H))  # b - A x at x = codebooks
+        r = scatter(s * (self.WH - s * start_AH))  # b - A x at x = codebooks: S^T(s (W - sA) H)
         z = r / diag
         d = z.clone()
         rz = (r * z).sum()
@@ -366,18 +401,24 @@ class _Solver:
             rz_new = (r * z).sum()
             d = z + (rz_new / rz) * d
             rz = rz_new
-        if self.loss(codes, x, scales) > self.loss(codes, codebooks, scales):
-            return codebooks  # fp32 round-off can defeat CG on a flat objective: never step uphill
-        return x
+        loss, AH = self._loss(self.decode(codes, x), scales)
+        if loss > start_loss:
+            return codebooks, start_AH, start_loss  # fp32 round-off can defeat CG on a flat objective
+        return x, AH, loss
 
     # ------------------------------------------------------------------ (c) scales
     @torch.no_grad()
     def update_scales(
-        self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
+        self,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        AH: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per row, `s = (w H a^T) / (a H a^T)` minimises the row's loss for fixed `a`."""
+        """Per row, `s = (w H a^T) / (a H a^T)` minimises the row's loss for fixed `a`. `AH`: the decode's
+        product with `H` where the caller has it."""
         A = self.decode(codes, codebooks)  # [out, K]
-        AH = A @ self.H  # [out, K]
+        AH = A @ self.H if AH is None else AH  # [out, K]
         numerator = (self.W * AH).sum(1)
         denominator = (A * AH).sum(1)
         ok = denominator > 1e-12 * denominator.max().clamp_min(1e-30)
@@ -439,12 +480,20 @@ def beam_search(
 
 
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
-    """`tr(dW H dW^T) / tr(W H W^T)` on the `[out, K]` matrix view (docs/design.md layer objective)."""
-    W = as_matrix(weight).double()
-    E = W - as_matrix(approximation).double().to(W.device)
-    H = hessian.double().to(W.device)
-    H = (H + H.T) / 2
-    reference = float(((W @ H) * W).sum())
+    """`tr(dW H dW^T) / tr(W H W^T)` on the `[out, K]` matrix view (docs/design.md layer objective).
+
+    In float64, a block of `H`'s columns at a time: no second `[K, K]` copy (4 GiB at `K = 23,040`). A
+    quadratic form only sees the symmetric part of `H`, so `H` is used as given."""
+    W = as_matrix(weight).double()  # [out, K]
+    E = W - as_matrix(approximation).double().to(W.device)  # [out, K]
+    H = hessian.to(W.device)
+    K = H.shape[0]
+    step = max(1, (1 << 25) // K)  # columns per block: 256 MiB of float64
+    reference = error = 0.0
+    for lo in range(0, K, step):
+        block = H[:, lo : lo + step].double()  # [K, step]
+        reference += float(((W @ block) * W[:, lo : lo + step]).sum())
+        error += float(((E @ block) * E[:, lo : lo + step]).sum())
     if not math.isfinite(reference) or reference <= 0:
         raise ValueError("relative_error: tr(W H W^T) must be positive")
-    return float(((E @ H) * E).sum()) / reference
+    return error / reference

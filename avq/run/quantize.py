@@ -41,6 +41,7 @@ from avq.calibration.statistics import (
     default_hessian_gib,
     group_by_block,
     hessian_passes,
+    layer_fan_in,
     quantizable_layers,
 )
 from avq.core.aq import quantize_weight
@@ -81,7 +82,7 @@ def _solve_shared(
     results = {}
     for i, plan in enumerate(plans):
         if i % ctx.world_size == ctx.rank:
-            results[plan.name] = _solve(model, plan, hessians[plan.name][0], config)
+            results[plan.name] = _solve(model, plan, hessians[plan.name][0], config, spend=True)
             results[plan.name].info["rank"] = ctx.rank
     wire = torch.device("cuda", ctx.local_rank) if ctx.device.type == "cuda" else torch.device("cpu")
     for i, plan in enumerate(plans):
@@ -154,10 +155,15 @@ def as_source(calibration: Any, conditioning: torch.Tensor | None = None) -> Cal
     )
 
 
-def _solve(model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig):
+def _solve(
+    model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig, *, spend: bool = False
+):
+    """Solve one layer; `spend=True` lets the AQ solver work in `hessian` itself (it is not used again)."""
     weight = model.get_submodule(plan.name).weight.detach()
     if config.method == "avq":
-        return quantize_weight(weight, hessian, plan.spec, name=plan.name, **asdict(config.solver))
+        return quantize_weight(
+            weight, hessian, plan.spec, name=plan.name, overwrite_hessian=spend, **asdict(config.solver)
+        )
     if config.method == "gptq":
         return quantize_weight_gptq(weight, hessian, plan.bits, name=plan.name)
     return quantize_weight_rtn(weight, plan.bits, hessian, name=plan.name)
@@ -275,13 +281,15 @@ def quantize(
     # model, solved and freed before the next; the solved layers are applied after the last pass. LAQ
     # measures every layer against the others' FP weights, so it takes every Hessian at once.
     passes: list[list[str]] = []
+    budget: float | None = None
     if source is not None:
         if config.bits_budget is not None and pending:
             hessians = statistics(pending)
         elif not config.sequential:
             budget = source.config.max_hessian_gib
             if budget is None:
-                budget = default_hessian_gib(next(model.parameters()).device)
+                largest_k = max((layer_fan_in(model, p.name) for p in todo), default=0)
+                budget = default_hessian_gib(next(model.parameters()).device, largest_k)
             # Over every layer, finished or not: a resumed run meets the same passes as the interrupted one.
             passes = hessian_passes(model, [p.name for p in todo], budget)
     else:
@@ -294,6 +302,8 @@ def quantize(
 
     report = QuantizeReport() if report is None else report
     report.method, report.preset = config.method, config.preset
+    if passes:
+        report.hessian_budget_gib, report.passes = budget, passes
     solved: dict[str, QuantizedWeight] = {}
     if config.bits_budget is not None:
         plans, solved = laq_plans(
@@ -334,12 +344,13 @@ def quantize(
             if ctx.distributed:  # the ranks solve the pass's layers in turn and share the results
                 pass_plans = [p for p in todo if p.name in hessians and hessians[p.name][1] > 0]
                 solved = _solve_shared(model, pass_plans, hessians, config, ctx)
-        hessian, n_rows = hessians[plan.name]
+        hessian, n_rows = hessians.pop(plan.name)  # freed once solved: a pass never holds a spent Hessian
         if n_rows == 0:
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
             continue
         start = time.perf_counter()
-        result = solved.get(plan.name) or _solve(model, plan, hessian, config)
+        result = solved.get(plan.name) or _solve(model, plan, hessian, config, spend=True)
+        del hessian
         install(plan, result)
         row = {
             "name": plan.name,

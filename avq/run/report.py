@@ -20,6 +20,9 @@ class QuantizeReport:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # LAQ: `BudgetChoice.to_dict()` + "sensitivity" table; None without
+    # Streaming: the Hessian memory budget of a pass (GiB) and the passes' layer names; None when not streamed
+    hessian_budget_gib: float | None = None
+    passes: list[list[str]] | None = None
 
     def summary(self) -> dict:
         """Weight-weighted code/total bits over quantized layers and over all layers (FP counted as 16)."""
