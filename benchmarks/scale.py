@@ -20,11 +20,13 @@ whole-model time **projected** from the measured seconds per million weights of 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import math
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,9 +42,10 @@ from avq.calibration.statistics import (
     quantizable_layers,
 )
 from avq.planning.presets import DEFAULT_KEEP_FP
+from avq.run.laq import DOMINATED_BITS
 from avq.storage.atomic import write_json_atomic
 from avq_bench.real_configs import SD15_UNET
-from avq_bench.results import device_name, write_results
+from avq_bench.results import default_results_dir, device_name, write_results
 
 MODELS = {"sd1.5": ("UNet2DConditionModel", SD15_UNET)}
 DEFAULT_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0")
@@ -50,6 +53,10 @@ DEFAULT_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0")
 
 class TimeLimit(KeyboardInterrupt):
     """Raised from the per-layer callback when `--max-seconds` is over: the checkpoint keeps the layers."""
+
+
+class MeasuringDone(Exception):
+    """Raised from the per-layer callback of an LAQ run at its first solved layer: measuring is over."""
 
 
 def peak_rss_gib() -> float:
@@ -84,10 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="channels / 10: a smoke test of the script")
+    parser.add_argument(
+        "--bits-budget",
+        type=float,
+        default=None,
+        help="LAQ: measure the sensitivities (in a work folder of their own), stop when measuring is done, "
+        "and compare each layer's measuring with the plain run's solve of it",
+    )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    work = args.work / (args.model + ("-tiny" if args.tiny else ""))
+    name = args.model + ("-tiny" if args.tiny else "")
+    plain_work, laq_work = args.work / name, args.work / f"{name}-laq"
+    laq = args.bits_budget is not None
+    work = laq_work if laq else plain_work
     if args.tiny:
         MODELS[args.model] = (
             MODELS[args.model][0],
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     names = quantizable_layers(model)
     wanted = set(names) if args.blocks == ["all"] else {n for n in names if block_of(n) in args.blocks}
     keep = DEFAULT_KEEP_FP + tuple((n, "not in the measured blocks") for n in names if n not in wanted)
-    config = avq.preset_config(args.preset, keep_fp=keep)
+    config = avq.preset_config(args.preset, keep_fp=keep, bits_budget=args.bits_budget)
     calibration = avq.CalibrationConfig(
         num_samples=args.num_samples,
         batch_size=args.num_samples,
@@ -122,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.max_seconds
 
     def on_layer(row: dict) -> None:
+        if laq:  # the first chosen layer is solved: measuring is over, which is what this run times
+            raise MeasuringDone
         events.append(
             {**row, "t": time.perf_counter() - started, "pass": pass_of.get(row["name"]), "run": run}
         )
@@ -132,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     report = avq.QuantizeReport()
     build_seconds = time.perf_counter() - started
     complete = True
+    # A layer of K = 23,040 takes many minutes on a CPU: the deadline also interrupts one mid-solve (the
+    # checkpoint keeps every finished layer, and LAQ's measured rows, for --resume).
+    watchdog = threading.Timer(max(deadline - time.perf_counter(), 0.0), _thread.interrupt_main)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         avq.quantize(
             model,
@@ -142,18 +166,102 @@ def main(argv: list[str] | None = None) -> int:
             on_layer=on_layer,
             report=report,
         )
-    except TimeLimit:
+    except MeasuringDone:
+        pass
+    except KeyboardInterrupt:  # TimeLimit, or the watchdog
         complete = False
+    finally:
+        watchdog.cancel()
     seconds = time.perf_counter() - started
-    rows = _layer_rows(events)
-    rows += _pass_rows([e for e in events if e["run"] == run], build_seconds)
-    if report.hessian_budget_gib is not None:
-        budget, passes = report.hessian_budget_gib, report.passes
-    rows.append(_summary(layers, events, rows, complete, seconds, budget, len(passes), args, device))
+    if laq:
+        summary = _laq_summary(work, plain_work, todo, layers, complete, seconds, args)
+    else:
+        if report.hessian_budget_gib is not None:
+            budget, passes = report.hessian_budget_gib, report.passes
+        rows = _layer_rows(events) + _pass_rows([e for e in events if e["run"] == run], build_seconds)
+        summary = _summary(layers, events, rows, complete, seconds, budget, len(passes), args, device)
+        summary["pass_rows"] = [r for r in rows if r["kind"] == "pass"]
+    previous = _previous_summary(work, summary["kind"], device, args.results_dir)
+    summary["peak_rss_gib"] = max(summary["peak_rss_gib"], previous.get("peak_rss_gib", 0.0))  # over runs
+    write_json_atomic(work / "summary.json", summary)
+    rows = _assemble(plain_work, laq_work, args)
     out = write_results(f"scale_{device.type}", rows, device=device, results_dir=args.results_dir)
-    print(json.dumps(rows[-1], indent=1))
+    print(json.dumps(summary, indent=1))
     print(out)
     return 0
+
+
+def _previous_summary(work: Path, kind: str, device: torch.device, results_dir) -> dict:
+    """The summary of earlier runs of this work folder (or, before it kept one, the results file's)."""
+    if (work / "summary.json").is_file():
+        return json.loads((work / "summary.json").read_text())
+    results = Path(results_dir or default_results_dir()) / f"scale_{device.type}.json"
+    if results.is_file():
+        rows = json.loads(results.read_text()).get("rows", [])
+        return next((r for r in rows if r.get("kind") == kind and r.get("model") == work.name), {})
+    return {}
+
+
+def _assemble(plain_work: Path, laq_work: Path, args) -> list[dict]:
+    """The results file: the plain run's layer, pass and summary rows, then LAQ's (whichever exist)."""
+    rows: list[dict] = []
+    if (plain_work / "summary.json").is_file():
+        summary = json.loads((plain_work / "summary.json").read_text())
+        events = json.loads((plain_work / "events.json").read_text())
+        rows += _layer_rows(events) + summary.pop("pass_rows") + [summary]
+    if (laq_work / "summary.json").is_file():
+        summary = json.loads((laq_work / "summary.json").read_text())
+        rows += summary.pop("layer_rows") + [summary]
+    return rows
+
+
+def _laq_summary(work: Path, plain_work: Path, todo, layers, complete, seconds, args) -> dict:
+    """LAQ's measuring per layer (its candidates' short solves and probes) against the plain run's solve of
+    the same layer, from the two checkpoints; and in all."""
+    manifest_path = work / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    measured = manifest.get("laq_measured", {})
+    plain_events = plain_work / "events.json"
+    plain = {e["name"]: e for e in json.loads(plain_events.read_text())} if plain_events.is_file() else {}
+    layer_rows = []
+    for name, options in measured.items():
+        cost = sum(v.get("seconds", 0.0) for v in options.values())
+        solve = plain.get(name, {}).get("seconds")
+        layer_rows.append(
+            {
+                "kind": "laq_layer",
+                "layer": name,
+                "K": layers[name][1],
+                "options": sorted(o for o in options if o != "fp"),
+                "measure_seconds": cost,
+                "plain_solve_seconds": solve,
+                "ratio": cost / solve if solve else None,
+            }
+        )
+    both = [r for r in layer_rows if r["ratio"] is not None]
+    measure_same = sum(r["measure_seconds"] for r in both)
+    plain_same = sum(r["plain_solve_seconds"] for r in both)
+    return {
+        "kind": "laq_summary",
+        "model": args.model + ("-tiny" if args.tiny else ""),
+        "bits_budget": args.bits_budget,
+        "measuring_complete": complete and len(measured) == len(todo),
+        "layers_measured": len(measured),
+        "layers_total": len(todo),
+        "measure_seconds_total": manifest.get("laq_measure_seconds"),
+        "layers_compared": len(both),
+        "measure_seconds_compared": measure_same,
+        "plain_solve_seconds_compared": plain_same,
+        "ratio_compared": measure_same / plain_same if plain_same else None,
+        "ratio_note": "short solves + probes of each measured layer over the plain run's full solve of "
+        "that layer (calibration passes excluded on both sides)",
+        "dominated_bits": DOMINATED_BITS,
+        "laq_measure_rounds": avq.preset_config(args.preset).laq_measure_rounds,
+        "seconds_this_run": seconds,
+        "peak_rss_gib": peak_rss_gib(),
+        "layer_rows": layer_rows,
+        "seed": 0,
+    }
 
 
 def _layer_rows(events: list[dict]) -> list[dict]:

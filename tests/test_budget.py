@@ -244,7 +244,67 @@ def test_laq_measures_with_a_short_solve_then_solves_the_choice(monkeypatch, mea
     config = preset_config("w2a16", solver=solver, bits_budget=6.0, laq_measure_rounds=measure_rounds)
     report = QuantizeReport()
     quantize(tiny_unet(), config, TINY, progress=False, report=report)
-    assert [s.max_rounds for s in seen] == [1 if measure_rounds else 2]
-    assert kept == [measure_rounds is None]  # short solves are redone, so not held in memory
+    assert seen and {s.max_rounds for s in seen} == {1 if measure_rounds else 2}  # one call per layer
+    assert set(kept) == {measure_rounds is None}  # short solves are redone, so not held in memory
     quantized = [r["name"] for r in report.rows if r["status"] == "quantized"]
     assert quantized and solved == (quantized if measure_rounds else [])
+
+
+def test_laq_streams_and_resumes_its_measuring(tmp_path, monkeypatch):
+    """LAQ measures pass by pass (one layer's Hessian at a time here) and gets the one-pass answer; a run
+    stopped after its first measured pass resumes measuring only the rest, and saves the same model."""
+    import dataclasses
+
+    import avq.run.laq
+
+    config = preset_config("w2a16", solver=FAST, bits_budget=3.0)
+    whole = QuantizeReport()
+    reference = quantize(tiny_unet(), config, TINY, progress=False, report=whole)
+    streamed = dataclasses.replace(TINY, max_hessian_gib=1e-9)  # every layer a pass of its own
+    calls: list[list[str]] = []
+    measure = avq.run.laq.measure_sensitivity
+
+    def stop_after_first(model, names, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(list(names))
+        return measure(model, names, *args, **kwargs)
+
+    monkeypatch.setattr(avq.run.laq, "measure_sensitivity", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_unet(), config, streamed, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert len(calls) == 1 and len(calls[0]) == 1  # one layer measured, then stopped
+
+    resumed_calls: list[list[str]] = []
+    monkeypatch.setattr(
+        avq.run.laq,
+        "measure_sensitivity",
+        lambda model, names, *a, **k: resumed_calls.append(list(names)) or measure(model, names, *a, **k),
+    )
+    report = QuantizeReport()
+    folder = tmp_path / "ck"
+    model = quantize(
+        tiny_unet(), config, streamed, progress=False, report=report, checkpoint_dir=folder, resume=True
+    )
+    measured = [n for names in resumed_calls for n in names]
+    assert calls[0][0] not in measured and len(resumed_calls) > 1
+    assert report.budget["choice"] == whole.budget["choice"]
+    strip = lambda table: {n: {o: v["error"] for o, v in opts.items()} for n, opts in table.items()}  # noqa: E731
+    assert strip(report.budget["sensitivity"]) == strip(whole.budget["sensitivity"])
+    assert report.budget["measure_seconds"] > 0
+    a, b = reference.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_laq_drops_small_codebooks_where_large_ones_cost_nothing():
+    """On a large layer `1x4g2`/`2x4g2` (16-entry codebooks) are not measured: `1x8g4`/`2x8g4` have the same
+    code bits for < DOMINATED_BITS more total bits. On a small layer every fitting spec stays a candidate."""
+    from avq.planning.plan import LayerPlan
+    from avq.run.laq import DOMINATED_BITS, laq_candidates
+
+    config = preset_config("w2a16", bits_budget=3.0)
+    big = LayerPlan("big", "conv2d", (1280, 2560, 3, 3), avq.QuantSpec(1, 8, 4))
+    small = LayerPlan("small", "conv2d", (32, 32, 3, 3), avq.QuantSpec(1, 8, 4))
+    assert [s.name for s in laq_candidates(big, config)] == ["1x8g4", "2x8g4"]
+    assert {s.name for s in laq_candidates(small, config)} == {"1x8g4", "1x4g2", "2x8g4", "2x4g2"}
+    assert 0 < DOMINATED_BITS < 0.1

@@ -198,7 +198,7 @@ def test_resume_after_interruption(quantized, tmp_path):
 def test_streaming_passes_match_one_pass(quantized):
     """Passes of a few layers (calibrated on the FP model, solved, freed) give the same model as one pass."""
     reference_model, reference = quantized
-    budget = 3 * 8 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
+    budget = 3 * 4 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
     small = CalibrationConfig(**{**TINY.to_dict(), "max_hessian_gib": budget})
     model, report = quantize_with_report(tiny_unet(), w2(), small, progress=False)
     assert any(note.startswith("streamed:") for note in report.notes)
@@ -223,7 +223,7 @@ def test_kill_9_in_the_middle_of_a_pass_then_resume(tmp_path):
 
     folder = tmp_path / "tiny-unet"
     tiny_unet().save_pretrained(folder)
-    budget = 4 * 8 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
+    budget = 4 * 4 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
     args = ["quantize", "--model", str(folder), "--preset", "w4a8", "--max-hessian-gib", f"{budget:.9f}"]
     args += ["--num-samples", "3", "--batch-size", "2", "--steps", "4", "--timesteps-kept", "2", "--quiet"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -261,7 +261,7 @@ def test_torchrun_two_processes_quantize_like_one(tmp_path):
 
     folder = tmp_path / "tiny-unet"
     tiny_unet().save_pretrained(folder)
-    budget = 4 * 8 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
+    budget = 4 * 4 * max(math.prod(w.shape[1:]) ** 2 for w in _weights(tiny_unet())) / 2**30
     args = ["quantize", "--model", str(folder), "--preset", "w4a8", "--max-hessian-gib", f"{budget:.9f}"]
     args += ["--num-samples", "3", "--batch-size", "2", "--steps", "4", "--timesteps-kept", "2", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -43,7 +43,8 @@ def test_code_update_matches_brute_force_joint_search():
     solver.W, solver.H = solver.W.double(), solver.H.double()
     codebooks, scales = codebooks.double(), scales.double()
     solver.opts = SolverOptions(beam_width=spec.codebook_size)
-    updated = solver.update_codes(codes, codebooks, scales)
+    updated, AH = solver.update_codes(codes, codebooks, scales)
+    torch.testing.assert_close(AH, solver.decode(updated, codebooks) @ solver.H, rtol=1e-4, atol=1e-4)
     # Group 0 is visited first, so it is searched against the initial codes of group 1.
     for row in range(0, W.shape[0], 7):
         losses = {}
@@ -63,7 +64,7 @@ def test_code_update_never_increases_loss():
     for width in (1, 3):
         solver.opts = SolverOptions(beam_width=width)
         before = solver.loss(codes, codebooks, scales)
-        codes = solver.update_codes(codes, codebooks, scales)
+        codes, _ = solver.update_codes(codes, codebooks, scales)
         assert solver.loss(codes, codebooks, scales) <= before * (1 + 1e-6)
 
 

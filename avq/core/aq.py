@@ -121,14 +121,14 @@ def quantize_weight(
         if sequential_loss < loss:
             codes, loss = sequential, sequential_loss
     history = [loss / loss_ref]
-    rounds = 0
+    rounds, AH = 0, None
     for rounds in range(1, opts.max_rounds + 1):
-        codes = solver.update_codes(codes, codebooks, scales)
-        # The loss after the codebook step comes with it; the scale step (which can only lower it) reuses
-        # the step's `decode @ H`, so a round costs `cg_iters + 3` products with `H` in all.
-        codebooks, AH, new_loss = solver.update_codebooks(codes, codebooks, scales)
+        # `AH = decode @ H` travels between the steps (the scale step leaves it unchanged): the code sweep
+        # updates it, the codebook step starts from it and returns it with the loss, so a round costs
+        # `cg_iters + 2` products with `H` in all.
+        codes, AH = solver.update_codes(codes, codebooks, scales, AH)
+        codebooks, AH, new_loss = solver.update_codebooks(codes, codebooks, scales, AH=AH)
         scales = solver.update_scales(codes, codebooks, scales, AH=AH)
-        del AH
         history.append(new_loss / loss_ref)
         improvement = (loss - new_loss) / max(loss, 1e-30)
         loss = new_loss
@@ -139,7 +139,8 @@ def quantize_weight(
     # Round to the stored precision, then let the codes adapt to the rounded values.
     codebooks = codebooks.half().float()
     scales = scales.half().float()
-    codes = solver.update_codes(codes, codebooks, scales)
+    del AH
+    codes, _ = solver.update_codes(codes, codebooks, scales)
     # Report against the caller's Hessian: the solver's is damped, so its diagonal is put back first (the
     # error is a ratio, the scaling to mean diagonal 1 cancels).
     decoded = scales[:, None] * solver.decode(codes, codebooks)  # [out, K]
@@ -244,9 +245,14 @@ class _Solver:
     # ------------------------------------------------------------------ (a) codes
     @torch.no_grad()
     def update_codes(
-        self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
-    ) -> torch.Tensor:
-        """One Gauss-Seidel sweep over the groups; each group's M codes by beam search.
+        self,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        AH: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Gauss-Seidel sweep over the groups; each group's M codes by beam search. Returns the codes and
+        their `decode @ H` `[out, K]`; `AH`: that product for the given codes, where the caller has it.
 
         For a change `d` of row r's group j (unscaled), the loss changes by
         `-2 s_r p_r.d + s_r^2 d^T H_jj d` with `p = E H[:, J]`, so all `C` candidates of a codebook are
@@ -255,16 +261,19 @@ class _Solver:
         """
         g = self.g
         codes = codes.clone()
-        E = self.W - scales[:, None] * self.decode(codes, codebooks)  # [out, K]
+        AH = self.decode(codes, codebooks) @ self.H if AH is None else AH.clone()  # [out, K]
         s = scales[:, None]  # [out, 1]
-        # Blocked like GPTQ's lazy updates: `E @ H[:, block]` is one GEMM per block of columns, and each
-        # coded group's change is fed forward to the block's later groups through `H[block, block]`. Per
-        # group that is `O(out * g * width)` instead of re-reading all of `E` (`O(out * K)`, memory-bound).
+        # Blocked like GPTQ's lazy updates: `p` of a block's groups comes from `E H = WH - s AH`, each coded
+        # group's change is fed forward to the block's later groups through `H[block, block]`, and `AH`
+        # takes the block's changes in one `[out, width] x [width, K]` GEMM. Per group that is
+        # `O(out * g * width)` instead of re-reading all of `E` (`O(out * K)`, memory-bound), and the
+        # sweep hands the codebook step its `AH`.
         width = max(1, CODE_BLOCK // g) * g
         for b0 in range(0, self.K, width):
             b1 = min(self.K, b0 + width)
-            P = E @ self.H[:, b0:b1]  # [out, width]: p of every group in the block
+            P = self.WH[:, b0:b1] - s * AH[:, b0:b1]  # [out, width]: p of every group in the block
             Hbb = self.H[b0:b1, b0:b1]  # [width, width]
+            changes = torch.zeros_like(P)  # [out, width]: the block's unscaled changes
             for j in range(b0 // g, b1 // g):
                 J = slice(j * g, (j + 1) * g)
                 local = slice(J.start - b0, J.stop - b0)
@@ -272,10 +281,10 @@ class _Solver:
                 rhs = candidate_rhs(codebooks, HJJ)
                 new_codes, delta = self._beam_search(codes[:, j], codebooks, rhs, HJJ, P[:, local], scales)
                 codes[:, j] = new_codes
-                change = s * delta  # [out, g]
-                E[:, J] -= change
-                P[:, local.stop :] -= change @ Hbb[local, local.stop :]
-        return codes
+                changes[:, local] = delta
+                P[:, local.stop :] -= (s * delta) @ Hbb[local, local.stop :]
+            AH += changes @ self.H[b0:b1]
+        return codes, AH
 
     @torch.no_grad()
     def sequential_codes(
@@ -348,16 +357,21 @@ class _Solver:
     # ------------------------------------------------------------------ (b) codebooks
     @torch.no_grad()
     def update_codebooks(
-        self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
+        self,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        AH: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Least squares in all codewords at once, by preconditioned conjugate gradients.
 
         With codes fixed the decoded weight is linear in the codebooks, `A = S(codebooks)`, so the loss is
         quadratic; its normal-equation operator is `S^T(s^2 * (S(x) H))`, applied without forming it.
-        Returns the codebooks, their `decode @ H` `[out, K]` and the loss there (never above the start's).
+        Returns the codebooks, their `decode @ H` `[out, K]` and the loss there (never above the start's);
+        `AH`: the start's `decode @ H`, where the caller has it.
         """
         s = scales[:, None]
-        start_loss, start_AH = self._loss(self.decode(codes, codebooks), scales)
+        start_loss, start_AH = self._loss(self.decode(codes, codebooks), scales, AH)
         if self.opts.cg_iters == 0:
             return codebooks, start_AH, start_loss
         flat_codes = codes.reshape(-1, self.M)  # [out*G, M]

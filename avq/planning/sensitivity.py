@@ -14,6 +14,7 @@ applies the chosen one without solving the layer again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -137,22 +138,36 @@ def make_probe(
 class SensitivityTable:
     """`errors[layer][option]`: whole-model relative output MSE with only that layer quantized;
     `bits[layer][option]`: total bits per weight; `sizes[layer]`: number of weights;
-    `options[layer][option]`: the option object; `results[layer][option]`: its solved `QuantizedWeight`."""
+    `options[layer][option]`: the option object; `results[layer][option]`: its solved `QuantizedWeight`;
+    `seconds[layer][option]`: what measuring it cost (solve + probe), where measured."""
 
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
     bits: dict[str, dict[str, float]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     options: dict[str, dict[str, Option]] = field(default_factory=dict)
     results: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def merge(self, other: SensitivityTable) -> None:
+        """Add `other`'s layers (measured in another pass) to this table."""
+        for mine, theirs in (
+            (self.errors, other.errors),
+            (self.bits, other.bits),
+            (self.sizes, other.sizes),
+            (self.options, other.options),
+            (self.results, other.results),
+            (self.seconds, other.seconds),
+        ):
+            mine.update(theirs)
 
     def to_dict(self) -> dict:
-        return {
-            name: {
-                o: {"error": self.errors[name][o], "total_bits": self.bits[name][o]}
-                for o in self.errors[name]
-            }
-            for name in self.errors
-        }
+        def entry(name: str, o: str) -> dict:
+            row = {"error": self.errors[name][o], "total_bits": self.bits[name][o]}
+            if o in self.seconds.get(name, {}):
+                row["seconds"] = round(self.seconds[name][o], 3)
+            return row
+
+        return {name: {o: entry(name, o) for o in self.errors[name]} for name in self.errors}
 
     @classmethod
     def from_dict(
@@ -185,6 +200,8 @@ class SensitivityTable:
                 table.options.setdefault(name, {})[key] = option
                 table.errors.setdefault(name, {})[key] = float(entry["error"])
                 table.bits.setdefault(name, {})[key] = float(entry["total_bits"])
+                if "seconds" in entry:
+                    table.seconds.setdefault(name, {})[key] = float(entry["seconds"])
         extra = sorted(set(data) - set(candidates))
         if extra:
             raise SensitivityTableError(
@@ -229,6 +246,7 @@ def measure_sensitivity(
             table.bits.setdefault(name, {})[key] = float(FP16_BITS)
             continue
         bar.set_postfix_str(f"{name[-32:]} {key}")
+        start = time.perf_counter()
         H = hessians[name]
         H = H[0] if isinstance(H, tuple) else H
         result = quantize_weight(layer.weight.detach(), H, option, name=name, **asdict(solver))
@@ -239,6 +257,7 @@ def measure_sensitivity(
             replace_module(model, name, layer)
         table.errors.setdefault(name, {})[key] = error
         table.bits.setdefault(name, {})[key] = float(result.total_bits)
+        table.seconds.setdefault(name, {})[key] = time.perf_counter() - start
         if keep_results:
             table.results.setdefault(name, {})[key] = result
     bar.close()

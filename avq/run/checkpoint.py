@@ -147,6 +147,15 @@ class QuantizeCheckpoint:
     def load_layer(self, name: str) -> dict[str, torch.Tensor]:
         return self.store.load_tensors(f"layers/{name}.safetensors")
 
+    def save_laq_measured(self, table: dict, seconds: float) -> None:
+        """LAQ's sensitivity rows measured so far (`SensitivityTable.to_dict()` form) and the wall time spent
+        on them: a resume measures only the rest."""
+        if not self.writable:
+            return
+        self.manifest["laq_measured"] = table
+        self.manifest["laq_measure_seconds"] = seconds
+        self.commit()
+
     def save_laq(self, budget: dict) -> None:
         self.manifest["laq"] = budget
         self.commit()

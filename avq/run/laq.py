@@ -10,12 +10,17 @@ so that the total bits per weight over *all* Linear/Conv2d weights (FP-kept ones
 `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the sensitivity table are
 in `QuantizeReport.budget`. Candidates are measured with a short solve (`laq_measure_rounds`), the chosen
 specs then solved in full.
+
+At scale (hundreds of layers, Hessians that do not fit at once) measuring streams in the run's passes and
+checkpoints its rows per pass, and a candidate dominated on a layer of that size (`laq_candidates`) is not
+measured at all.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from avq.calibration.source import CalibrationSource
-from avq.core.bits import FP16_BITS
+from avq.core.bits import FP16_BITS, total_bits
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec
 from avq.planning.budget import choose_specs
@@ -33,11 +38,16 @@ from avq.planning.sensitivity import FP, SensitivityTable, make_probe, measure_s
 from avq.run.checkpoint import QuantizeCheckpoint
 from avq.run.report import QuantizeReport
 
+Statistics = Callable[[list[str]], dict[str, tuple[torch.Tensor, int]]]
+# A candidate is not measured on a layer where another of the same code bits has larger codebooks for less
+# than this many more total bits per weight: the larger codebook wins there (measured below), so measuring
+# the smaller one only costs time (at SD 1.5 sizes it halves the candidates of every large layer).
+DOMINATED_BITS = 0.02
+
 
 def laq_plans(
     model: nn.Module,
     plans: list[LayerPlan],
-    hessians: dict[str, tuple[torch.Tensor, int]],
     config: QuantizeConfig,
     source: CalibrationSource | None,
     conditioning: torch.Tensor | None,
@@ -45,33 +55,51 @@ def laq_plans(
     progress: bool,
     report: QuantizeReport,
     sensitivity: Mapping[str, Any] | None = None,
+    *,
+    statistics: Statistics,
+    passes: list[list[str]],
 ) -> tuple[list[LayerPlan], dict[str, QuantizedWeight]]:
     """Replace each quantizable plan's spec by the LAQ choice (`avq.planning`); return the new plans and the
     already solved weights of the chosen specs. A resumed run reuses the choice stored in the checkpoint
-    (the finished layers were solved with it)."""
-    candidates: dict[str, list] = {}
-    forced: dict[str, str] = {}  # layers kept in FP whatever the budget: they count 16 bits in it
-    for p in plans:
-        if not p.quantized or hessians.get(p.name, (None, 1))[1] == 0:
-            forced[p.name] = p.reason or "no calibration input (never called while sampling)"
-            candidates[p.name] = [FP]
-        else:
-            candidates[p.name] = [*fitting_specs(p.kind, p.shape, config)[1], FP]
+    (the finished layers were solved with it).
+
+    Measuring streams like the solve: `passes` of layers are calibrated in turn (`statistics(names)`),
+    their candidates solved and probed, their Hessians freed; the measured rows are checkpointed after each
+    pass, so a resumed run measures only the rest. The chosen specs are then solved in the run's own
+    streaming passes, which calibrate again."""
+    quantized = [p for p in plans if p.quantized]
+    candidates: dict[str, list] = {p.name: [FP] for p in plans}
+    forced: dict[str, str] = {p.name: p.reason or "" for p in plans if not p.quantized}
+    for p in quantized:
+        candidates[p.name] = [*laq_candidates(p, config), FP]
     solved: dict[str, QuantizedWeight] = {}
     if ckpt is not None and "laq" in ckpt.manifest:
         report.budget = ckpt.manifest["laq"]
+        forced.update(report.budget.get("forced_fp", {}))
     else:
         sizes = {p.name: math.prod(p.shape) for p in plans}
         if sensitivity is not None:
+            for p in quantized:  # layers the earlier run found uncalled: FP-only rows marked "forced"
+                if _forced_row(sensitivity.get(p.name)):
+                    candidates[p.name], forced[p.name] = [FP], sensitivity[p.name][FP]["forced"]
             table = SensitivityTable.from_dict(sensitivity, candidates, sizes)
             report.notes.append("LAQ: sensitivity table given (reused, not measured)")
         else:
-            table = measure_laq(model, candidates, hessians, config, source, conditioning, progress)
+            table, seconds = _measure_streamed(
+                model, quantized, candidates, forced, config, (source, conditioning), ckpt, progress,
+                statistics, passes,
+            )  # fmt: skip
             for name in [n for n, opts in candidates.items() if opts == [FP]]:  # forced FP: fixed cost only
                 table.errors[name], table.bits[name] = {FP: 0.0}, {FP: float(FP16_BITS)}
                 table.sizes[name] = sizes[name]
         choice = choose_specs(table, table.sizes, config.bits_budget, verbose=progress)
-        report.budget = {**choice.to_dict(), "sensitivity": table.to_dict()}
+        no_input = {n: r for n, r in forced.items() if r == NO_INPUT}
+        rows = table.to_dict()
+        for name, reason in no_input.items():
+            rows[name][FP]["forced"] = reason
+        report.budget = {**choice.to_dict(), "sensitivity": rows, "forced_fp": no_input}
+        if sensitivity is None:  # wall time of measuring (calibration passes, short solves, probes)
+            report.budget["measure_seconds"] = round(seconds, 3)
         solved = {  # only kept when measured with the full solver; otherwise solved again below
             name: table.results[name][key]
             for name, key in choice.choice.items()
@@ -85,7 +113,7 @@ def laq_plans(
     for p in plans:
         key = choice.get(p.name, FP)
         if p.name in forced:
-            new_plans.append(replace(p, spec=None, reason=forced[p.name]))
+            new_plans.append(replace(p, spec=None, reason=forced[p.name] or p.reason))
         elif key == FP:
             new_plans.append(replace(p, spec=None, reason="LAQ: FP chosen under the bit budget"))
         else:
@@ -98,26 +126,88 @@ def laq_plans(
     return new_plans, solved
 
 
-def measure_laq(
+NO_INPUT = "no calibration input (never called while sampling)"
+
+
+def _measure_streamed(
     model: nn.Module,
+    quantized: list[LayerPlan],
     candidates: dict[str, list],
-    hessians: dict[str, tuple[torch.Tensor, int]],
+    forced: dict[str, str],
     config: QuantizeConfig,
-    source: CalibrationSource | None,
-    conditioning: torch.Tensor | None,
+    sampler: tuple[CalibrationSource | None, torch.Tensor | None],
+    ckpt: QuantizeCheckpoint | None,
     progress: bool,
-):
-    """The LAQ sensitivity table of the layers with a choice, on a small probe of FP sampler inputs."""
-    # Ready Hessians come without a sampler: the probe then runs the reference sampler's default probe.
-    probe = source.probe(model) if source is not None else make_probe(model, None, conditioning=conditioning)
-    measured = [n for n, opts in candidates.items() if opts != [FP]]
-    return measure_sensitivity(
-        model,
-        measured,
-        candidates,
-        probe,
-        hessians,
-        solver=config.laq_solver,
-        progress=progress,
-        keep_results=config.laq_solver == config.solver,  # short solves are redone: don't hold all
-    )
+    statistics: Statistics,
+    passes: list[list[str]],
+) -> tuple[SensitivityTable, float]:
+    """The sensitivity table of every quantizable layer, pass by pass (rows restored from the checkpoint
+    are not measured again), and the wall seconds measuring took (over resumes). `sampler`: the
+    calibration source and conditioning the probe comes from."""
+    source, conditioning = sampler
+    sizes = {p.name: math.prod(p.shape) for p in quantized}
+    measured: dict[str, Any] = dict(ckpt.manifest.get("laq_measured", {})) if ckpt is not None else {}
+    for name in measured:
+        if _forced_row(measured[name]):
+            candidates[name], forced[name] = [FP], NO_INPUT
+    table = SensitivityTable.from_dict(measured, {n: candidates[n] for n in measured}, sizes)
+    seconds = float(ckpt.manifest.get("laq_measure_seconds", 0.0)) if ckpt is not None else 0.0
+    probe = None
+    wanted = {p.name for p in quantized}
+    for names in passes:
+        names = [n for n in names if n in wanted and n not in measured]
+        if not names:
+            continue
+        start = time.perf_counter()
+        hessians = statistics(names)
+        if probe is None and source is not None:
+            probe = source.probe(model)
+        elif probe is None:  # ready Hessians come without a sampler: the reference sampler's default probe
+            probe = make_probe(model, None, conditioning=conditioning)
+        for name in names:  # a layer at a time, each checkpointed: large layers take minutes each
+            if hessians[name][1] == 0:
+                candidates[name], forced[name] = [FP], NO_INPUT
+                measured[name] = {FP: {"error": 0.0, "total_bits": float(FP16_BITS), "forced": NO_INPUT}}
+            else:
+                part = measure_sensitivity(
+                    model,
+                    [name],
+                    candidates,
+                    probe,
+                    {name: hessians.pop(name)},
+                    solver=config.laq_solver,
+                    progress=progress,
+                    keep_results=config.laq_solver == config.solver,  # short solves are redone
+                )
+                table.merge(part)
+                measured[name] = part.to_dict()[name]
+            seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            if ckpt is not None:
+                ckpt.save_laq_measured(measured, seconds)
+        del hessians
+    return table, seconds
+
+
+def _forced_row(row: Mapping[str, Any] | None) -> bool:
+    """A table row of a layer kept in FP because it saw no calibration input (not a measured choice)."""
+    return bool(row) and set(row) == {FP} and bool(row[FP].get("forced"))
+
+
+def laq_candidates(plan: LayerPlan, config: QuantizeConfig) -> list[QuantSpec]:
+    """The layer's fitting LAQ specs, less those dominated on a layer this size: a spec whose codebooks
+    are smaller than another's of the same code bits, where the larger codebooks cost less than
+    `DOMINATED_BITS` more total bits per weight (see `DOMINATED_BITS`)."""
+    fitting = fitting_specs(plan.kind, plan.shape, config)[1]
+    kept = []
+    for spec in fitting:
+        bits = total_bits(plan.shape, spec)
+        dominated = any(
+            other.code_bits == spec.code_bits
+            and other.codebook_size > spec.codebook_size
+            and total_bits(plan.shape, other) - bits < DOMINATED_BITS
+            for other in fitting
+        )
+        if not dominated:
+            kept.append(spec)
+    return kept

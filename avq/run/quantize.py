@@ -279,13 +279,11 @@ def quantize(
 
     # Streaming (the default): passes of layers whose Hessians fit the budget, each calibrated on the FP
     # model, solved and freed before the next; the solved layers are applied after the last pass. LAQ
-    # measures every layer against the others' FP weights, so it takes every Hessian at once.
+    # measures in the same kind of passes, then the chosen specs are solved in passes of their own.
     passes: list[list[str]] = []
     budget: float | None = None
     if source is not None:
-        if config.bits_budget is not None and pending:
-            hessians = statistics(pending)
-        elif not config.sequential:
+        if not config.sequential:
             budget = source.config.max_hessian_gib
             if budget is None:
                 largest_k = max((layer_fan_in(model, p.name) for p in todo), default=0)
@@ -302,14 +300,26 @@ def quantize(
 
     report = QuantizeReport() if report is None else report
     report.method, report.preset = config.method, config.preset
-    if passes:
-        report.hessian_budget_gib, report.passes = budget, passes
     solved: dict[str, QuantizedWeight] = {}
     if config.bits_budget is not None:
         plans, solved = laq_plans(
-            model, plans, hessians, config, source, conditioning, ckpt, progress, report, sensitivity
+            model,
+            plans,
+            config,
+            source,
+            conditioning,
+            ckpt,
+            progress,
+            report,
+            sensitivity,
+            statistics=statistics if source is not None else lambda names: {n: hessians[n] for n in names},
+            passes=passes if source is not None else [pending],
         )
         todo = [p for p in plans if p.quantized]
+        if passes:  # the chosen layers only (the same after a resume: the choice is checkpointed)
+            passes = hessian_passes(model, [p.name for p in todo], budget)
+    if passes:
+        report.hessian_budget_gib, report.passes = budget, passes
     if config.method != "avq":
         report.notes.append(
             f"{config.method} results are simulated: each dense weight is replaced by its dequantized "
