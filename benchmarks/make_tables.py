@@ -275,8 +275,24 @@ def scale_table(data: dict) -> str:
         + f". Calibration: {calib['num_samples']} samples, {calib['steps']} steps, "
         f"{calib['timesteps_kept']} kept, latent {calib['sample_size']}. "
         "**Projected** whole-UNet solve time: "
-        f"{s['projected_whole_model_solve_seconds'] / 3600:.1f} h ({s['projection']}). " + _source(data),
+        f"{s['projected_whole_model_solve_seconds'] / 3600:.1f} h ({s['projection']}).",
     ]
+    laq = next((r for r in rows if r["kind"] == "laq_summary"), None)
+    if laq is not None:
+        ratio = laq["ratio_compared"]
+        lines += [
+            "",
+            f"LAQ measuring (`--bits-budget {laq['bits_budget']:g}`, {laq['laq_measure_rounds']} solver "
+            f"rounds per candidate, candidates dominated within {laq['dominated_bits']} bits dropped): "
+            f"{laq['layers_measured']} of {laq['layers_total']} layers measured"
+            + (" (complete)" if laq["measuring_complete"] else " (stopped at its time limit)")
+            + f"; on the {laq['layers_compared']} layers both runs finished it took "
+            f"{laq['measure_seconds_compared']:.0f} s against {laq['plain_solve_seconds_compared']:.0f} s "
+            "for their plain solves"
+            + (f", **{ratio:.2f}x**" if ratio is not None else "")
+            + f" ({laq['ratio_note']}).",
+        ]
+    lines += ["", _source(data)]
     return "\n".join(lines)
 
 
