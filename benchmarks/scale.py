@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import resource
+import signal
 import sys
 import threading
 import time
@@ -153,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     complete = True
     # A layer of K = 23,040 takes many minutes on a CPU: the deadline also interrupts one mid-solve (the
     # checkpoint keeps every finished layer, and LAQ's measured rows, for --resume).
+    # A background job started by a non-interactive shell ignores SIGINT, and `interrupt_main` then does
+    # nothing: restore Python's handler first.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     watchdog = threading.Timer(max(deadline - time.perf_counter(), 0.0), _thread.interrupt_main)
     watchdog.daemon = True
-    watchdog.start()
     try:
+        watchdog.start()  # inside: with --max-seconds 0 it may fire before the call below starts
         avq.quantize(
             model,
             config,
@@ -207,7 +211,8 @@ def _assemble(plain_work: Path, laq_work: Path, args) -> list[dict]:
     rows: list[dict] = []
     if (plain_work / "summary.json").is_file():
         summary = json.loads((plain_work / "summary.json").read_text())
-        events = json.loads((plain_work / "events.json").read_text())
+        log = plain_work / "events.json"  # none yet when a run stops before its first layer
+        events = json.loads(log.read_text()) if log.is_file() else []
         rows += _layer_rows(events) + summary.pop("pass_rows") + [summary]
     if (laq_work / "summary.json").is_file():
         summary = json.loads((laq_work / "summary.json").read_text())
