@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from avq.core.aq import beam_search, candidate_rhs
+from avq.core.beam import beam_search, candidate_rhs
 from avq.core.modules import AQModule
 from avq.core.qweight import decode
 
