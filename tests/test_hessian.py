@@ -93,3 +93,16 @@ def test_default_pass_budget_sets_the_solver_aside():
     assert pass_budget_gib(20 * gib, 23040) == pytest.approx((20 - 2 * 4 * 23040**2 / gib) / 4)
     assert pass_budget_gib(gib, 23040) == 0.0  # never negative: a pass then holds one layer
     assert default_hessian_gib("cpu", 0) > 0
+
+
+def test_quantize_leaves_given_hessians_alone():
+    # Ready Hessians belong to the caller: the run solves on copies (calibrated ones are worked in place).
+    layer = nn.Linear(16, 8)
+    X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / 64
+    given = H.clone()
+    model = nn.Sequential(nn.Linear(16, 16), layer)
+    config = avq.preset_config("w2a16", keep_fp=(), max_overhead_bits=None)
+    hessians = {"0": torch.eye(16), "1": given}
+    avq.quantize(model, config, hessians, progress=False)
+    assert torch.equal(given, H)

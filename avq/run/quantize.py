@@ -359,7 +359,8 @@ def quantize(
             rows[plan.name] = _kept_row(plan, "no calibration input (never called while sampling)")
             continue
         start = time.perf_counter()
-        result = solved.get(plan.name) or _solve(model, plan, hessian, config, spend=True)
+        # Calibrated Hessians are the run's own; Hessians the caller passed in are not to be overwritten.
+        result = solved.get(plan.name) or _solve(model, plan, hessian, config, spend=source is not None)
         del hessian
         install(plan, result)
         row = {
