@@ -283,12 +283,14 @@ def scale_table(data: dict) -> str:
         lines += [
             "",
             f"LAQ measuring (`--bits-budget {laq['bits_budget']:g}`, {laq['laq_measure_rounds']} solver "
-            f"rounds per candidate, candidates dominated within {laq['dominated_bits']} bits dropped): "
+            "rounds per candidate, "
+            + ("every candidate" if laq.get("laq_probe_all", True) else "one candidate per layer")
+            + f" probed, candidates dominated within {laq['dominated_bits']} bits dropped): "
             f"{laq['layers_measured']} of {laq['layers_total']} layers measured"
             + (" (complete)" if laq["measuring_complete"] else " (stopped at its time limit)")
             + f"; on the {laq['layers_compared']} layers both runs finished it took "
             f"{laq['measure_seconds_compared']:.0f} s against {laq['plain_solve_seconds_compared']:.0f} s "
-            "for their plain solves"
+            "for the plain run's fastest solves of the same shapes"
             + (f", **{ratio:.2f}x**" if ratio is not None else "")
             + f" ({laq['ratio_note']}).",
         ]

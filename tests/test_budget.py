@@ -15,7 +15,7 @@ from avq.calibration.statistics import calibrate
 from avq.core.modules import AQModule
 from avq.planning.budget import BudgetError, brute_force_choice, choose_specs
 from avq.planning.presets import preset_config
-from avq.planning.sensitivity import FP, make_probe, measure_sensitivity
+from avq.planning.sensitivity import FP, Probe, make_probe, measure_sensitivity
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
 
@@ -121,6 +121,33 @@ def test_sensitivity_leaves_model_untouched(sensitivity):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert probe.error(model) == 0.0
+
+
+def test_one_probe_per_layer_scales_the_others_by_layer_error(sensitivity, monkeypatch):
+    """By default only each layer's cheapest candidate is probed; the others' errors are its probed error
+    scaled by the solver's layer errors. `probe_all` probes each: the same probed value, and the scaled
+    estimates land near the whole-model measure (the same order of magnitude on this tiny model)."""
+    model, names, table, _, probe = sensitivity
+    for name in names:
+        assert table.probed[name] == ["1x4g8"]  # the fewest total bits
+        layer = table.layer_errors[name]
+        assert table.errors[name]["2x8g4"] == pytest.approx(
+            table.errors[name]["1x4g8"] * layer["2x8g4"] / layer["1x4g8"]
+        )
+        row = table.to_dict()[name]
+        assert row["1x4g8"]["probed"] and not row["2x8g4"]["probed"] and "layer_error" in row["2x8g4"]
+    calls = []
+    error = Probe.error
+    monkeypatch.setattr(Probe, "error", lambda self, m: calls.append(1) or error(self, m))
+    candidates = {n: [avq.QuantSpec(1, 4, 8), avq.QuantSpec(2, 8, 4), FP] for n in names}
+    hessians = calibrate(model, names, TINY, progress=False)
+    full = measure_sensitivity(model, names, candidates, probe, hessians, solver=FAST, probe_all=True)
+    assert len(calls) == 2 * len(names)
+    for name in names:
+        assert full.probed[name] == ["1x4g8", "2x8g4"]
+        assert full.errors[name]["1x4g8"] == table.errors[name]["1x4g8"]
+        ratio = table.errors[name]["2x8g4"] / full.errors[name]["2x8g4"]
+        assert 0.1 < ratio < 10, (name, ratio)
 
 
 def test_probe_spans_timesteps_with_guidance(sensitivity):

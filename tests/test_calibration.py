@@ -131,6 +131,32 @@ def test_deterministic_and_layers_per_pass(family):
         assert split[name][1] == hessians[name][1]
 
 
+@pytest.mark.parametrize("replay", [True, False])
+def test_later_passes_replay_the_kept_calls(family, replay):
+    """With several passes only the first samples; the others replay the model calls it recorded at the
+    kept steps: the same Hessians for `kept / steps` of the calls (`replay=False`: every pass samples).
+    A `DenoiserCalls` handed to a second call carries the recording over."""
+    from avq.calibration.statistics import DenoiserCalls
+
+    _, _, model, linear, conv, _, _, hessians = family
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    config = CalibrationConfig(**{**TINY.to_dict(), "layers_per_pass": 1, "replay": replay})
+    try:
+        split = calibrate(model, [linear, conv], config, progress=False)
+        sampled, kept = 2 * TINY.num_steps, 2 * TINY.num_timesteps_kept  # 2 batches
+        assert len(calls) == (sampled + kept if replay else 2 * sampled)
+        carried = DenoiserCalls()
+        first = calibrate(model, [linear], config, progress=False, replay=carried)
+        calls.clear()
+        second = calibrate(model, [conv], config, progress=False, replay=carried)
+        assert len(calls) == (kept if replay else sampled)
+    finally:
+        handle.remove()
+    for name, got in ((linear, first), (conv, second), (linear, split), (conv, split)):
+        assert torch.equal(got[name][0], hessians[name][0]) and got[name][1] == hessians[name][1]
+
+
 def test_passes_respect_the_hessian_memory_budget():
     from avq.calibration.statistics import hessian_passes
 

@@ -143,6 +143,32 @@ def test_calibration_follows_the_pipeline(family):
         torch.testing.assert_close(x_next, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_pipeline_passes_replay_the_recorded_denoiser_calls(family):
+    """Calibrating a pipeline's denoiser in several passes: the first runs the pipeline, the others replay
+    the denoiser calls it recorded at the kept steps, and the Hessians equal one pass's."""
+    from avq.calibration.statistics import DenoiserCalls, quantizable_layers
+
+    pipe = build_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    size = {k: v for k, v in call_kwargs(family).items() if k in ("height", "width")}
+    config = CalibrationConfig(num_samples=2, batch_size=1, num_steps=3, num_timesteps_kept=2, **size)
+    source = PipelineSource(pipe, config)
+    names = quantizable_layers(source.denoiser)[:2]
+    one = source.statistics(source.denoiser, names, observers={}, progress=False)
+    calls, replay = [], DenoiserCalls()
+    handle = source.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        first = source.statistics(source.denoiser, names[:1], observers={}, progress=False, replay=replay)
+        assert len(calls) == 2 * 3  # two pipeline calls of three steps
+        second = source.statistics(source.denoiser, names[1:], observers={}, progress=False, replay=replay)
+        assert len(calls) == 2 * 3 + 2 * 2  # then the two kept steps of each, replayed
+    finally:
+        handle.remove()
+    for name, got in ((names[0], first), (names[1], second)):
+        assert torch.equal(got[name][0], one[name][0]) and got[name][1] == one[name][1]
+
+
 def test_pipeline_without_its_text_encoder_is_refused(tmp_path, capsys):
     import shutil
 

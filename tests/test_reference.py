@@ -312,3 +312,16 @@ def test_scale_benchmark_tiny_runs_and_resumes(tmp_path):
     layers = [r for r in rows if r["kind"] == "layer"]
     assert len(layers) == summary["layers_done"] > 1 and all(r["seconds_per_mweight"] > 0 for r in layers)
     assert summary["peak_rss_gib"] > 0 and summary["projected_whole_model_solve_seconds"] > 0
+    # LAQ timing mode: measure in a work folder of its own, compare each layer with the plain solves.
+    result = subprocess.run(
+        command + ["--bits-budget", "16"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale_cpu.json").read_text())["rows"]
+    assert [r["kind"] for r in rows].count("summary") == 1  # the plain rows are kept beside LAQ's
+    laq = rows[-1]
+    assert laq["kind"] == "laq_summary" and laq["measuring_complete"]
+    assert laq["layers_measured"] == laq["layers_total"] == laq["layers_compared"] == summary["layers_solved"]
+    assert laq["laq_measure_rounds"] == 0 and not laq["laq_probe_all"] and laq["ratio_compared"] > 0
+    measured = [r for r in rows if r["kind"] == "laq_layer"]
+    assert all(len(r["probed"]) == 1 and r["ratio"] > 0 for r in measured)

@@ -22,7 +22,9 @@ class CalibrationConfig:
     patches) per forward (`HessianAccumulator(max_rows=...)`): with the defaults a layer still sees >= 40k
     rows, and calibrating `digits-unet` is ~4x faster than with all of them (None). `guidance_scale` > 1
     runs classifier-free guidance (conditional and null inputs both recorded); 1 runs the conditional
-    input only.
+    input only. `replay`: when the layers need several passes, only the first samples; the others replay
+    the model calls it recorded at the kept steps (the same Hessians for `kept / steps` of the calls);
+    False samples every pass again.
 
     Conditioning of pipelines (`avq.pipelines`): `prompts` (cycled over the `num_samples` samples; None:
     the built-in captions `avq.pipelines.prompts.DEFAULT_PROMPTS`), `negative_prompt` (None: the
@@ -47,6 +49,7 @@ class CalibrationConfig:
     classes: tuple[int, ...] | None = None
     height: int | None = None
     width: int | None = None
+    replay: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "prompt_tokens"):

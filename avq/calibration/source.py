@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from avq.calibration.config import REFERENCE_GUIDANCE, REFERENCE_STEPS, CalibrationConfig
-from avq.calibration.statistics import calibrate
+from avq.calibration.statistics import DenoiserCalls, calibrate
 
 
 @runtime_checkable
@@ -30,7 +30,13 @@ class CalibrationSource(Protocol):
     config: CalibrationConfig
 
     def statistics(
-        self, model: nn.Module, names: Sequence[str], *, observers: Mapping[str, Any], progress: bool
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        observers: Mapping[str, Any],
+        progress: bool,
+        replay: DenoiserCalls | None = None,
     ) -> dict[str, tuple[torch.Tensor, int]]: ...
 
     def probe(self, model: nn.Module): ...
@@ -46,10 +52,22 @@ class SamplerSource:
         self.conditioning = conditioning
 
     def statistics(
-        self, model: nn.Module, names: Sequence[str], *, observers: Mapping[str, Any], progress: bool
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        observers: Mapping[str, Any],
+        progress: bool,
+        replay: DenoiserCalls | None = None,
     ) -> dict[str, tuple[torch.Tensor, int]]:
         return calibrate(
-            model, names, self.config, conditioning=self.conditioning, progress=progress, observers=observers
+            model,
+            names,
+            self.config,
+            conditioning=self.conditioning,
+            progress=progress,
+            observers=observers,
+            replay=replay,
         )
 
     def probe(self, model: nn.Module):

@@ -10,11 +10,13 @@ the statistics, since both run at inference) and accumulates `H = E[x x^T]` of e
 Streamed: hooks add each batch into a float32 `[K, K]` sum (`avq.calibration.hessian.HessianAccumulator`);
 activations are never kept. Peak memory is the model's own forward plus the Hessians of the hooked
 layers; with
-`layers_per_pass=n` only `n` layers are hooked per sampling pass and the sampler is re-run (same seed,
-identical trajectory) for the next `n`, which bounds memory by those layers' Hessians at the cost of
-more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float32 accumulators
-(`4 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its own).
-(Caching one block's inputs and running block by block is not implemented.)
+`layers_per_pass=n` only `n` layers are hooked per pass, which bounds memory by those layers' Hessians at
+the cost of more passes; `max_hessian_gib=x` packs consecutive layers into passes whose float32
+accumulators (`4 K^2` bytes per layer) stay within `x` GiB (a layer bigger than that gets a pass of its
+own). Only the first pass samples: it records the model's calls at the kept steps (`DenoiserCalls`, on the
+CPU), and every later pass replays those calls instead of sampling again: the same layer inputs, so the
+same Hessians, for `kept / steps` of the model calls (`CalibrationConfig.replay`; measured in
+`benchmarks/calibration_replay.py`).
 
 A small adapter per model family (`adapter_for`) knows the latent shape and how to condition the model.
 """
@@ -142,6 +144,52 @@ class Recorder:
             self._bar.update(1)
 
 
+class DenoiserCalls:
+    """The model's calls `(args, kwargs)` at the kept steps of a calibration's trajectories, recorded (on
+    the CPU) while a pass samples them, then replayed by the later passes instead of sampling again.
+
+    A quantize run keeps one for all its passes (the model stays FP until the last one); sequential
+    calibration must not, since each block is calibrated on the model quantized so far. Memory: the
+    latents and conditioning of the kept calls (SD 1.5 at 64 samples, 10 kept steps, guided: ~0.4 GB)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] | None = None
+
+    def record(self, model: nn.Module, recorder: Recorder, run_pass: Callable[[Recorder], None]) -> None:
+        calls: list[tuple[tuple, dict]] = []
+
+        def keep(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if recorder.active:
+                calls.append((detached_copy(args, "cpu"), detached_copy(kwargs, "cpu")))
+
+        handle = model.register_forward_hook(keep, with_kwargs=True)
+        try:
+            run_pass(recorder)
+        finally:
+            handle.remove()
+        self.calls = calls
+
+    @torch.no_grad()
+    def replay(self, model: nn.Module, recorder: Recorder) -> None:
+        device = next(model.parameters()).device
+        for args, kwargs in self.calls or []:
+            recorder.active = True
+            model(*detached_copy(args, device), **detached_copy(kwargs, device))
+            recorder.step_done()
+
+
+def detached_copy(value: Any, device: str | torch.device | None = None) -> Any:
+    """`value` (tensors, or dicts / lists / tuples of them) with its tensors detached and copied, onto
+    `device` (None: where they are): recorded model calls must not alias buffers the sampler reuses."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(value.device if device is None else device, copy=True)
+    if isinstance(value, dict):
+        return {k: detached_copy(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached_copy(v, device) for v in value)
+    return value
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -152,10 +200,13 @@ def collect_statistics(
     steps_per_pass: int,
     progress: bool = True,
     observers: Mapping[str, Any] | None = None,
+    replay: DenoiserCalls | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """`{name: (H [K, K], n_rows)}` of the named layers of `model`, over the trajectories that `run_pass`
     samples: it runs every trajectory once, switching `recorder.active` on at the steps to keep. Layers
-    are hooked a pass at a time (`layers_per_pass`, `max_hessian_gib`), so `run_pass` is called once per
+    are hooked a pass at a time (`layers_per_pass`, `max_hessian_gib`); with `config.replay` the first
+    pass records the model's kept calls and the others replay them (`DenoiserCalls`; `replay` carries
+    them over from an earlier call on the same unchanged model), otherwise `run_pass` is called once per
     pass and must reproduce the same trajectories each time. `observers`: see `calibrate`."""
     from tqdm.auto import tqdm
 
@@ -171,6 +222,10 @@ def collect_statistics(
         except AttributeError as error:
             raise ValueError(f"calibrate: {type(model).__name__} has no layer {name!r}") from error
     chunks = hessian_passes(model, names, config.max_hessian_gib, config.layers_per_pass)
+    if not config.replay:
+        replay = None
+    elif replay is None and len(chunks) > 1:
+        replay = DenoiserCalls()
     was_training = model.training
     model.eval()
     results: dict[str, tuple[torch.Tensor, int]] = {}
@@ -201,7 +256,13 @@ def collect_statistics(
                 for n, a in accumulators.items()
             ]
             try:
-                run_pass(recorder)
+                if replay is None:
+                    run_pass(recorder)
+                elif replay.calls is None:
+                    replay.record(model, recorder, run_pass)
+                else:
+                    replay.replay(model, recorder)
+                    bar.update(steps_per_pass - len(replay.calls))
             finally:
                 recorder.active = False
                 for handle in handles:
@@ -227,6 +288,7 @@ def calibrate(
     scheduler=None,
     progress: bool = True,
     observers: Mapping[str, Any] | None = None,
+    replay: DenoiserCalls | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Input Hessians of the named layers along the FP reference sampling trajectory of a bare model:
     `{name: (H [K, K], n_rows)}` (pipelines: `avq.pipelines.calibration.PipelineSource`).
@@ -236,6 +298,7 @@ def calibrate(
     scheduler to copy the noise schedule from (default `make_ddim_scheduler()`). `observers`: `{name:
     obj}` whose `obj.observe(input)` sees the same inputs as the Hessian of layer `name` (8-bit activation
     ranges, `avq.calibration.activations.RangeObserver`); every key must be one of `layer_names`.
+    `replay`: the kept model calls of an earlier call on the same model and config (`DenoiserCalls`).
     """
     from diffusers import DDIMScheduler
 
@@ -276,4 +339,5 @@ def calibrate(
         steps_per_pass=n_batches * config.num_steps,
         progress=progress,
         observers=observers,
+        replay=replay,
     )

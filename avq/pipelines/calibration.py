@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from avq.calibration.config import CalibrationConfig
-from avq.calibration.statistics import Recorder, collect_statistics
+from avq.calibration.statistics import DenoiserCalls, Recorder, collect_statistics, detached_copy
 from avq.evaluation.samples import batch_seed
 from avq.pipelines.folders import check_pipeline, denoiser_name
 from avq.pipelines.prompts import DEFAULT_PROMPTS
@@ -162,7 +162,13 @@ class PipelineSource:
             handle.remove()
 
     def statistics(
-        self, model: nn.Module, names: Sequence[str], *, observers: Mapping[str, Any], progress: bool
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        observers: Mapping[str, Any],
+        progress: bool,
+        replay: DenoiserCalls | None = None,
     ) -> dict[str, tuple[torch.Tensor, int]]:
         self._check(model)
         config = self.config
@@ -175,6 +181,7 @@ class PipelineSource:
             steps_per_pass=n_calls * config.num_steps,
             progress=progress,
             observers=observers,
+            replay=replay,
         )
 
     def probe(self, model: nn.Module) -> RecordedProbe:
@@ -219,7 +226,7 @@ def record_probe(source: PipelineSource, config: CalibrationConfig, *, offset: i
 
     def keep(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if recorder.active:
-            probe.calls.append((_detach(args), _detach(kwargs)))
+            probe.calls.append((detached_copy(args), detached_copy(kwargs)))
             probe.reference.append(first_tensor(output).detach().float().clone())
 
     handle = source.denoiser.register_forward_hook(keep, with_kwargs=True)
@@ -236,13 +243,3 @@ def first_tensor(output: Any) -> torch.Tensor:
     if hasattr(output, "sample"):
         return output.sample
     return output[0]
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
-    return value

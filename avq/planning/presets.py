@@ -66,10 +66,16 @@ class QuantizeConfig:
     `activation_bits`: 16 (inputs untouched) or 8 (fake-quantized inputs of quantized layers);
     `split_shortcuts`: separate 8-bit ranges for the halves of UNet skip concatenations.
     `sequential`: calibrate top-level block by block on the model as quantized so far (module docstring).
-    `laq_measure_rounds`: solver rounds per candidate while LAQ measures sensitivities (None: all). Every
-    candidate of every layer is solved there; 2 rounds took a quarter to 40 % of a full solve with errors
-    3-12 % higher on a large digits-unet conv (`up_blocks.0.resnets.1.conv1`, 1x8g4 / 2x8g4 / 2x4g2), so the
-    chosen specs are then solved in full (with None the measured results are reused instead).
+    `laq_measure_rounds`: solver rounds per candidate while LAQ measures sensitivities (None: all; 0: the
+    initialisation only). Every candidate of every layer is solved there, so this is most of what LAQ
+    costs at scale: on a 320x640x3x3 conv the initialisation took 29 % (1x8g4) and 52 % (2x8g4) of a full
+    1x8g4 solve, 2 rounds 43 % and 87 %, with layer errors 1.19x and 1.22x the converged ones (the same
+    factor for both specs, so the comparison LAQ makes holds). The chosen specs are then solved in full
+    (with None the measured results are reused instead).
+    `laq_probe_all`: probe the model output for every candidate of a layer (the whole-model measure) rather
+    than for its cheapest one only, the others scaled by their Hessian-weighted layer errors
+    (`avq.planning.sensitivity`); one probe per layer is what keeps measuring a 300-layer model within the
+    cost of quantizing it (`benchmarks/laq_measure.py` compares the two).
     """
 
     method: str = "avq"
@@ -84,7 +90,8 @@ class QuantizeConfig:
     bits_budget: float | None = None
     split_shortcuts: bool = True
     sequential: bool = False
-    laq_measure_rounds: int | None = 2
+    laq_measure_rounds: int | None = 0
+    laq_probe_all: bool = False
 
     @property
     def laq_solver(self) -> SolverOptions:

@@ -8,6 +8,16 @@ latents of the FP sampler at timesteps spread over the trajectory, with conditio
 classifier-free-guided combination the sampler uses). `avq.planning.budget` then picks one option per
 layer under a total-bits budget.
 
+One probe per layer (the default): only the layer's cheapest candidate (fewest total bits) is swapped in
+and probed; the other candidates' errors are that probe's error scaled by their Hessian-weighted layer errors
+`tr(dW H dW^T) / tr(W H W^T)`, which the solver reports for free. A layer's output error reaches the model
+output through the same network whatever spec caused it, so what differs between a layer's candidates is
+mostly how large that error is, and that the layer error measures exactly; what differs between layers (how
+much the rest of the model amplifies or absorbs a layer's error) is what the probe measures. The probe is a
+few whole forward passes, and at SD 1.5 size one per layer instead of one per candidate is what keeps
+measuring within the cost of the quantization itself. `probe_all=True` probes every candidate (the
+whole-model measure the cheap one is validated against: `benchmarks/laq_measure.py`).
+
 Candidates solved while measuring can be kept in the table (`keep_results`), so that the quantize run
 applies the chosen one without solving the layer again.
 """
@@ -139,7 +149,9 @@ class SensitivityTable:
     """`errors[layer][option]`: whole-model relative output MSE with only that layer quantized;
     `bits[layer][option]`: total bits per weight; `sizes[layer]`: number of weights;
     `options[layer][option]`: the option object; `results[layer][option]`: its solved `QuantizedWeight`;
-    `seconds[layer][option]`: what measuring it cost (solve + probe), where measured."""
+    `seconds[layer][option]`: what measuring it cost (solve + probe), where measured;
+    `layer_errors[layer][option]`: the solver's Hessian-weighted relative error of the layer itself;
+    `probed[layer]`: the options whose `errors` were probed (the others are scaled from them)."""
 
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
     bits: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -147,6 +159,8 @@ class SensitivityTable:
     options: dict[str, dict[str, Option]] = field(default_factory=dict)
     results: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    probed: dict[str, list[str]] = field(default_factory=dict)
 
     def merge(self, other: SensitivityTable) -> None:
         """Add `other`'s layers (measured in another pass) to this table."""
@@ -157,6 +171,8 @@ class SensitivityTable:
             (self.options, other.options),
             (self.results, other.results),
             (self.seconds, other.seconds),
+            (self.layer_errors, other.layer_errors),
+            (self.probed, other.probed),
         ):
             mine.update(theirs)
 
@@ -165,6 +181,9 @@ class SensitivityTable:
             row = {"error": self.errors[name][o], "total_bits": self.bits[name][o]}
             if o in self.seconds.get(name, {}):
                 row["seconds"] = round(self.seconds[name][o], 3)
+            if o in self.layer_errors.get(name, {}):
+                row["layer_error"] = self.layer_errors[name][o]
+                row["probed"] = o in self.probed.get(name, ())
             return row
 
         return {name: {o: entry(name, o) for o in self.errors[name]} for name in self.errors}
@@ -220,12 +239,15 @@ def measure_sensitivity(
     solver: SolverOptions | None = None,
     progress: bool = False,
     keep_results: bool = True,
+    probe_all: bool = False,
 ) -> SensitivityTable:
     """For each layer and each of its candidate options, the model's output error with that layer alone
-    quantized (solved with `quantize_weight` against the layer's Hessian, swapped in, probed, swapped back).
+    quantized: every candidate is solved with `quantize_weight` against the layer's Hessian; the cheapest
+    (or with `probe_all` each) is swapped in, probed and swapped back, and the others' errors are scaled
+    from it by their layer errors (module docstring).
 
     FP costs no probe: its error is 0 by definition. The model is left exactly as it was given. With
-    `keep_results=False` the solved weights are dropped after probing (they will be solved again anyway).
+    `keep_results=False` the solved weights are dropped after measuring (they will be solved again anyway).
     """
     from dataclasses import asdict
 
@@ -233,32 +255,48 @@ def measure_sensitivity(
 
     solver = solver or SolverOptions()
     table = SensitivityTable()
-    work = [(name, option) for name in layer_names for option in candidates[name]]
-    bar = tqdm(work, desc="LAQ sensitivity", unit="option", disable=not progress)
-    for name, option in bar:
-        key = option_name(option)
+    bar = tqdm(total=sum(len(candidates[n]) for n in layer_names), desc="LAQ sensitivity", unit="option",
+               disable=not progress)  # fmt: skip
+    for name in layer_names:
         layer = model.get_submodule(name)
-        n = layer.weight.numel()
-        table.sizes[name] = n
-        table.options.setdefault(name, {})[key] = option
-        if key == FP:
-            table.errors.setdefault(name, {})[key] = 0.0
-            table.bits.setdefault(name, {})[key] = float(FP16_BITS)
-            continue
-        bar.set_postfix_str(f"{name[-32:]} {key}")
-        start = time.perf_counter()
+        table.sizes[name] = layer.weight.numel()
         H = hessians[name]
         H = H[0] if isinstance(H, tuple) else H
-        result = quantize_weight(layer.weight.detach(), H, option, name=name, **asdict(solver))
-        replace_module(model, name, AQModule.from_layer(layer, result))
-        try:
-            error = probe.error(model)
-        finally:
-            replace_module(model, name, layer)
-        table.errors.setdefault(name, {})[key] = error
-        table.bits.setdefault(name, {})[key] = float(result.total_bits)
-        table.seconds.setdefault(name, {})[key] = time.perf_counter() - start
+        solved: dict[str, QuantizedWeight] = {}  # this layer's candidates, until probed
+        for option in candidates[name]:
+            key = option_name(option)
+            table.options.setdefault(name, {})[key] = option
+            bar.set_postfix_str(f"{name[-32:]} {key}")
+            bar.update()
+            if key == FP:
+                table.errors.setdefault(name, {})[key] = 0.0
+                table.bits.setdefault(name, {})[key] = float(FP16_BITS)
+                continue
+            start = time.perf_counter()
+            solved[key] = quantize_weight(layer.weight.detach(), H, option, name=name, **asdict(solver))
+            table.bits.setdefault(name, {})[key] = float(solved[key].total_bits)
+            table.layer_errors.setdefault(name, {})[key] = float(solved[key].info["relative_error"])
+            table.seconds.setdefault(name, {})[key] = time.perf_counter() - start
+        if not solved:
+            continue
+        cheapest = min(solved, key=lambda k: (table.bits[name][k], table.layer_errors[name][k]))
+        table.probed[name] = sorted(solved) if probe_all else [cheapest]
+        for key in table.probed[name]:
+            start = time.perf_counter()
+            replace_module(model, name, AQModule.from_layer(layer, solved[key]))
+            try:
+                table.errors.setdefault(name, {})[key] = probe.error(model)
+            finally:
+                replace_module(model, name, layer)
+            table.seconds[name][key] += time.perf_counter() - start
+        layer_errors = table.layer_errors[name]
+        # The output error per unit of layer error: how much the rest of the model amplifies this layer's.
+        gain = table.errors[name][cheapest] / layer_errors[cheapest] if layer_errors[cheapest] > 0 else 0.0
+        for key in solved:
+            if key not in table.probed[name]:
+                table.errors[name][key] = gain * layer_errors[key]
+        table.errors[name] = {k: table.errors[name][k] for k in table.options[name]}  # candidate order
         if keep_results:
-            table.results.setdefault(name, {})[key] = result
+            table.results[name] = solved
     bar.close()
     return table

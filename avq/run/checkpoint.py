@@ -39,17 +39,22 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
     for key, tensor in model.state_dict().items():
         digest.update(key.encode())
         tensor_digest(digest, tensor)
-    digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    options = config.to_dict()
+    if config.bits_budget is None:  # how LAQ would measure does not change a run without a budget
+        options = {k: v for k, v in options.items() if not k.startswith("laq_")}
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     if isinstance(calibration, CalibrationConfig):
-        digest.update(json.dumps(calibration.to_dict(), sort_keys=True).encode())
-    elif isinstance(calibration, dict) and "source" in calibration:  # a CalibrationSource's to_dict()
-        digest.update(json.dumps(calibration, sort_keys=True, default=str).encode())
-    else:
+        calibration = calibration.to_dict()
+    elif not (isinstance(calibration, dict) and "source" in calibration):  # ready Hessians
         for name in sorted(calibration):
             value = calibration[name]
             H = value[0] if isinstance(value, tuple) else value
             digest.update(name.encode())
             tensor_digest(digest, H)
+        return digest.hexdigest()
+    # A config or a calibration source's `to_dict()`; replayed passes give the same Hessians as sampled ones.
+    calibration = {k: v for k, v in calibration.items() if k != "replay"}
+    digest.update(json.dumps(calibration, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -8,8 +8,9 @@ the weight bits, so a W2 budget a little above 2 bits can buy 4 bits for the few
 `avq.planning` measures each option's effect on the model output and an integer program picks one per layer
 so that the total bits per weight over *all* Linear/Conv2d weights (FP-kept ones at 16, as
 `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the sensitivity table are
-in `QuantizeReport.budget`. Candidates are measured with a short solve (`laq_measure_rounds`), the chosen
-specs then solved in full.
+in `QuantizeReport.budget`. Candidates are measured with a short solve (`laq_measure_rounds`, default the
+initialisation alone) and one probe of the model output per layer (`laq_probe_all` for one per candidate),
+the chosen specs then solved in full.
 
 At scale (hundreds of layers, Hessians that do not fit at once) measuring streams in the run's passes and
 checkpoints its rows per pass, and a candidate dominated on a layer of that size (`laq_candidates`) is not
@@ -100,6 +101,10 @@ def laq_plans(
         report.budget = {**choice.to_dict(), "sensitivity": rows, "forced_fp": no_input}
         if sensitivity is None:  # wall time of measuring (calibration passes, short solves, probes)
             report.budget["measure_seconds"] = round(seconds, 3)
+            report.budget["measured_with"] = {
+                "rounds": config.laq_measure_rounds,
+                "probe": "every candidate" if config.laq_probe_all else "cheapest candidate per layer",
+            }
         solved = {  # only kept when measured with the full solver; otherwise solved again below
             name: table.results[name][key]
             for name, key in choice.choice.items()
@@ -178,6 +183,7 @@ def _measure_streamed(
                     solver=config.laq_solver,
                     progress=progress,
                     keep_results=config.laq_solver == config.solver,  # short solves are redone
+                    probe_all=config.laq_probe_all,
                 )
                 table.merge(part)
                 measured[name] = part.to_dict()[name]

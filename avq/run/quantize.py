@@ -37,6 +37,7 @@ from avq.calibration.activations import (
 from avq.calibration.config import CalibrationConfig
 from avq.calibration.source import CalibrationSource, SamplerSource
 from avq.calibration.statistics import (
+    DenoiserCalls,
     block_of,
     default_hessian_gib,
     group_by_block,
@@ -264,6 +265,9 @@ def quantize(
     # Each layer's place in the plan seeds its range observer: the same in any pass and after a resume.
     order = {p.name: i for i, p in enumerate(todo)}
     hessians: dict[str, tuple[torch.Tensor, int]] = {}
+    # The passes of one run calibrate the same FP model: the first samples, the rest replay its kept calls.
+    # Sequential calibration runs each block on the model quantized so far, so it samples every time.
+    replay = None if config.sequential else DenoiserCalls()
 
     def statistics(names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
         """Hessians (and, for A8, ranges into `quantizers`) of `names`: from the checkpoint or calibrated."""
@@ -271,7 +275,7 @@ def quantize(
         if stored is not None and (not a8 or set(names) <= set(quantizers)):
             return stored
         observers = _range_observers(model, names, config, order) if a8 else {}
-        result = source.statistics(model, names, observers=observers, progress=progress)
+        result = source.statistics(model, names, observers=observers, progress=progress, replay=replay)
         quantizers.update({n: o.quantizer(config.activation_bits) for n, o in observers.items() if o.count})
         if ckpt:
             ckpt.save_statistics(result, quantizers)
