@@ -175,7 +175,8 @@ def quality_table(data: dict) -> str:
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "—"
         lines.append(
             f"| {r['model']} | {r['config']}{' †' if r.get('simulated') else ''}"
-            f" | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
+            + (f" ‡ `{r['commit'][:7]}`{'+dirty' if r.get('dirty') else ''}" if r.get("stale") else "")
+            + f" | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
             f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
             f" | {r['class_accuracy']:.4f} | {psnr} | {ssim} | {r['quantize_minutes']:.1f}"
             + (f" / {r['cpu_minutes']:.1f}" if "cpu_minutes" in r else "")
@@ -192,7 +193,13 @@ def quality_table(data: dict) -> str:
         "4-bit specs or FP for the layers that matter most). A model's second LAQ row reuses the sensitivity "
         "table its first one measured (`laq_sensitivity` in the JSON; its minutes leave measuring out; here "
         "the `avq-laq` rows). † simulated: dense dequantized weights (the "
-        "same outputs as a packed kernel would give, no memory saving). " + _source(data),
+        "same outputs as a packed kernel would give, no memory saving). "
+        + (
+            "‡ stale: computed at another commit (shown) or on a dirty tree, published with `--allow-stale`. "
+            if any(r.get("stale") for r in data["rows"])
+            else ""
+        )
+        + _source(data),
     ]
     return "\n".join(lines)
 
@@ -268,8 +275,10 @@ def scale_table(data: dict) -> str:
     status = "complete" if s["complete"] else f"stopped at its time limit after {s['layers_done']} layers"
     lines += [
         "",
-        f"{s['model']}, blocks {', '.join(s['blocks'])}: {status}, {s['seconds_total']:.0f} s in all "
-        f"({s['runs']} run(s)); passes this run: {passes or 'none finished'}; Hessian budget "
+        f"{s['model']}, blocks {', '.join(s['blocks'])}: {status} over {s['runs']} run(s), the last "
+        f"{s['seconds_total']:.0f} s; layer solves "
+        f"{sum(r['seconds'] for r in rows if r['kind'] == 'layer'):.0f} s in all; passes of the last run: "
+        f"{passes or 'none finished'}; Hessian budget "
         f"{s['hessian_budget_gib']:.3g} GiB; peak RSS {s['peak_rss_gib']:.2f} GiB"
         + (f", peak GPU {s['peak_gpu_gib']:.2f} GiB" if s["peak_gpu_gib"] is not None else "")
         + f". Calibration: {calib['num_samples']} samples, {calib['steps']} steps, "
