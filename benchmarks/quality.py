@@ -27,6 +27,13 @@ that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tun
 Rows are appended to `runs/quality/<name>.partial.json` as they finish, so an interrupted run continues
 where it stopped (`--fresh` to start over); `benchmarks/results/<name>.json` and the Pareto plot
 (`<name>.png`: total bits vs FID, one panel per model) are written at the end.
+
+Traceability: each row is stamped when it is computed with the commit (and whether the tree was dirty), the
+command, the calibration seed and the whole config (`quantize_config` / `finetune_config`). A row of
+another commit than the current one, or of a dirty tree, is stale: a continued run computes it again
+instead of reusing it, and the results file (`--collect` included) is refused while it holds one, so the
+published table is of one commit; `--allow-stale` writes them anyway, marked `"stale": true` (and in the
+README table).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from avq.storage.atomic import write_atomic, write_json_atomic
 from avq_bench.data import load_digits_images
 from avq_bench.metrics import evaluate
 from avq_bench.reference import load_reference
-from avq_bench.results import default_results_dir, write_results
+from avq_bench.results import current_command, default_results_dir, git_commit, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 CONFIGS = (
@@ -103,7 +110,8 @@ def _quantized(
     start, cpu = time.perf_counter(), time.process_time()
     calibration = CalibrationConfig(seed=seed)
     quantize(model, config, calibration, report=report, progress=True, sensitivity=sensitivity)
-    return model.eval(), report, (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
+    minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
+    return model.eval(), report, minutes, cpu_minutes, config.to_dict()
 
 
 def _sensitivity_path(model_name: str, seed: int) -> Path:
@@ -129,6 +137,7 @@ def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
         "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
         "pv_steps": config.steps,
         "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history),
+        "finetune_config": config.to_dict(),
     }
     return student.eval(), (time.perf_counter() - start) / 60, extra
 
@@ -151,12 +160,25 @@ def run(args: argparse.Namespace) -> list[dict]:
         saved = json.loads(partial.read_text())
         if saved["settings"] == settings:
             rows = saved["rows"]
+            stale = stale_rows(rows, git_commit())
+            if stale and not args.allow_stale:  # computed again at this commit (and replaced in the file)
+                print(f"{len(stale)} rows of {partial} are of another commit or a dirty tree: recomputing")
+                rows = [r for r in rows if r not in stale]
             print(f"continuing {partial}: {len(rows)} rows done")
     computed: list[dict] = []  # rows this process computed (the only ones it writes)
 
     def keep(row: dict) -> None:
-        """Add `row` to the partial file, merged under a lock with the rows that other runs of the script
-        (other configs, side by side) wrote meanwhile; rows removed from the file by hand stay removed."""
+        """Stamp `row` (commit, dirty tree, command, seed) and add it to the partial file, merged under a
+        lock with the rows that other runs of the script (other configs, side by side) wrote meanwhile;
+        rows removed from the file by hand stay removed."""
+        commit = git_commit()
+        row = {
+            **row,
+            "commit": commit.removesuffix("+dirty"),
+            "dirty": commit.endswith("+dirty"),
+            "command": current_command(),
+            "seed": args.seed,
+        }
         computed.append(row)
         mine = {(r["model"], r["config"]) for r in computed}
         with open(partial.with_suffix(".lock"), "w") as lock:
@@ -243,13 +265,16 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
             table_path = _sensitivity_path(model_name, args.seed)
-            sensitivity = json.loads(table_path.read_text()) if table_path.is_file() else None
+            saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
+            # Reused only when measured at this very commit: the table is part of what a row computed.
+            sensitivity = saved.get("sensitivity") if saved.get("commit") == git_commit() else None
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
-        model, report, minutes, cpu_minutes = _quantized(
+        model, report, minutes, cpu_minutes, quantize_config = _quantized(
             model_name, method, preset, budget, args.seed, sensitivity
         )
         if budget is not None and sensitivity is None:
-            write_json_atomic(table_path, report.budget["sensitivity"])
+            table = {"commit": git_commit(), "sensitivity": report.budget["sensitivity"]}
+            write_json_atomic(table_path, table)
         if method == "avq":  # kept for the PV rows
             avq.save_quantized(
                 model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
@@ -261,11 +286,32 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "layers_quantized": summary["quantized"],
             "layers": summary["layers"],
         }
-        extra = {"cpu_minutes": round(cpu_minutes, 2)}
+        extra = {"cpu_minutes": round(cpu_minutes, 2), "quantize_config": quantize_config}
         if budget is not None:  # minutes of a row with a reused table leave out measuring it
             extra.update(bits_budget=budget, laq_sensitivity="reused" if sensitivity else "measured")
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
+
+
+def stale_rows(rows: list[dict], head: str) -> list[dict]:
+    """The rows not computed at `head` (`git_commit()`: a commit, `+dirty` if the tree has changes) on a
+    clean tree: any row of another commit, of a dirty tree, or with no commit at all."""
+    current = head.removesuffix("+dirty")
+    return [r for r in rows if r.get("commit") != current or r.get("dirty", True)]
+
+
+def checked_rows(rows: list[dict], head: str, allow_stale: bool) -> list[dict]:
+    """`rows` for the results file: refused (`SystemExit`, naming them) while any is stale, unless
+    `allow_stale`, which marks them `"stale": true` instead."""
+    stale = stale_rows(rows, head)
+    if stale and not allow_stale:
+        names = ", ".join(f"{r['model']} {r['config']} ({str(r.get('commit'))[:12]})" for r in stale[:8])
+        raise SystemExit(
+            f"quality: {len(stale)} rows are not of the current commit {head[:12]} on a clean tree: {names}"
+            f"{' ...' if len(stale) > 8 else ''}. Commit, then compute them again (the run skips only "
+            "current rows), or pass --allow-stale to publish them marked stale."
+        )
+    return [{**r, "stale": True} if r in stale else r for r in rows]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -331,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         help="write the results JSON and plot from the rows in the partial file (rows computed side by side "
         "by several runs), computing nothing",
     )
+    parser.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="reuse and publish rows of another commit or a dirty tree, marked stale",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -349,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
         rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
         rows = sorted(rows, key=lambda r: (rank[r["model"]], order.index(r["config"])))
+        rows = checked_rows(rows, git_commit(), args.allow_stale)
         path = write_results(args.name, rows)
         print(f"wrote {path}")
     plot(rows, results / f"{args.name}.png")

@@ -1,0 +1,52 @@
+"""The quality table's traceability: rows stamped per commit, stale rows refused or visibly marked."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # quality.py imports its sibling sample_sets
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+ROW = {"model": "digits-unet", "config": "avq:w2a8", "method": "avq", "preset": "w2a8", "code_bits": 2.0,
+       "total_bits": 2.1, "fid": 1.0, "fid_floor": 0.5, "sfid": 1.0, "is": 9.0, "class_accuracy": 0.99,
+       "quantize_minutes": 1.0, "n": 10}  # fmt: skip
+
+
+def test_stale_rows_are_refused_or_marked():
+    quality = _load("quality")
+    head = "a" * 40
+    current = {**ROW, "commit": head, "dirty": False}
+    older = {**ROW, "config": "gptq:w2a8", "commit": "b" * 40, "dirty": False}
+    dirty = {**ROW, "config": "rtn:w2a8", "commit": head, "dirty": True}
+    unstamped = {**ROW, "config": "avq:w4a8"}
+    rows = [current, older, dirty, unstamped]
+    assert quality.stale_rows(rows, head) == [older, dirty, unstamped]
+    assert quality.stale_rows(rows, head + "+dirty") == [older, dirty, unstamped]
+    assert quality.checked_rows([current], head, allow_stale=False) == [current]
+    with pytest.raises(SystemExit, match="3 rows are not of the current commit") as refused:
+        quality.checked_rows(rows, head, allow_stale=False)
+    assert "gptq:w2a8 (bbbbbbbbbbbb)" in str(refused.value)
+    marked = quality.checked_rows(rows, head, allow_stale=True)
+    assert [r.get("stale", False) for r in marked] == [False, True, True, True]
+    # ... and the README table shows which rows are stale, and of which commit.
+    make_tables = _load("make_tables")
+    data = {"command": "python benchmarks/quality.py", "commit": head, "device": "cpu", "date": "today",
+            "rows": marked[:2]}  # fmt: skip
+    table = make_tables.quality_table(data)
+    assert "| avq:w2a8 |" in table and "gptq:w2a8 ‡ `bbbbbbb`" in table and "‡ stale" in table
+    assert "‡" not in make_tables.quality_table({**data, "rows": [current]})
