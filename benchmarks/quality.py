@@ -15,6 +15,9 @@ per quantized weight, `total_bits` over all Linear/Conv2d weights with codebooks
 layers (16 bits) counted. `quantize_minutes` is the whole `avq.quantize` call (calibration included),
 wall clock; `cpu_minutes` its process CPU time (load-independent; about the wall time of a 1-thread run
 on an idle core).
+`gptq-g128` / `gptq-g64` / `rtn-g64` rows: uniform grids per group of 128 / 64 inputs instead of per
+output channel (an fp16 scale and zero per group, counted: +0.25 / +0.5 total bits), the strong uniform
+baseline at low bits.
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
 equal-total-bits comparison; `avq-laq+0.5` rows half a bit more (the allowance of issue #4's acceptance:
 codebooks cost bits that a uniform grid does not). `avq-seq` rows calibrate sequentially (block by block
@@ -64,9 +67,13 @@ MODELS = ("digits-unet", "digits-dit")
 CONFIGS = (
     "rtn:w4a8",
     "gptq:w4a8",
+    "gptq-g128:w4a8",
     "avq:w4a8",
     "rtn:w2a8",
     "gptq:w2a8",
+    "rtn-g64:w2a8",
+    "gptq-g128:w2a8",
+    "gptq-g64:w2a8",
     "avq:w2a8",
     "avq-laq:w2a8",
     "avq-laq+0.5:w2a8",
@@ -104,14 +111,23 @@ def _quantized(
     sensitivity: dict | None = None,
 ):
     model = load_reference(model_name)
-    base = "avq" if method in LAQ_EXTRA_BITS else method.removesuffix("-seq")
-    config = preset_config(preset, base, bits_budget=budget, sequential=method.endswith("-seq"))
+    base, group_size = _uniform_groups(method)
+    base = "avq" if base in LAQ_EXTRA_BITS else base.removesuffix("-seq")
+    config = preset_config(
+        preset, base, bits_budget=budget, sequential=method.endswith("-seq"), group_size=group_size
+    )
     report = QuantizeReport()
     start, cpu = time.perf_counter(), time.process_time()
     calibration = CalibrationConfig(seed=seed)
     quantize(model, config, calibration, report=report, progress=True, sensitivity=sensitivity)
     minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
     return model.eval(), report, minutes, cpu_minutes, config.to_dict()
+
+
+def _uniform_groups(method: str) -> tuple[str, int | None]:
+    """`gptq-g128` -> ("gptq", 128); any other method -> (method, None)."""
+    base, _, group = method.partition("-g")
+    return (base, int(group)) if group.isdigit() else (method, None)
 
 
 def _sensitivity_path(model_name: str, seed: int) -> Path:
@@ -217,7 +233,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "quantize_minutes": round(minutes, 2),
             "threads": torch.get_num_threads(),  # of the process that quantized / fine-tuned
             "n": args.n,
-            "simulated": method in ("gptq", "rtn"),
+            "simulated": _uniform_groups(method)[0] in ("gptq", "rtn"),
             **extra,
             **{k: figures[k] for k in FIGURES if k in figures},
         }
@@ -327,6 +343,9 @@ def plot(rows: list[dict], path: Path) -> None:
         "fp": "*",
         "rtn": "x",
         "gptq": "s",
+        "gptq-g128": "<",
+        "gptq-g64": ">",
+        "rtn-g64": "1",
         "avq": "o",
         "avq-seq": "v",
         "avq-laq": "D",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import avq
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from avq.core.bits import total_bits
 
 
 def correlated_layer(out: int = 48, K: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +24,60 @@ def correlated_layer(out: int = 48, K: int = 96, seed: int = 0) -> tuple[torch.T
     X = (torch.randn(4 * K, K, generator=g) * spectrum) @ U.T  # [n, K]
     X = X * torch.linspace(0.2, 2.0, K)[torch.randperm(K, generator=g)]  # channels of uneven energy
     return W, X.T @ X / X.shape[0]
+
+
+# ------------------------------------------------------------------ groups
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_groups_store_a_grid_per_group_and_count_its_bits(method: str) -> None:
+    """With `group_size` each group of a row has its own fp16 scale and zero (a short last group too):
+    every weight is within half a step of its group's grid (RTN), and the bits count 32 per group."""
+    W, H = correlated_layer(out=12, K=100)
+    for g in (32, 64):
+        q = quantize_weight_rtn(W, 3, H, group_size=g) if method == "rtn" else (
+            quantize_weight_gptq(W, H, 3, group_size=g))  # fmt: skip
+        G = math.ceil(100 / g)
+        assert q.group_size == g and q.scales.shape == q.zeros.shape == (12, G)
+        assert q.scales.dtype == torch.float16 and q.info["group_size"] == g
+        assert q.storage_bits == 12 * 100 * 3 + 2 * 12 * G * 16
+        assert q.total_bits == pytest.approx(3 + 32 * G / 100)
+        assert total_bits(W.shape, 3, g) == pytest.approx(q.total_bits)
+        if method == "rtn":  # the grid of group j spans group j's weights: within half a step of each
+            step = q.scales.float().repeat_interleave(g, dim=1)[:, :100]  # [out, K]
+            assert ((q.dequantize() - W).abs() <= step / 2 + 1e-6).all()
+        again = UniformQuantizedWeight(
+            bits=3, shape=q.shape, codes=q.codes, scales=q.scales, zeros=q.zeros, group_size=g
+        )
+        assert torch.equal(again.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_groups_beat_one_grid_per_row(bits: int) -> None:
+    """Smaller groups, smaller error, for RTN and GPTQ alike; GPTQ still beats RTN with groups."""
+    W, H = correlated_layer(out=32, K=256, seed=3)
+    W = W * torch.linspace(0.1, 3.0, 256)  # inputs of uneven weight ranges: what groups are for
+    for solve in (
+        lambda g: quantize_weight_rtn(W, bits, H, group_size=g),
+        lambda g: quantize_weight_gptq(W, H, bits, group_size=g),
+    ):
+        errors = [solve(g).info["relative_error"] for g in (None, 128, 32)]
+        assert errors[0] > errors[1] > errors[2], errors
+    rtn, gptq = (f(W, H) for f in (
+        lambda W, H: quantize_weight_rtn(W, bits, H, group_size=64),
+        lambda W, H: quantize_weight_gptq(W, H, bits, group_size=64),
+    ))  # fmt: skip
+    assert gptq.info["relative_error"] < rtn.info["relative_error"]
+
+
+def test_bad_group_sizes() -> None:
+    W, H = correlated_layer(out=4, K=16)
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="group_size must be None or an int >= 1"):
+            quantize_weight_rtn(W, 4, group_size=bad)
+        with pytest.raises(ValueError, match="group_size must be None or an int >= 1"):
+            quantize_weight_gptq(W, H, 4, group_size=bad)
+    q = quantize_weight_rtn(W, 4, group_size=8)
+    with pytest.raises(ValueError, match=r"scales has shape \[4, 2\], expected \[4\]"):
+        UniformQuantizedWeight(bits=4, shape=q.shape, codes=q.codes, scales=q.scales, zeros=q.zeros)
 
 
 # ------------------------------------------------------------------ storage contract

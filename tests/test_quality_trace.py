@@ -50,3 +50,12 @@ def test_stale_rows_are_refused_or_marked():
     table = make_tables.quality_table(data)
     assert "| avq:w2a8 |" in table and "gptq:w2a8 ‡ `bbbbbbb`" in table and "‡ stale" in table
     assert "‡" not in make_tables.quality_table({**data, "rows": [current]})
+
+
+def test_grouped_uniform_configs_parse():
+    quality = _load("quality")
+    assert quality._uniform_groups("gptq-g128") == ("gptq", 128)
+    assert quality._uniform_groups("rtn-g64") == ("rtn", 64)
+    assert quality._uniform_groups("avq-laq+0.5") == ("avq-laq+0.5", None)
+    assert quality._uniform_groups("avq-seq") == ("avq-seq", None)
+    assert {"gptq-g128:w2a8", "gptq-g64:w2a8", "rtn-g64:w2a8"} <= set(quality.CONFIGS)

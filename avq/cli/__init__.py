@@ -2,6 +2,7 @@
 
     avq quantize --model PIPELINE_FOLDER|MODEL_FOLDER|digits-unet|digits-dit|digits-unet-mini
                  --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn] --out FOLDER [--json PATH] [--resume]
+                 [--group-size G (gptq/rtn)]
                  [--prompts FILE] [--num-samples N] [--steps S] [--guidance G] [--height H --width W]
                  [--classes C ...] [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--seed S]
                  [--bits-budget B] [--sequential] [--max-hessian-gib G] [--tracker none|wandb]

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="avq", choices=METHODS, help="avq (default), or the simulated gptq/rtn baselines"
     )
     q.add_argument(
+        "--group-size",
+        type=_positive,
+        default=None,
+        help="gptq/rtn: inputs per uniform grid, e.g. 128 (default: one grid per output channel)",
+    )
+    q.add_argument(
         "--out",
         required=True,
         help="output folder: a pipeline folder for a pipeline, else an avq save (config.json + weights)",
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-hessian-gib",
         type=_positive_float,
         default=None,
-        help="layers hooked per calibration pass so that their Hessian accumulators fit this (default: all)",
+        help="layers hooked per calibration pass so that their Hessian accumulators fit this (default: a "
+        "quarter of the device's free memory after the solver's buffers)",
     )
     q.add_argument(
         "--timesteps-kept", type=_positive, default=10, help="steps whose inputs feed the statistics"

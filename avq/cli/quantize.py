@@ -46,7 +46,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from avq.planning.presets import preset_config
 
     # a8 / unknown / budget with gptq|rtn: raises before any heavy work
-    config = preset_config(args.preset, args.method, bits_budget=args.bits_budget, sequential=args.sequential)
+    config = preset_config(
+        args.preset,
+        args.method,
+        bits_budget=args.bits_budget,
+        sequential=args.sequential,
+        group_size=args.group_size,
+    )
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     pipeline = is_pipeline_folder(args.model)
     out = Path(args.out)

@@ -1,10 +1,14 @@
 """Uniform scalar baselines, RTN and GPTQ, in the same API shape as `avq.quantize_weight`.
 
-Both store one asymmetric grid per output channel on the `[out, K]` matrix view (K in `F.unfold` order):
-`w ~= scale * (q - zero)` with integer levels `q` in `0..2^bits-1` and an fp16 `scale` and `zero` per
-row, so a `b`-bit layer costs `b + 32/K` total bits per weight (docs/design.md, "Total bits"). The grid always
-spans 0 (as in the GPTQ reference), which keeps `zero` within `0..2^bits-1` where fp16 holds it closely.
-Codes are always chosen against the fp16-rounded grid, so every reported error is that of what is stored.
+Both store one asymmetric grid per output channel on the `[out, K]` matrix view (K in `F.unfold` order),
+or with `group_size=g` one per group of `g` consecutive inputs of a row (the last group of a row may be
+shorter): `w ~= scale * (q - zero)` with integer levels `q` in `0..2^bits-1` and an fp16 `scale` and
+`zero` per row (or group), so a `b`-bit layer costs `b + 32/K` (or `b + 32/g`) total bits per weight
+(docs/design.md, "Total bits"). Groups are the standard strong uniform baseline at low bits (g128 adds
+0.25 bits, g64 0.5). The grid always spans 0 (as in the GPTQ reference), which keeps `zero` within
+`0..2^bits-1` where fp16 holds it closely. Codes are always chosen against the fp16-rounded grid, so every
+reported error is that of what is stored. GPTQ with groups fixes every group's grid before the sweep
+(static groups, from the weights as given), which keeps act-order and groups compatible.
 
 - RTN: min-max grid per row, round to nearest.
 - GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
@@ -43,16 +47,17 @@ CLIP_SHRINKS = tuple(1.0 - 0.01 * i for i in range(51))  # clip search: range x 
 class UniformQuantizedWeight(StoredWeight):
     """A uniformly quantized Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight.
 
-    `W[o, k] ~= scales[o] * (codes[o, k] - zeros[o])` on the `[out, K]` matrix view. Scales and zeros are
-    held in fp16, exactly as stored.
+    `W[o, k] ~= scales[o] * (codes[o, k] - zeros[o])` on the `[out, K]` matrix view; with `group_size`
+    `g`, `scales[o, k // g]` and `zeros[o, k // g]`. Scales and zeros are held in fp16, exactly as stored.
     """
 
     bits: int
     shape: tuple[int, ...]
     codes: torch.Tensor  # [out, K], uint8 levels 0..2^bits-1
-    scales: torch.Tensor  # [out], fp16
-    zeros: torch.Tensor  # [out], fp16, in units of levels (need not be an integer)
+    scales: torch.Tensor  # [out] fp16, or [out, ceil(K/g)] with groups
+    zeros: torch.Tensor  # like scales, in units of levels (need not be an integer)
     info: dict = field(default_factory=dict, compare=False)  # solver figures (error, seconds)
+    group_size: int | None = None  # None: one grid per row
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
@@ -68,10 +73,12 @@ class UniformQuantizedWeight(StoredWeight):
                 f"UniformQuantizedWeight.shape must be [out, in] or [out, in, kh, kw], got {self.shape}"
             )
         out, K = self.out_features, self.in_features
+        _check_group_size(self.group_size)
+        grids = (out,) if self.group_size is None else (out, -(-K // self.group_size))
         expected = {
             "codes": ((out, K), torch.uint8),
-            "scales": ((out,), torch.float16),
-            "zeros": ((out,), torch.float16),
+            "scales": (grids, torch.float16),
+            "zeros": (grids, torch.float16),
         }
         self._check_tensors(expected)
         self._check_code_range(self.codes, self.bits)
@@ -79,7 +86,9 @@ class UniformQuantizedWeight(StoredWeight):
     # ---------------------------------------------------------------- decoding
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The decoded weight, shaped like the original."""
-        return _dequantize(self.codes.float(), self.scales, self.zeros).to(dtype).reshape(self.shape)
+        K = self.in_features
+        scales, zeros = (_per_column(t.float(), self.group_size, K) for t in (self.scales, self.zeros))
+        return _dequantize(self.codes.float(), scales, zeros).to(dtype).reshape(self.shape)
 
     # ---------------------------------------------------------------- bits
     @property
@@ -88,28 +97,38 @@ class UniformQuantizedWeight(StoredWeight):
 
     @property
     def storage_bits(self) -> int:
-        """Everything stored for this weight: codes at `bits` bits, one fp16 scale and zero per row."""
-        return storage_bits(self.shape, self.bits)
+        """Everything stored for this weight: codes at `bits` bits, one fp16 scale and zero per row (or
+        group)."""
+        return storage_bits(self.shape, self.bits, self.group_size)
 
 
 # -------------------------------------------------------------------- RTN
 def quantize_weight_rtn(
-    weight: torch.Tensor, bits: int, hessian: torch.Tensor | None = None, *, name: str = "layer"
+    weight: torch.Tensor,
+    bits: int,
+    hessian: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    name: str = "layer",
 ) -> UniformQuantizedWeight:
-    """Round-to-nearest on a per-output-channel min-max asymmetric grid.
+    """Round-to-nearest on a min-max asymmetric grid per output channel (or per `group_size` inputs of it).
 
     `hessian` (`[K, K]`, optional) only changes the reported `info["relative_error"]`: with it the
     H-weighted `tr(dW H dW^T) / tr(W H W^T)`, without it the plain `||dW||^2 / ||W||^2`.
     """
     start = time.perf_counter()
     _check_bits(bits)
+    _check_group_size(group_size)
     W = _weight_matrix(weight, name)  # [out, K]
+    out, K = W.shape
     if hessian is not None:
-        _check_hessian(hessian, W.shape[1], name)
+        _check_hessian(hessian, K, name)
     maxq = (1 << bits) - 1
-    scale, zero = _minmax_grid(W, maxq, 1.0, name)  # [out], [out]
-    codes = _round(W, scale[:, None], zero[:, None], maxq)  # [out, K]
-    return _finish(weight, hessian, bits, codes, scale, zero, start, name, {"method": "rtn"})
+    rows = _group_rows(W, group_size)  # [out * G, g] (G = 1, g = K without groups)
+    scale, zero = (t.reshape(out, -1) for t in _minmax_grid(rows, maxq, 1.0, name))  # [out, G] each
+    codes = _round(W, _per_column(scale, group_size, K), _per_column(zero, group_size, K), maxq)  # [out, K]
+    options = {"method": "rtn", "group_size": group_size}
+    return _finish(weight, hessian, bits, codes, scale, zero, group_size, start, name, options)
 
 
 # -------------------------------------------------------------------- GPTQ
@@ -122,9 +141,11 @@ def quantize_weight_gptq(
     clip_search: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
+    group_size: int | None = None,
     name: str = "layer",
 ) -> UniformQuantizedWeight:
-    """GPTQ against the layer's input Hessian `H [K, K]`, per-output-channel asymmetric grid.
+    """GPTQ against the layer's input Hessian `H [K, K]`, asymmetric grid per output channel (or per
+    `group_size` inputs of it, fixed before the sweep).
 
     `damp` adds `damp * mean(diag H) * I` before inverting; `act_order` quantizes columns by decreasing
     `diag(H)`; `clip_search` shrinks each row's min-max range to minimise its `diag(H)`-weighted rounding
@@ -137,6 +158,7 @@ def quantize_weight_gptq(
         raise ValueError(f"{name}: block_size must be an int >= 1, got {block_size!r}")
     if not (isinstance(damp, numbers.Real) and damp >= 0):
         raise ValueError(f"{name}: damp must be a number >= 0, got {damp!r}")
+    _check_group_size(group_size)
     W = _weight_matrix(weight, name).clone()  # [out, K]
     out, K = W.shape
     maxq = (1 << bits) - 1
@@ -154,31 +176,40 @@ def quantize_weight_gptq(
             W[:, dead] = 0
     H = prepare_hessian(hessian_for_solver, K, name=name, device=W.device)  # [K, K], mean diag 1
 
+    rows = _group_rows(W, group_size)  # [out * G, g]: one grid per row of this view
     if clip_search:
         hdiag = H.diagonal().masked_fill(dead, 0)  # [K]: dead inputs' rounding costs nothing
-        scale, zero = _clip_search(W, hdiag, maxq, name)  # [out], [out]
+        hdiag = _group_rows(hdiag.expand(out, K), group_size)  # [out * G, g], like rows
+        scale, zero = _clip_search(rows, hdiag, maxq, name)  # [out * G] each
     else:
-        scale, zero = _minmax_grid(W, maxq, 1.0, name)
+        scale, zero = _minmax_grid(rows, maxq, 1.0, name)
+    scale, zero = scale.reshape(out, -1), zero.reshape(out, -1)  # [out, G]
+    S, Z = (_per_column(t, group_size, K).expand(out, K) for t in (scale, zero))  # [out, K]: column grids
 
     if act_order:
         # Columns with the most input energy go first, while the most columns remain to absorb their error.
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [K]
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, S, Z = W[:, perm], H[perm][:, perm], S[:, perm], Z[:, perm]
     H = H + damp * H.diagonal().mean() * torch.eye(K, device=H.device, dtype=H.dtype)
 
-    codes = _gptq(W, H, scale, zero, maxq, block_size)  # [out, K], permuted order
+    codes = _gptq(W, H, S, Z, maxq, block_size)  # [out, K], permuted order
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    options = {"method": "gptq", "act_order": bool(act_order), "clip_search": bool(clip_search)}
-    return _finish(weight, hessian, bits, codes, scale, zero, start, name, options)
+    options = {
+        "method": "gptq",
+        "act_order": bool(act_order),
+        "clip_search": bool(clip_search),
+        "group_size": group_size,
+    }
+    return _finish(weight, hessian, bits, codes, scale, zero, group_size, start, name, options)
 
 
 @torch.no_grad()
 def _gptq(
     W: torch.Tensor,  # [out, K], columns in processing order
     H: torch.Tensor,  # [K, K], damped, same order
-    scale: torch.Tensor,  # [out]
-    zero: torch.Tensor,  # [out]
+    scale: torch.Tensor,  # [out, K]: each column's grid, same order
+    zero: torch.Tensor,  # [out, K]
     maxq: int,
     block_size: int,
 ) -> torch.Tensor:
@@ -190,7 +221,6 @@ def _gptq(
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W.dtype)  # [K, K]
     W = W.clone()
     codes = torch.empty_like(W)  # [out, K]
-    s, z = scale[:, None], zero[:, None]  # [out, 1]
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()  # [out, b]: the block, updated column by column
@@ -198,6 +228,7 @@ def _gptq(
         U1 = U[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
             w = W1[:, i : i + 1]  # [out, 1]
+            s, z = scale[:, i1 + i : i1 + i + 1], zero[:, i1 + i : i1 + i + 1]  # [out, 1]
             q = _round(w, s, z, maxq)  # [out, 1]
             codes[:, i1 + i : i1 + i + 1] = q
             err = (w - _dequantize(q, s, z)) / U1[i, i]  # [out, 1]
@@ -236,18 +267,49 @@ def _minmax_grid(W: torch.Tensor, maxq: int, shrink: float, name: str) -> tuple[
 def _clip_search(
     W: torch.Tensor, hdiag: torch.Tensor, maxq: int, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the shrink of the min-max range with the least `diag(H)`-weighted rounding error."""
+    """Per row of `W [R, n]`, the shrink of the min-max range with the least `diag(H)`-weighted rounding
+    error (`hdiag`: `[R, n]`, the diagonal entries of each row's inputs)."""
     best_scale, best_zero = _minmax_grid(W, maxq, 1.0, name)
-    best_err = torch.full_like(best_scale, math.inf)  # [out]
+    best_err = torch.full_like(best_scale, math.inf)  # [R]
     for shrink in CLIP_SHRINKS:
         scale, zero = _minmax_grid(W, maxq, shrink, name)
-        E = W - _dequantize(_round(W, scale[:, None], zero[:, None], maxq), scale, zero)  # [out, K]
-        err = (E * E) @ hdiag  # [out]
+        E = W - _dequantize(_round(W, scale[:, None], zero[:, None], maxq), scale, zero)  # [R, n]
+        err = (E * E * hdiag).sum(1)  # [R]
         better = err < best_err  # strict: ties keep the wider range
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def uniform_name(bits: int, group_size: int | None = None) -> str:
+    """`int2` (one grid per row), `int2g128` (a grid per 128 inputs): how reports name a uniform layer."""
+    return f"int{bits}" + (f"g{group_size}" if group_size else "")
+
+
+def _group_rows(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """`W [r, K]` as one row per grid: `[r * G, g]`, a short last group padded with zeros (every grid spans
+    0 anyway, and a zero rounds to the grid exactly); `W` itself without groups."""
+    if group_size is None:
+        return W
+    r, K = W.shape
+    G = -(-K // group_size)
+    padded = torch.nn.functional.pad(W, (0, G * group_size - K))  # [r, G * g]
+    return padded.reshape(r * G, group_size)
+
+
+def _per_column(grid: torch.Tensor, group_size: int | None, K: int) -> torch.Tensor:
+    """A grid tensor `[out]` or `[out, G]` spread to every column: `[out, K]` (`[out, 1]` without groups)."""
+    if group_size is None:
+        return grid.reshape(-1, 1)
+    return grid.repeat_interleave(group_size, dim=1)[:, :K]
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is None:
+        return
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
 
 
 # -------------------------------------------------------------------- checks and result
@@ -294,8 +356,9 @@ def _finish(
     hessian: torch.Tensor | None,
     bits: int,
     codes: torch.Tensor,  # [out, K] levels (float)
-    scale: torch.Tensor,  # [out], fp16-representable
-    zero: torch.Tensor,  # [out], fp16-representable
+    scale: torch.Tensor,  # [out, G], fp16-representable (G = 1 without groups)
+    zero: torch.Tensor,  # [out, G], fp16-representable
+    group_size: int | None,
     start: float,
     name: str,
     options: dict,
@@ -305,8 +368,9 @@ def _finish(
         bits=bits,
         shape=tuple(weight.shape),
         codes=codes.to(torch.uint8).cpu(),
-        scales=scale.half().cpu(),
-        zeros=zero.half().cpu(),
+        scales=(scale if group_size else scale.reshape(-1)).half().cpu(),
+        zeros=(zero if group_size else zero.reshape(-1)).half().cpu(),
+        group_size=group_size,
     )
     reference = weight.detach().float()
     approximation = result.dequantize().to(reference.device)

@@ -13,11 +13,14 @@ from avq.core.spec import QuantSpec
 FP16_BITS = 16
 
 
-def storage_bits(shape: tuple[int, ...], representation: QuantSpec | int) -> int:
+def storage_bits(
+    shape: tuple[int, ...], representation: QuantSpec | int, group_size: int | None = None
+) -> int:
     """Bits stored for a Linear `[out, in]` or Conv2d `[out, in, kh, kw]` weight.
 
     `representation`: a `QuantSpec` (AQ: `out * K/g * M` codes of `B` bits, `M * 2^B * g` fp16 codewords,
-    one fp16 scale per row) or an int bit width (uniform: `out * K` codes, one fp16 scale and zero per row).
+    one fp16 scale per row) or an int bit width (uniform: `out * K` codes, one fp16 scale and zero per row,
+    or with `group_size` per `ceil(K / group_size)` groups of each row).
     """
     out, K = int(shape[0]), math.prod(int(d) for d in shape[1:])
     if isinstance(representation, QuantSpec):
@@ -25,9 +28,13 @@ def storage_bits(shape: tuple[int, ...], representation: QuantSpec | int) -> int
         codes = out * (K // spec.group_size) * spec.num_codebooks * spec.nbits
         return codes + (spec.num_codebooks * spec.codebook_size * spec.group_size + out) * FP16_BITS
     bits = int(representation)
-    return out * K * bits + 2 * out * FP16_BITS
+    groups = 1 if group_size is None else -(-K // int(group_size))
+    return out * K * bits + 2 * out * groups * FP16_BITS
 
 
-def total_bits(shape: tuple[int, ...], representation: QuantSpec | int) -> float:
+def total_bits(
+    shape: tuple[int, ...], representation: QuantSpec | int, group_size: int | None = None
+) -> float:
     """Total bits per weight: everything stored (`storage_bits`) over the number of weights."""
-    return storage_bits(shape, representation) / (int(shape[0]) * math.prod(int(d) for d in shape[1:]))
+    weights = int(shape[0]) * math.prod(int(d) for d in shape[1:])
+    return storage_bits(shape, representation, group_size) / weights

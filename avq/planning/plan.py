@@ -36,6 +36,7 @@ class LayerPlan:
     spec: QuantSpec | None = None  # avq
     bits: int | None = None  # gptq / rtn
     reason: str | None = None  # set when kept in FP
+    group_size: int | None = None  # gptq / rtn: inputs per grid (None: one per row)
 
     @property
     def quantized(self) -> bool:
@@ -57,12 +58,12 @@ def plan_layer(name: str, layer: nn.Module, config: QuantizeConfig) -> LayerPlan
             return kept(f"padding_mode={layer.padding_mode!r}")
     limit = math.inf if config.max_overhead_bits is None else config.max_overhead_bits
     if config.method != "avq":
-        total = total_bits(shape, config.bits)
+        total = total_bits(shape, config.bits, config.group_size)
         if total > config.bits + limit:
             return kept(
                 f"overhead: int{config.bits} would cost {total:.2f} total bits (> {config.bits} + {limit})"
             )
-        return LayerPlan(name, kind, shape, bits=config.bits)
+        return LayerPlan(name, kind, shape, bits=config.bits, group_size=config.group_size)
     candidates, fitting = fitting_specs(kind, shape, config)
     K = math.prod(shape[1:])
     if not fitting:

@@ -46,7 +46,12 @@ from avq.calibration.statistics import (
     quantizable_layers,
 )
 from avq.core.aq import quantize_weight
-from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
+from avq.core.baselines import (
+    UniformQuantizedWeight,
+    quantize_weight_gptq,
+    quantize_weight_rtn,
+    uniform_name,
+)
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
@@ -115,10 +120,11 @@ def _empty_tensors(plan: LayerPlan) -> dict[str, torch.Tensor]:
             "codebooks": torch.zeros(s.num_codebooks, s.codebook_size, s.group_size, dtype=torch.float16),
             "scales": torch.zeros(out, dtype=torch.float16),
         }
+    grids = (out,) if plan.group_size is None else (out, -(-K // plan.group_size))
     return {
         "codes": torch.zeros(out, K, dtype=torch.uint8),
-        "scales": torch.zeros(out, dtype=torch.float16),
-        "zeros": torch.zeros(out, dtype=torch.float16),
+        "scales": torch.zeros(grids, dtype=torch.float16),
+        "zeros": torch.zeros(grids, dtype=torch.float16),
     }
 
 
@@ -129,7 +135,7 @@ def _stored_tensors(result: QuantizedWeight | UniformQuantizedWeight) -> dict[st
 def _rebuild(plan: LayerPlan, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | UniformQuantizedWeight:
     if plan.spec is not None:
         return QuantizedWeight(spec=plan.spec, shape=plan.shape, **tensors)
-    return UniformQuantizedWeight(bits=plan.bits, shape=plan.shape, **tensors)
+    return UniformQuantizedWeight(bits=plan.bits, shape=plan.shape, group_size=plan.group_size, **tensors)
 
 
 def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQuantizedWeight) -> None:
@@ -166,8 +172,8 @@ def _solve(
             weight, hessian, plan.spec, name=plan.name, overwrite_hessian=spend, **asdict(config.solver)
         )
     if config.method == "gptq":
-        return quantize_weight_gptq(weight, hessian, plan.bits, name=plan.name)
-    return quantize_weight_rtn(weight, plan.bits, hessian, name=plan.name)
+        return quantize_weight_gptq(weight, hessian, plan.bits, group_size=plan.group_size, name=plan.name)
+    return quantize_weight_rtn(weight, plan.bits, hessian, group_size=plan.group_size, name=plan.name)
 
 
 def quantize(
@@ -372,7 +378,7 @@ def quantize(
             "kind": plan.kind,
             "shape": list(plan.shape),
             "status": "quantized",
-            "spec": plan.spec.name if plan.spec else f"int{plan.bits}",
+            "spec": plan.spec.name if plan.spec else uniform_name(plan.bits, plan.group_size),
             "code_bits": result.code_bits,
             "total_bits": result.total_bits,
             "relative_error": float(result.info["relative_error"]),
