@@ -150,6 +150,20 @@ def test_one_probe_per_layer_scales_the_others_by_layer_error(sensitivity, monke
         assert 0.1 < ratio < 10, (name, ratio)
 
 
+def test_measuring_can_spend_the_hessians(sensitivity):
+    """`spend_hessians`: the last candidate of a layer solves in its Hessian (no copy); the table is the
+    same as measuring on copies, and without it the Hessians are left as given."""
+    model, names, table, _, probe = sensitivity
+    candidates = {n: [avq.QuantSpec(1, 4, 8), avq.QuantSpec(2, 8, 4), FP] for n in names}
+    hessians = calibrate(model, names, TINY, progress=False)
+    kept = {n: h.clone() for n, (h, _) in hessians.items()}
+    again = measure_sensitivity(model, names, candidates, probe, hessians, solver=FAST)
+    assert all(torch.equal(hessians[n][0], kept[n]) for n in names)
+    spent = measure_sensitivity(model, names, candidates, probe, hessians, solver=FAST, spend_hessians=True)
+    assert spent.errors == again.errors == table.errors
+    assert any(not torch.equal(hessians[n][0], kept[n]) for n in names)  # worked in place
+
+
 def test_probe_spans_timesteps_with_guidance(sensitivity):
     _, _, _, _, probe = sensitivity
     assert len(probe.inputs) == 2 and probe.guided

@@ -184,6 +184,7 @@ def _measure_streamed(
                     progress=progress,
                     keep_results=config.laq_solver == config.solver,  # short solves are redone
                     probe_all=config.laq_probe_all,
+                    spend_hessians=True,  # popped from this pass: the last candidate solves in it
                 )
                 table.merge(part)
                 measured[name] = part.to_dict()[name]
