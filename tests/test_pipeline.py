@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -145,13 +146,14 @@ def test_baselines_are_simulated(method):
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_baselines_with_groups(method):
     """`group_size`: a grid per group of inputs, named and counted in the report's total bits."""
-    config = preset_config("w2a16", method, group_size=8)
+    config = preset_config("w2a16", method, group_size=8, max_overhead_bits=None)  # tiny layers
     model, report = quantize_with_report(tiny_unet(), config, TINY, progress=False)
     q = [r for r in report.rows if r["status"] == "quantized"]
     assert q and all(r["spec"] == "int2g8" and r["total_bits"] == pytest.approx(2 + 32 / 8) for r in q)
-    weight = model.get_submodule(q[0]["name"]).weight.reshape(q[0]["shape"][0], -1)  # [out, K]
+    wide = next(r for r in q if math.prod(r["shape"][1:]) >= 32)  # several groups per row
+    weight = model.get_submodule(wide["name"]).weight.reshape(wide["shape"][0], -1)  # [out, K]
     assert len(torch.unique(weight[0, :8])) <= 4 < len(torch.unique(weight[0]))  # int2 grids per group
-    per_row = quantize_with_report(tiny_unet(), w2(method), TINY, progress=False)[1]
+    per_row = quantize_with_report(tiny_unet(), replace(config, group_size=None), TINY, progress=False)[1]
     assert report.summary()["total_bits_all"] > per_row.summary()["total_bits_all"]
     with pytest.raises(avq.planning.PresetError, match="group_size is for the uniform methods"):
         preset_config("w2a16", group_size=8)
