@@ -71,10 +71,11 @@ class QuantizeConfig:
     `sequential`: calibrate top-level block by block on the model as quantized so far (module docstring).
     `laq_measure_rounds`: solver rounds per candidate while LAQ measures sensitivities (None: all; 0: the
     initialisation only). Every candidate of every layer is solved there, so this is most of what LAQ
-    costs at scale: on a 320x640x3x3 conv the initialisation took 29 % (1x8g4) and 52 % (2x8g4) of a full
-    1x8g4 solve, 2 rounds 43 % and 87 %, with layer errors 1.19x and 1.22x the converged ones (the same
-    factor for both specs, so the comparison LAQ makes holds). The chosen specs are then solved in full
-    (with None the measured results are reused instead).
+    costs at scale: on the SD 1.5-shaped UNet's 14 convs with `K >= 11,520` the two candidates'
+    initialisations and one probe took 0.62x a full solve (`benchmarks/results/scale_cpu.json`), and the
+    initialisation keeps the candidates' order (`benchmarks/results/laq_measure.json`: the same held-out
+    quality as the 2-round, every-candidate measure). The chosen specs are then solved in full (with None
+    the measured results are reused instead).
     `laq_probe_all`: probe the model output for every candidate of a layer (the whole-model measure) rather
     than for its cheapest one only, the others scaled by their Hessian-weighted layer errors
     (`avq.planning.sensitivity`); one probe per layer is what keeps measuring a 300-layer model within the
