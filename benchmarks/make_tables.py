@@ -333,8 +333,25 @@ def laq_measure_table(data: dict) -> str:
     return "\n".join([*lines, "", " ".join(notes), "", _source(data)])
 
 
+def calibration_replay_table(data: dict) -> str:
+    """Calibration passes: sampling every pass against replaying the first pass's kept calls."""
+    lines = [
+        "| model | passes | replay | model calls | seconds | recorded (MiB) | Hessians identical |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['passes']} | {'yes' if r['replay'] else 'no'} | {r['model_calls']}"
+            f" | {r['seconds']:.1f}"
+            + (f" ({r['seconds_ratio']:.2f}x)" if "seconds_ratio" in r else "")
+            + f" | {r['recorded_mib']:.1f} | {'yes' if r['hessians_identical'] else '**no**'} |"
+        )
+    return "\n".join([*lines, "", _source(data)])
+
+
 TABLES = {
     "scale_cpu": scale_table,
+    "calibration_replay": calibration_replay_table,
     "laq_measure": laq_measure_table,
     "hessian_memory": hessian_memory_table,
     "layer_solver": layer_solver_table,
