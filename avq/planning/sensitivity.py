@@ -221,6 +221,10 @@ class SensitivityTable:
                 table.bits.setdefault(name, {})[key] = float(entry["total_bits"])
                 if "seconds" in entry:
                     table.seconds.setdefault(name, {})[key] = float(entry["seconds"])
+                if "layer_error" in entry:  # how it was measured travels with the reused table
+                    table.layer_errors.setdefault(name, {})[key] = float(entry["layer_error"])
+                    if entry.get("probed"):
+                        table.probed.setdefault(name, []).append(key)
         extra = sorted(set(data) - set(candidates))
         if extra:
             raise SensitivityTableError(
