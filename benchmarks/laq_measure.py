@@ -27,6 +27,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if laq:
                 tables[run] = report.budget
-                row["specs_chosen"] = _count(report.budget["choice"].values())
+                row["specs_chosen"] = dict(sorted(Counter(report.budget["choice"].values()).items()))
             rows.append(row)
             print(
                 f"{model_name} {run}: {total_bits:.4f} total bits, "
@@ -138,13 +139,6 @@ def _spearman(a: list[float], b: list[float]) -> float:
     ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 if __name__ == "__main__":

@@ -174,19 +174,21 @@ class DenoiserCalls:
         device = next(model.parameters()).device
         for args, kwargs in self.calls or []:
             recorder.active = True
-            model(*detached_copy(args, device), **detached_copy(kwargs, device))
+            # Moved, not copied: the recording is read-only here (a no-op on the CPU).
+            model(*detached_copy(args, device, copy=False), **detached_copy(kwargs, device, copy=False))
             recorder.step_done()
 
 
-def detached_copy(value: Any, device: str | torch.device | None = None) -> Any:
+def detached_copy(value: Any, device: str | torch.device | None = None, *, copy: bool = True) -> Any:
     """`value` (tensors, or dicts / lists / tuples of them) with its tensors detached and copied, onto
-    `device` (None: where they are): recorded model calls must not alias buffers the sampler reuses."""
+    `device` (None: where they are): recorded model calls must not alias buffers the sampler reuses.
+    `copy=False` only moves them (no copy where they already are)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(value.device if device is None else device, copy=True)
+        return value.detach().to(value.device if device is None else device, copy=copy)
     if isinstance(value, dict):
-        return {k: detached_copy(v, device) for k, v in value.items()}
+        return {k: detached_copy(v, device, copy=copy) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(detached_copy(v, device) for v in value)
+        return type(value)(detached_copy(v, device, copy=copy) for v in value)
     return value
 
 

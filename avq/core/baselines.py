@@ -74,7 +74,7 @@ class UniformQuantizedWeight(StoredWeight):
             )
         out, K = self.out_features, self.in_features
         _check_group_size(self.group_size)
-        grids = (out,) if self.group_size is None else (out, -(-K // self.group_size))
+        grids = grid_shape(out, K, self.group_size)
         expected = {
             "codes": ((out, K), torch.uint8),
             "scales": (grids, torch.float16),
@@ -285,6 +285,11 @@ def _clip_search(
 def uniform_name(bits: int, group_size: int | None = None) -> str:
     """`int2` (one grid per row), `int2g128` (a grid per 128 inputs): how reports name a uniform layer."""
     return f"int{bits}" + (f"g{group_size}" if group_size else "")
+
+
+def grid_shape(out: int, K: int, group_size: int | None) -> tuple[int, ...]:
+    """Shape of a uniform weight's `scales` / `zeros`: `[out]`, or `[out, ceil(K / g)]` with groups."""
+    return (out,) if group_size is None else (out, -(-K // group_size))
 
 
 def _group_rows(W: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -164,17 +164,8 @@ class SensitivityTable:
 
     def merge(self, other: SensitivityTable) -> None:
         """Add `other`'s layers (measured in another pass) to this table."""
-        for mine, theirs in (
-            (self.errors, other.errors),
-            (self.bits, other.bits),
-            (self.sizes, other.sizes),
-            (self.options, other.options),
-            (self.results, other.results),
-            (self.seconds, other.seconds),
-            (self.layer_errors, other.layer_errors),
-            (self.probed, other.probed),
-        ):
-            mine.update(theirs)
+        for f in fields(self):  # every field is a dict keyed by layer
+            getattr(self, f.name).update(getattr(other, f.name))
 
     def to_dict(self) -> dict:
         def entry(name: str, o: str) -> dict:

@@ -45,13 +45,9 @@ from avq.calibration.statistics import (
     layer_fan_in,
     quantizable_layers,
 )
+from avq.core import baselines
 from avq.core.aq import quantize_weight
-from avq.core.baselines import (
-    UniformQuantizedWeight,
-    quantize_weight_gptq,
-    quantize_weight_rtn,
-    uniform_name,
-)
+from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
@@ -120,7 +116,7 @@ def _empty_tensors(plan: LayerPlan) -> dict[str, torch.Tensor]:
             "codebooks": torch.zeros(s.num_codebooks, s.codebook_size, s.group_size, dtype=torch.float16),
             "scales": torch.zeros(out, dtype=torch.float16),
         }
-    grids = (out,) if plan.group_size is None else (out, -(-K // plan.group_size))
+    grids = baselines.grid_shape(out, K, plan.group_size)
     return {
         "codes": torch.zeros(out, K, dtype=torch.uint8),
         "scales": torch.zeros(grids, dtype=torch.float16),
@@ -378,7 +374,7 @@ def quantize(
             "kind": plan.kind,
             "shape": list(plan.shape),
             "status": "quantized",
-            "spec": plan.spec.name if plan.spec else uniform_name(plan.bits, plan.group_size),
+            "spec": plan.spec.name if plan.spec else baselines.uniform_name(plan.bits, plan.group_size),
             "code_bits": result.code_bits,
             "total_bits": result.total_bits,
             "relative_error": float(result.info["relative_error"]),
