@@ -1,6 +1,6 @@
 """Quantizing real-size denoisers through the product's own path: time per layer shape, passes, memory.
 
-    python benchmarks/scale.py --max-seconds 1800            # -> benchmarks/results/scale_<device>.json
+    python benchmarks/scale.py --max-seconds 1800            # -> benchmarks/results/scale_<cpu|gpu>.json
     python benchmarks/scale.py --max-seconds 1800 --resume   # continue a run stopped at its time limit
     python benchmarks/scale.py --model sd1.5 --blocks all    # the whole UNet (hours on a CPU)
 
@@ -46,7 +46,7 @@ from avq.planning.presets import DEFAULT_KEEP_FP
 from avq.run.laq import DOMINATED_BITS
 from avq.storage.atomic import write_json_atomic
 from avq_bench.real_configs import SD15_UNET
-from avq_bench.results import default_results_dir, device_name, write_results
+from avq_bench.results import default_results_dir, device_name, device_slug, write_results
 
 MODELS = {"sd1.5": ("UNet2DConditionModel", SD15_UNET)}
 DEFAULT_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["peak_rss_gib"] = max(summary["peak_rss_gib"], previous.get("peak_rss_gib", 0.0))  # over runs
     write_json_atomic(work / "summary.json", summary)
     rows = _assemble(plain_work, laq_work, args)
-    out = write_results(f"scale_{device.type}", rows, device=device, results_dir=args.results_dir)
+    out = write_results(f"scale_{device_slug(device)}", rows, device=device, results_dir=args.results_dir)
     print(json.dumps(summary, indent=1))
     print(out)
     return 0
@@ -200,7 +200,7 @@ def _previous_summary(work: Path, kind: str, device: torch.device, results_dir) 
     """The summary of earlier runs of this work folder (or, before it kept one, the results file's)."""
     if (work / "summary.json").is_file():
         return json.loads((work / "summary.json").read_text())
-    results = Path(results_dir or default_results_dir()) / f"scale_{device.type}.json"
+    results = Path(results_dir or default_results_dir()) / f"scale_{device_slug(device)}.json"
     if results.is_file():
         rows = json.loads(results.read_text()).get("rows", [])
         return next((r for r in rows if r.get("kind") == kind and r.get("model") == work.name), {})

@@ -1,13 +1,14 @@
 """Benchmark results files: `benchmarks/results/<name>.json` (docs/design.md, "Results files").
 
-Schema: `{"command", "commit", "device", "date", "torch", "rows": [...]}`. `commit` is `git rev-parse
-HEAD`, suffixed `+dirty` when the working tree has changes; `date` is UTC ISO 8601. README tables are
-generated from these files, never typed by hand.
+Schema: `{"command", "commit", "device", "date", "torch", "triton", "rows": [...]}`. `commit` is
+`git rev-parse HEAD`, suffixed `+dirty` when the working tree has changes; `date` is UTC ISO 8601.
+README tables are generated from these files, never typed by hand.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import shlex
@@ -58,6 +59,8 @@ def git_commit(cwd: Path = REPO) -> str:
     """`git rev-parse HEAD` (+ `+dirty` if tracked files have uncommitted changes), or "unknown".
 
     Untracked files do not count: a benchmark writes its own outputs (grids, JSON) before this is read.
+    A copy of the tree without its `.git` (sent to a GPU machine) names its commit in `AVQ_SOURCE_COMMIT`,
+    set by whoever copied it from a checkout (`benchmarks/device_run.sh` records how).
     """
     try:
         head = subprocess.run(
@@ -72,7 +75,7 @@ def git_commit(cwd: Path = REPO) -> str:
             timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("AVQ_SOURCE_COMMIT") or "unknown"
     return head + ("+dirty" if status.strip() else "")
 
 
@@ -98,6 +101,22 @@ def device_name(device: str | torch.device | None = None) -> str:
     except AttributeError:
         cores = os.cpu_count() or 0
     return f"{model}, {cores} cores"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_slug(device: str | torch.device) -> str:
+    """A results file's device suffix: `cpu`, or the GPU's model (`NVIDIA H200` -> `h200`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    words = device_name(device).lower().replace("nvidia", "").split()
+    return "-".join(w for w in words if w.isalnum()) or "cuda"
 
 
 def _format(payload: dict) -> str:
@@ -137,6 +156,7 @@ def write_results(
         "device": device_name(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "triton": _version("triton"),
         "rows": [{**stamp, **row} for row in rows],  # rows computed elsewhere keep their own stamp
     }
     text = _format(payload)
