@@ -17,9 +17,10 @@ OUT=${OUT:-/tmp/out}
 SCALE_SECONDS=${SCALE_SECONDS:-300}
 mkdir -p "$OUT" /tmp/site
 tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
-# The package as pyproject lays it out (`avq.kernels` = kernels/, `avq.finetune` = finetune/), without pip.
-rm -rf /tmp/pkgs && mkdir -p /tmp/pkgs && cp -r avq /tmp/pkgs/ && cp -r kernels /tmp/pkgs/avq/kernels && cp -r finetune /tmp/pkgs/avq/finetune
-export PYTHONPATH=/tmp/site:/tmp/pkgs:$PWD/benchmarks PYTHONUNBUFFERED=1
+# The package as pyproject lays it out (`avq.kernels` = kernels/, `avq.finetune` = finetune/), without pip:
+# links inside this copy of the tree (the current directory comes first on `python -m`'s path).
+ln -sfn ../kernels avq/kernels && ln -sfn ../finetune avq/finetune
+export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 { nvidia-smi; python3 -c "import torch, triton, diffusers, faiss, numpy; print(torch.__version__, triton.__version__, diffusers.__version__, faiss.__version__, numpy.__version__, torch.cuda.get_device_name())"; nproc; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tail -3
 stage() {  # stage NAME SECONDS COMMAND...
