@@ -29,10 +29,10 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: exit $? in $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
 }
-stage tiny 60 python3 benchmarks/scale.py --tiny --device cuda --max-seconds 40 --work /tmp/runs --results-dir /tmp/tiny
-stage tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_solver.py tests/test_hessian.py tests/test_kernels.py
-stage solver 150 python3 benchmarks/solver_devices.py --results-dir "$OUT"
-stage scale $((SCALE_SECONDS + 60)) python3 benchmarks/scale.py --device cuda --max-seconds "$SCALE_SECONDS" \
+stage tiny 45 python3 benchmarks/scale.py --tiny --device cuda --max-seconds 40 --work /tmp/runs --results-dir /tmp/tiny
+stage tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_solver.py tests/test_hessian.py tests/test_kernels.py
+stage solver 90 python3 benchmarks/solver_devices.py --results-dir "$OUT"
+stage scale $((SCALE_SECONDS + 40)) python3 benchmarks/scale.py --device cuda --max-seconds "$SCALE_SECONDS" \
   --num-samples 4 --steps 8 --timesteps-kept 4 --sample-size 64 --work /tmp/runs --results-dir "$OUT"
 cp /tmp/runs/sd1.5/events.json "$OUT/scale_events.json" 2>/dev/null
 ls -la "$OUT"
