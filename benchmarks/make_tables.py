@@ -349,8 +349,29 @@ def calibration_replay_table(data: dict) -> str:
     return "\n".join([*lines, "", _source(data)])
 
 
+def solver_devices_table(data: dict) -> str:
+    """`benchmarks/solver_devices.py`: the same layers solved on the CPU and on CUDA at one seed."""
+    lines = [
+        "| layer | shape | spec | CPU error | CUDA error | CUDA / CPU | codes differing | CPU s | CUDA s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    host = next((r for r in data["rows"] if r["layer"] == "host"), {})
+    for r in data["rows"]:
+        if r["layer"] == "host":
+            continue
+        lines.append(
+            f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['spec']} | {r['cpu_error']:.4f}"
+            f" | {r['cuda_error']:.4f} | {r['error_ratio_cuda_over_cpu']:.4f} | {r['codes_differing']:.1%}"
+            f" | {r['cpu_seconds']:.1f} | {r['cuda_seconds']:.1f} |"
+        )
+    cpu = f"CPU: {host['cpu']}. " if host else ""
+    return "\n".join([*lines, "", cpu + _source(data)])
+
+
 TABLES = {
     "scale_cpu": scale_table,
+    "scale_h200": scale_table,
+    "solver_devices_h200": solver_devices_table,
     "calibration_replay": calibration_replay_table,
     "laq_measure": laq_measure_table,
     "hessian_memory": hessian_memory_table,

@@ -22,7 +22,7 @@ from avq_bench.reference import (
     reference_layers,
     sample,
 )
-from avq_bench.results import current_command, write_results
+from avq_bench.results import current_command, device_slug, git_commit, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -325,3 +325,23 @@ def test_scale_benchmark_tiny_runs_and_resumes(tmp_path):
     assert laq["laq_measure_rounds"] == 0 and not laq["laq_probe_all"] and laq["ratio_compared"] > 0
     measured = [r for r in rows if r["kind"] == "laq_layer"]
     assert all(len(r["probed"]) == 1 and r["ratio"] > 0 for r in measured)
+
+
+def test_solver_devices_quick_and_results_stamps(tmp_path, monkeypatch):
+    """`benchmarks/solver_devices.py --quick` writes its rows (CPU only here); a tree copied to another
+    machine stamps the commit named in `AVQ_SOURCE_COMMIT`, and results carry the triton version."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AVQ_SOURCE_COMMIT": "0123abc+dirty"}
+    command = [sys.executable, str(REPO / "benchmarks" / "solver_devices.py"), "--quick"]
+    result = subprocess.run(
+        command + ["--results-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stem = "solver_devices_quick" + ("" if not torch.cuda.is_available() else "_" + device_slug("cuda"))
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["commit"] == "0123abc+dirty" and data["rows"][0]["dirty"] and "triton" in data
+    layers = [r for r in data["rows"] if r["layer"] != "host"]
+    assert [r["layer"] for r in layers] == ["synthetic-linear", "synthetic-conv"]
+    assert all(0 <= r["cpu_error"] < 1 and r["seed"] == 0 for r in layers)
+    assert device_slug("cpu") == "cpu"
+    monkeypatch.delenv("AVQ_SOURCE_COMMIT", raising=False)
+    assert git_commit() != "0123abc+dirty"

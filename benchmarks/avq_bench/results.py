@@ -59,9 +59,12 @@ def git_commit(cwd: Path = REPO) -> str:
     """`git rev-parse HEAD` (+ `+dirty` if tracked files have uncommitted changes), or "unknown".
 
     Untracked files do not count: a benchmark writes its own outputs (grids, JSON) before this is read.
-    A copy of the tree without its `.git` (sent to a GPU machine) names its commit in `AVQ_SOURCE_COMMIT`,
-    set by whoever copied it from a checkout (`benchmarks/device_run.sh` records how).
+    A copy of the tree sent to another machine names its commit in `AVQ_SOURCE_COMMIT`, which wins when
+    set: the device machine's copy carries a `.git` of the session's base commit with the later commits as
+    uncommitted changes (seen: `scale_h200.json` says `df546ca+dirty` for a tree at `6fb6303`).
     """
+    if os.environ.get("AVQ_SOURCE_COMMIT"):
+        return os.environ["AVQ_SOURCE_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
@@ -75,7 +78,7 @@ def git_commit(cwd: Path = REPO) -> str:
             timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("AVQ_SOURCE_COMMIT") or "unknown"
+        return "unknown"
     return head + ("+dirty" if status.strip() else "")
 
 
