@@ -4,13 +4,21 @@
     python benchmarks/scale.py --max-seconds 1800 --resume   # continue a run stopped at its time limit
     python benchmarks/scale.py --model sd1.5 --blocks all    # the whole UNet (hours on a CPU)
 
-An SD 1.5-shaped `UNet2DConditionModel` (the published config, `avq_bench.real_configs`, written to the
-work folder; random weights, seeded) is quantized at W2A8 by `avq.quantize` itself, with its streaming
-passes (`--max-hessian-gib`, default: half the device's free memory), its checkpoint and its default
-solver. Layers outside `--blocks` (default: the first down block, the mid block and the up block whose convs
-have `K = 23,040`) are kept in FP through the config's FP-keep list, so a time-limited run on 2 CPU cores
-reaches the largest layers. The calibration is the reference sampler's, smaller than the default to fit
-a CPU (`--num-samples`, `--steps`, `--sample-size`; recorded).
+Models (`--model`; the published configs, `avq_bench.real_configs`, written to the work folder; random
+weights, seeded), quantized at W2A8 by `avq.quantize` itself, with its streaming passes
+(`--max-hessian-gib`, default: a quarter of the device's free memory), its checkpoint and its default
+solver:
+  sd1.5  SD 1.5's `UNet2DConditionModel`, calibrated by the reference sampler (DDIM). Default blocks: the
+         first down block, the mid block and the up block whose convs have `K = 23,040`.
+  sd3    SD3-medium's `SD3Transformer2DModel` (2.0 B weights), calibrated through a
+         `StableDiffusion3Pipeline` - its own flow-matching scheduler, guidance and `encode_prompt` - whose
+         text encoders and VAE are random stand-ins of the real output widths (CLIP-L 768 and CLIP-G 1280
+         pooled, T5-XXL 4096; `avq_bench.stand_ins`): the denoiser sees inputs of the real shapes, and
+         avq never quantizes the encoders. Default blocks: the context embedder and the first, middle and
+         last joint blocks (the last is context-pre-only).
+Layers outside `--blocks` are kept in FP through the config's FP-keep list, so a time-limited run on 2 CPU
+cores reaches the largest layers. The calibration is smaller than the default to fit a CPU
+(`--num-samples`, `--steps`, `--sample-size`: the latent size; recorded).
 
 Figures: per solved layer its shape, `K`, seconds and seconds per million weights; per pass its wall
 time (calibration + solves); peak RSS of the process (and peak GPU memory on CUDA); the total; and the
@@ -30,6 +38,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,11 +54,29 @@ from avq.calibration.statistics import (
 from avq.planning.presets import DEFAULT_KEEP_FP
 from avq.run.laq import DOMINATED_BITS
 from avq.storage.atomic import write_json_atomic
-from avq_bench.real_configs import SD15_UNET
+from avq_bench import stand_ins
+from avq_bench.real_configs import SD3_MEDIUM_TRANSFORMER, SD15_UNET
 from avq_bench.results import default_results_dir, device_name, device_slug, write_results
 
-MODELS = {"sd1.5": ("UNet2DConditionModel", SD15_UNET)}
-DEFAULT_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0")
+MODELS = {
+    "sd1.5": ("UNet2DConditionModel", SD15_UNET),
+    "sd3": ("SD3Transformer2DModel", SD3_MEDIUM_TRANSFORMER),
+}
+DEFAULT_BLOCKS = {
+    "sd1.5": ("down_blocks.0", "mid_block", "up_blocks.0"),
+    "sd3": ("context_embedder", "transformer_blocks.0", "transformer_blocks.12", "transformer_blocks.23"),
+}
+TINY = {  # --tiny: the same architectures, narrow and shallow (a smoke test of the script)
+    "sd1.5": {"block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64},
+    "sd3": {
+        "num_layers": 3,
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "caption_projection_dim": 64,
+        "joint_attention_dim": 128,
+        "pooled_projection_dim": 64,
+    },
+}
 
 
 class TimeLimit(KeyboardInterrupt):
@@ -64,15 +91,49 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is KiB on Linux
 
 
-def build(name: str, sample_size: int, device: torch.device, work: Path) -> nn.Module:
+def build(name: str, sample_size: int, device: torch.device, work: Path) -> tuple[nn.Module, Any]:
+    """The denoiser (random weights, seed 0; its config written to `work`), and for `sd3` the pipeline
+    around it that calibrates it (None for `sd1.5`, which the reference sampler calibrates)."""
     import diffusers
 
     class_name, config = MODELS[name]
-    config = {**config, "sample_size": sample_size}
+    if name == "sd1.5":
+        config = {**config, "sample_size": sample_size}
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=2) + "\n")
     torch.manual_seed(0)
-    return getattr(diffusers, class_name)(**config).to(device).eval()
+    model = getattr(diffusers, class_name)(**config).to(device).eval()
+    if name == "sd1.5":
+        return model, None
+    return model, sd3_pipeline(model, config, device)
+
+
+def sd3_pipeline(transformer: nn.Module, config: dict, device: torch.device) -> Any:
+    """A `StableDiffusion3Pipeline` around `transformer` with random stand-in encoders whose outputs have
+    the widths the transformer reads: two CLIPs whose projections concatenate to `pooled_projection_dim`
+    (768 + 1280 for SD3) and whose hidden states are zero-padded to a T5 of `joint_attention_dim`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pooled = config["pooled_projection_dim"]
+    clip_l, clip_g = (768, 1280) if pooled == 2048 else (pooled // 2, pooled - pooled // 2)
+    tokenizer, tokenizer_2 = stand_ins.clip_tokenizer(), stand_ins.clip_tokenizer(pad_token="!")
+    tokenizer_3 = stand_ins.t5_tokenizer()
+    small = {"intermediate_size": 64}  # encoders are not what this benchmark measures
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3-medium's scheduler config
+        vae=stand_ins.vae(3, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=stand_ins.clip_text_encoder(tokenizer, 1, clip_l, projection_dim=clip_l, **small),
+        tokenizer=tokenizer,
+        text_encoder_2=stand_ins.clip_text_encoder(tokenizer_2, 2, clip_g, projection_dim=clip_g, **small),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=stand_ins.t5_text_encoder(
+            tokenizer_3, 4, config["joint_attention_dim"], d_ff=64, d_kv=16
+        ),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="sd1.5", choices=sorted(MODELS))
-    parser.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS), help="top-level blocks, or all")
+    parser.add_argument(
+        "--blocks", nargs="+", default=None, help="top-level blocks, or all (default: per model)"
+    )
     parser.add_argument("--preset", default="w2a8")
     parser.add_argument("--max-seconds", type=float, default=1800, help="stop after this (resumable)")
     parser.add_argument("--max-hessian-gib", type=float, default=None, help="default: half of free memory")
@@ -101,18 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
+    args.blocks = args.blocks or list(DEFAULT_BLOCKS[args.model])
     device = torch.device(args.device)
     name = args.model + ("-tiny" if args.tiny else "")
     plain_work, laq_work = args.work / name, args.work / f"{name}-laq"
     laq = args.bits_budget is not None
     work = laq_work if laq else plain_work
     if args.tiny:
-        MODELS[args.model] = (
-            MODELS[args.model][0],
-            {**MODELS[args.model][1], "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64},
-        )
+        MODELS[args.model] = (MODELS[args.model][0], {**MODELS[args.model][1], **TINY[args.model]})
     started = time.perf_counter()
-    model = build(args.model, args.sample_size, device, work)
+    model, pipe = build(args.model, args.sample_size, device, work)
     names = quantizable_layers(model)
     wanted = set(names) if args.blocks == ["all"] else {n for n in names if block_of(n) in args.blocks}
     keep = DEFAULT_KEEP_FP + tuple((n, "not in the measured blocks") for n in names if n not in wanted)
@@ -123,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         num_steps=args.steps,
         num_timesteps_kept=args.timesteps_kept,
         max_hessian_gib=args.max_hessian_gib,
+        # the pipeline's image size in pixels (its VAE stand-in halves it): latent `--sample-size`
+        **({} if pipe is None else {"height": 2 * args.sample_size, "width": 2 * args.sample_size}),
     )
     plans = {n: avq.planning.plan_layer(n, model.get_submodule(n), config) for n in names}
     todo = [n for n in names if n in wanted and plans[n].quantized]
@@ -162,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         watchdog.start()  # inside: with --max-seconds 0 it may fire before the call below starts
         avq.quantize(
-            model,
+            model if pipe is None else pipe,  # a pipeline: its denoiser, calibrated by its own __call__
             config,
             calibration,
             checkpoint_dir=work / "checkpoint",
@@ -186,21 +249,27 @@ def main(argv: list[str] | None = None) -> int:
         rows = _layer_rows(events) + _pass_rows([e for e in events if e["run"] == run], build_seconds)
         summary = _summary(layers, events, rows, complete, seconds, budget, len(passes), args, device)
         summary["pass_rows"] = [r for r in rows if r["kind"] == "pass"]
-    previous = _previous_summary(work, summary["kind"], device, args.results_dir)
+    previous = _previous_summary(work, summary["kind"], results_name(args.model, device), args.results_dir)
     summary["peak_rss_gib"] = max(summary["peak_rss_gib"], previous.get("peak_rss_gib", 0.0))  # over runs
     write_json_atomic(work / "summary.json", summary)
     rows = _assemble(plain_work, laq_work, args)
-    out = write_results(f"scale_{device_slug(device)}", rows, device=device, results_dir=args.results_dir)
+    out = write_results(results_name(args.model, device), rows, device=device, results_dir=args.results_dir)
     print(json.dumps(summary, indent=1))
     print(out)
     return 0
 
 
-def _previous_summary(work: Path, kind: str, device: torch.device, results_dir) -> dict:
+def results_name(model: str, device: torch.device) -> str:
+    """`scale_<device>` for SD 1.5 (the first model, whose files keep their names), else
+    `scale_<model>_<device>`."""
+    return f"scale_{device_slug(device)}" if model == "sd1.5" else f"scale_{model}_{device_slug(device)}"
+
+
+def _previous_summary(work: Path, kind: str, stem: str, results_dir) -> dict:
     """The summary of earlier runs of this work folder (or, before it kept one, the results file's)."""
     if (work / "summary.json").is_file():
         return json.loads((work / "summary.json").read_text())
-    results = Path(results_dir or default_results_dir()) / f"scale_{device_slug(device)}.json"
+    results = Path(results_dir or default_results_dir()) / f"{stem}.json"
     if results.is_file():
         rows = json.loads(results.read_text()).get("rows", [])
         return next((r for r in rows if r.get("kind") == kind and r.get("model") == work.name), {})
@@ -347,6 +416,10 @@ def _summary(layers, events, rows, complete, seconds, budget, n_passes, args, de
         "projection": "measured seconds per million weights of the nearest K of the same layer kind, x K "
         "ratio, over every quantizable layer (solves only: calibration passes not included)",
         "calibration": {
+            "source": "reference sampler (DDIM)"
+            if args.model == "sd1.5"
+            else "StableDiffusion3Pipeline, "
+            "its flow-matching scheduler and guidance, stand-in text encoders of the real widths",
             "num_samples": args.num_samples,
             "steps": args.steps,
             "timesteps_kept": args.timesteps_kept,

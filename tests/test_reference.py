@@ -345,3 +345,26 @@ def test_solver_devices_quick_and_results_stamps(tmp_path, monkeypatch):
     assert device_slug("cpu") == "cpu"
     monkeypatch.delenv("AVQ_SOURCE_COMMIT", raising=False)
     assert git_commit() != "0123abc+dirty"
+
+
+def test_scale_benchmark_sd3_goes_through_its_pipeline(tmp_path):
+    """`benchmarks/scale.py --model sd3 --tiny`: an SD3-shaped transformer quantized through a
+    `StableDiffusion3Pipeline` (flow matching, stand-in encoders of the transformer's widths), written to a
+    results file of its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--model", "sd3", "--tiny"]
+    command += ["--work", str(tmp_path / "w"), "--results-dir", str(tmp_path), "--steps", "2"]
+    result = subprocess.run(
+        command + ["--num-samples", "1"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "scale_cpu.json").exists()  # SD 1.5's file is left alone
+    rows = json.loads((tmp_path / "scale_sd3_cpu.json").read_text())["rows"]
+    summary = rows[-1]
+    assert summary["model"] == "sd3-tiny" and summary["complete"]
+    assert "StableDiffusion3Pipeline" in summary["calibration"]["source"]
+    layers = {r["layer"] for r in rows if r["kind"] == "layer"}
+    assert "context_embedder" in layers and "transformer_blocks.0.attn.add_q_proj" in layers
+    assert not any(name.startswith("transformer_blocks.1.") for name in layers)  # outside --blocks: FP
+    config = json.loads((tmp_path / "w" / "sd3-tiny" / "config.json").read_text())
+    assert config["_class_name"] == "SD3Transformer2DModel" and config["num_layers"] == 3

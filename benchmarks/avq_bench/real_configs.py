@@ -1,6 +1,6 @@
-"""The published configs of real denoisers (Stable Diffusion 1.5's UNet, SDXL's UNet, Flux.1's transformer),
-written out so that benchmarks can build them with random weights (or on the meta device) offline: the
-layer shapes, hence Hessian sizes and solver costs, are the real ones."""
+"""The published configs of real denoisers (Stable Diffusion 1.5's UNet, SDXL's UNet, SD3-medium's and
+Flux.1's transformers), written out so that benchmarks can build them with random weights (or on the meta
+device) offline: the layer shapes, hence Hessian sizes and solver costs, are the real ones."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ SDXL_UNET = dict(
     addition_embed_type="text_time",
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
+)
+SD3_MEDIUM_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
 )
 FLUX_TRANSFORMER = dict(
     patch_size=1,
