@@ -9,6 +9,7 @@ from avq.core.hessian import prepare_hessian
 from avq.core.modules import AQConv2d, AQLinear
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec
+from avq.core.uniform_modules import UniformConv2d, UniformLinear
 from avq.pipelines import load_pipeline, quantize_pipeline, save_pipeline
 from avq.planning.presets import QuantizeConfig, preset_config
 from avq.run.quantize import quantize
@@ -31,6 +32,8 @@ __all__ = [
     "quantize_weight_gptq",
     "AQLinear",
     "AQConv2d",
+    "UniformLinear",
+    "UniformConv2d",
     "save_quantized",
     "load_quantized",
     "CalibrationConfig",

@@ -192,8 +192,13 @@ def quality_table(data: dict) -> str:
         "the GPTQ row of the preset (equal total bits); `avq-laq+0.5`: half a bit more (LAQ may spend it on "
         "4-bit specs or FP for the layers that matter most). A model's second LAQ row reuses the sensitivity "
         "table its first one measured (`laq_sensitivity` in the JSON; its minutes leave measuring out; here "
-        "the `avq-laq` rows). † simulated: dense dequantized weights (the "
-        "same outputs as a packed kernel would give, no memory saving). "
+        "the `avq-laq` rows). "
+        + (
+            "† simulated: computed before the packed uniform modules, with dense dequantized weights (the "
+            "same outputs, no memory saving). "
+            if any(r.get("simulated") for r in data["rows"])
+            else ""
+        )
         + (
             "‡ stale: computed at another commit (shown) or on a dirty tree, published with `--allow-stale`. "
             if any(r.get("stale") for r in data["rows"])

@@ -21,8 +21,9 @@ baseline at low bits.
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
 equal-total-bits comparison; `avq-laq+0.5` rows half a bit more (the allowance of issue #4's acceptance:
 codebooks cost bits that a uniform grid does not). `avq-seq` rows calibrate sequentially (block by block
-on the model quantized so far; `--configs avq-seq:w2a8`). GPTQ/RTN are simulated (dense weights,
-dequantized): same accuracy, no saving.
+on the model quantized so far; `--configs avq-seq:w2a8`). GPTQ/RTN layers are packed uniform modules
+(`avq.core.uniform_modules`); rows computed before they existed carry `simulated: true` (dense weights,
+the same outputs).
 `avq-pv*` rows (after the `avq:` row of the preset, whose model is kept in `runs/quality/`) fine-tune
 that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
@@ -233,7 +234,6 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "quantize_minutes": round(minutes, 2),
             "threads": torch.get_num_threads(),  # of the process that quantized / fine-tuned
             "n": args.n,
-            "simulated": _uniform_groups(method)[0] in ("gptq", "rtn"),
             **extra,
             **{k: figures[k] for k in FIGURES if k in figures},
         }

@@ -19,6 +19,7 @@ from avq.calibration.activations import (
     shortcut_splits,
 )
 from avq.core.modules import AQModule
+from avq.core.uniform_modules import UniformModule
 from avq.planning.presets import preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
@@ -163,10 +164,10 @@ def test_a8_save_load_and_resume(tmp_path):
     assert torch.equal(outputs(resumed), expected)
 
 
-def test_a8_on_dense_layers_of_simulated_baselines(tmp_path):
+def test_a8_on_packed_uniform_baselines(tmp_path):
     model = quantize(tiny_unet(), preset_config("w2a8", "rtn"), TINY, progress=False)
     quantizers = input_quantizers(model)
-    assert quantizers and all(isinstance(model.get_submodule(n), (nn.Linear, nn.Conv2d)) for n in quantizers)
+    assert quantizers and all(isinstance(model.get_submodule(n), UniformModule) for n in quantizers)
     expected = outputs(model)
     avq.save_quantized(model, tmp_path / "q")
     assert torch.equal(outputs(avq.load_quantized(tmp_path / "q")), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from test_calibration import tiny_unet
 
 import avq
 from avq.cli import main
+from avq.core.uniform_modules import UniformModule
 
 TINY_ARGS = ["--num-samples", "2", "--batch-size", "2", "--steps", "3", "--timesteps-kept", "2", "--quiet"]
 
@@ -75,9 +77,20 @@ def test_quantize_shipped_model_rtn(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "simulated" in capsys.readouterr().out
+    assert f"saved {out}" in capsys.readouterr().out
     data = json.loads(figures.read_text())
-    assert data["method"] == "rtn" and all(r["simulated"] for r in data["rows"] if r["status"] == "quantized")
+    rows = [r for r in data["rows"] if r["status"] == "quantized"]
+    assert data["method"] == "rtn" and rows and all(r["spec"] == "int4" for r in rows)
+    # stored packed: 4 bits a weight plus a scale and zero per row, as the report counts
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert set(layers) == {r["name"] for r in rows}
+    entries = [(e["method"], e["bits"], e["group_size"]) for e in layers.values()]
+    assert set(entries) == {("uniform", 4, None)}
+    loaded = avq.load_quantized(out)
+    for r in rows:
+        layer = loaded.get_submodule(r["name"])
+        assert isinstance(layer, UniformModule) and layer.total_bits == pytest.approx(r["total_bits"])
+        assert layer.packed.numel() == r["shape"][0] * -(-math.prod(r["shape"][1:]) * 4 // 8)
 
 
 @pytest.mark.parametrize(

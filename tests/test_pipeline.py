@@ -16,6 +16,7 @@ import avq
 from avq.calibration.config import CalibrationConfig
 from avq.core.bits import total_bits
 from avq.core.modules import AQModule
+from avq.core.uniform_modules import UniformModule
 from avq.planning.plan import plan_layer, plan_model
 from avq.planning.presets import PresetError, QuantizeConfig, preset_config
 from avq.run.quantize import quantize
@@ -133,14 +134,14 @@ def test_dit_first_and_last_layers_kept():
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_baselines_are_simulated(method):
+def test_baselines_are_packed_modules(method):
     model, report = quantize_with_report(tiny_unet(), w2(method), TINY, progress=False)
-    assert "simulated" in report.notes[0]
     q = [r for r in report.rows if r["status"] == "quantized"]
-    assert q and all(r["simulated"] and r["spec"] == "int2" for r in q)
+    assert q and all(r["spec"] == "int2" for r in q)
     assert not any(isinstance(m, AQModule) for m in model.modules())
-    weight = model.get_submodule(q[0]["name"]).weight
-    assert len(torch.unique(weight[0])) <= 4  # int2 grid per row
+    layer = model.get_submodule(q[0]["name"])
+    assert isinstance(layer, UniformModule) and layer.packed.dtype == torch.uint8
+    assert len(torch.unique(layer._weight().reshape(layer.shape[0], -1)[0])) <= 4  # int2 grid per row
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
@@ -151,7 +152,7 @@ def test_baselines_with_groups(method):
     q = [r for r in report.rows if r["status"] == "quantized"]
     assert q and all(r["spec"] == "int2g8" and r["total_bits"] == pytest.approx(2 + 32 / 8) for r in q)
     wide = next(r for r in q if math.prod(r["shape"][1:]) >= 32)  # several groups per row
-    weight = model.get_submodule(wide["name"]).weight.reshape(wide["shape"][0], -1)  # [out, K]
+    weight = model.get_submodule(wide["name"])._weight().reshape(wide["shape"][0], -1)  # [out, K]
     assert len(torch.unique(weight[0, :8])) <= 4 < len(torch.unique(weight[0]))  # int2 grids per group
     per_row = quantize_with_report(tiny_unet(), replace(config, group_size=None), TINY, progress=False)[1]
     assert report.summary()["total_bits_all"] > per_row.summary()["total_bits_all"]

@@ -14,8 +14,9 @@ minimises the mean squared quantization error on that sample: plain min/max lets
 the step size for all of them.
 
 The quantizer is attached with `attach_input_quantizer` as the submodule `input_quantizer` of a layer (an
-`AQLinear`/`AQConv2d`, or a dense layer of a simulated gptq/rtn model) plus a forward pre-hook, so its
-ranges are in the layer's state dict (`<layer>.input_quantizer.lo/hi`) and saved with it.
+`AQLinear`/`AQConv2d`, a packed `UniformLinear`/`UniformConv2d` of gptq/rtn, or a dense layer) plus a
+forward pre-hook, so its ranges are in the layer's state dict (`<layer>.input_quantizer.lo/hi`) and saved
+with it.
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ def attach_input_quantizer(layer: nn.Module, quantizer: ActQuantizer) -> None:
             f"{in_channels_of(layer)} input channels"
         )
     had = getattr(layer, QUANTIZER_ATTR, None) is not None
-    setattr(layer, QUANTIZER_ATTR, quantizer.to(next(layer.parameters()).device))
+    # the layer's device: a packed uniform layer without bias has buffers only
+    device = next(itertools.chain(layer.parameters(), layer.buffers())).device
+    setattr(layer, QUANTIZER_ATTR, quantizer.to(device))
     if not had:
         layer.register_forward_pre_hook(_quantize_input_hook)
 

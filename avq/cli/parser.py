@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--preset", required=True, choices=PRESETS, help="weight/activation bits")
     q.add_argument(
-        "--method", default="avq", choices=METHODS, help="avq (default), or the simulated gptq/rtn baselines"
+        "--method", default="avq", choices=METHODS, help="avq (default), or the uniform gptq/rtn baselines"
     )
     q.add_argument(
         "--group-size",

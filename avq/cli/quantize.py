@@ -66,8 +66,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if partial.exists() and not args.resume:
         raise UserError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
     sensitivity = _load_sensitivity(args.sensitivity, args.bits_budget) if args.sensitivity else None
-    if pipeline and config.method != "avq":
-        raise UserError(f"--method {config.method} is simulated (dense weights): pipelines take --method avq")
     calibration = calibration_from_args(args, pipeline=pipeline)  # reads --prompts: fails before loading
     # Under torchrun the ranks share each pass's layers; without --device each takes cuda:LOCAL_RANK.
     ctx = distributed.setup(device if args.device else None)
@@ -136,11 +134,9 @@ def _run(args, config, calibration, sensitivity, pipeline, device, dtype, out, p
     if pipeline:
         save_pipeline(target, out, source=args.model, extra_config=extra)
         print(f"saved the pipeline {out} (its denoiser quantized; every other component as it was)")
-    elif config.method == "avq":
+    else:
         save_quantized(target, out, extra_config=extra)
         print(f"saved {out}")
-    else:
-        print(f"{args.method} is simulated (dense weights, dequantized): no avq model saved; figures only")
     if args.json:
         write_json(args.json, figures)
     shutil.rmtree(partial, ignore_errors=True)

@@ -192,9 +192,9 @@ class AQConv2d(AQModule):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(qweight, bias, dtype=dtype)
-        self.stride = _pair(stride, "stride")
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.stride = pair(stride, "stride")
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
         if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
             raise ValueError(f"AQConv2d: padding must be 'same', 'valid' or ints, got {self.padding!r}")
 
@@ -228,11 +228,12 @@ class AQConv2d(AQModule):
         return cls(qweight, layer.bias, layer.stride, layer.padding, layer.dilation, dtype=dtype)
 
 
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"AQConv2d: {name} must be an int or a pair of ints, got {value!r}")
-    return (int(pair[0]), int(pair[1]))
+def pair(value: IntPair, name: str, who: str = "AQConv2d") -> tuple[int, int]:
+    """A conv's stride / padding / dilation as a pair of ints (`who` names the module in the error)."""
+    both = (value, value) if isinstance(value, int) else tuple(value)
+    if len(both) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in both):
+        raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
+    return (int(both[0]), int(both[1]))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

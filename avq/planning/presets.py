@@ -17,9 +17,9 @@ Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
   8-bit inputs are not fed to an integer kernel.
 - `--method gptq|rtn`: uniform int2/int4 with the same FP-keep rule, one grid per output channel or, with
   `group_size` (`--group-size 128`), per group of that many inputs (fp16 scale and zero per group, counted
-  in total bits: +0.25 bits at g128, +0.5 at g64; the strong uniform baseline at low bits). There is no
-  uniform-quantized module yet, so these are *simulated*: the dense weight is replaced by its dequantized
-  value (the report says so per layer, `simulated: true`).
+  in total bits: +0.25 bits at g128, +0.5 at g64; the strong uniform baseline at low bits). The layers
+  become packed `UniformLinear` / `UniformConv2d` (`avq.core.uniform_modules`): the levels at their bit
+  width and the fp16 grids, saved and loaded like the AQ layers.
 """
 
 from __future__ import annotations

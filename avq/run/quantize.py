@@ -51,6 +51,7 @@ from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, qua
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
+from avq.core.uniform_modules import UniformModule
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs, plan_model
 from avq.planning.presets import QuantizeConfig
@@ -138,9 +139,8 @@ def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQ
     layer = model.get_submodule(plan.name)
     if isinstance(result, QuantizedWeight):
         replace_module(model, plan.name, AQModule.from_layer(layer, result))
-    else:  # simulated: no uniform-quantized module yet
-        with torch.no_grad():
-            layer.weight.copy_(result.dequantize(layer.weight.dtype).to(layer.weight.device))
+    else:  # RTN / GPTQ: the packed levels and grids, as saved
+        replace_module(model, plan.name, UniformModule.from_layer(layer, result))
 
 
 def as_source(calibration: Any, conditioning: torch.Tensor | None = None) -> CalibrationSource | None:
@@ -326,11 +326,6 @@ def quantize(
             passes = hessian_passes(model, [p.name for p in todo], budget)
     if passes:
         report.hessian_budget_gib, report.passes = budget, passes
-    if config.method != "avq":
-        report.notes.append(
-            f"{config.method} results are simulated: each dense weight is replaced by its dequantized "
-            f"int{config.bits} value (there is no uniform-quantized module yet), so the model is not smaller"
-        )
     rows: dict[str, dict] = {}
     blocks = group_by_block([p.name for p in todo])
     pass_of = {name: i for i, names in enumerate(passes) for name in names}
@@ -380,7 +375,6 @@ def quantize(
             "relative_error": float(result.info["relative_error"]),
             "seconds": round(result.info.get("seconds", time.perf_counter() - start), 3),
             "n_rows": int(n_rows),
-            "simulated": config.method != "avq",
         }
         if ctx.distributed:
             row["rank"] = result.info["rank"]  # the process that solved it

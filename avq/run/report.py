@@ -12,8 +12,7 @@ from avq.core.bits import FP16_BITS
 class QuantizeReport:
     """Per-layer rows plus notes. Rows: name, kind, shape, status ("quantized" | "kept_fp"), spec,
     code_bits, total_bits, relative_error (H-weighted, against the calibration Hessian), seconds,
-    n_rows (calibration rows), simulated (gptq/rtn: dense weight replaced by its dequantized value),
-    reason (kept_fp only)."""
+    n_rows (calibration rows), reason (kept_fp only)."""
 
     method: str = ""
     preset: str | None = None

@@ -56,9 +56,11 @@ import torch.nn as nn
 
 from avq.calibration.activations import QUANTIZER_ATTR, attach_input_quantizer, input_quantizers
 from avq.core.modules import AQModule, replace_module
+from avq.core.uniform_modules import UniformModule
 from avq.storage.format import (
     CONFIG_NAME,
     FORMAT,
+    STORED_FP16,
     FormatError,
     check_quantization_block,
     format_names,
@@ -239,7 +241,7 @@ class _AvqQuantizerLogic:
             raise FormatError(f"{WHO}: {name} is missing tensor(s) {format_names(missing)}")
         if unexpected:
             raise FormatError(f"{WHO}: {name} has unexpected tensor(s) {format_names(unexpected)}")
-        stored_fp16 = {f"{layer}.{key}" for layer in modules for key in ("codebooks", "scales")}
+        stored_fp16 = {f"{layer}.{key}" for layer in modules for key in STORED_FP16}
         for key, tensor in expected.items():
             dtype, shape = header[key]
             if shape != tuple(tensor.shape):
@@ -284,7 +286,7 @@ class _AvqQuantizerLogic:
         if unloaded:
             raise FormatError(f"{WHO}: tensor(s) {format_names(unloaded)} were not loaded")
         for name, module in model.named_modules():
-            if isinstance(module, AQModule):
+            if isinstance(module, (AQModule, UniformModule)):
                 try:
                     module.qweight  # noqa: B018 - validates codes (range), codebooks and scales (finite)
                 except ValueError as error:

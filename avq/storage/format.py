@@ -6,7 +6,9 @@
      "activations": {name: {"bits": 8, "channels": C, "splits": [..], "channel_dim": 1 | -1}}  (a8 only),
      "layers": {name: {"kind": "linear" | "conv2d", "spec": {...}, "shape": [...], "bias": bool,
                        "param_dtype": "float32" | "float16" | ...,
-                       "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..]  (convs)}},
+                       "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..]  (convs)}
+                      | {"kind": ..., "method": "uniform", "bits": 2..8, "group_size": int | null,
+                         "shape": [...], "bias": bool, "param_dtype": ..., conv geometry as above}},
      "checksum": {"model.safetensors": "sha256:<hex>", "config.json": "sha256:<hex>"},
      "extra": {...}  (only when `save_quantized(extra_config=...)` was given)}
 
@@ -14,7 +16,9 @@
 else uint16), `name.codebooks` and `name.scales` (fp16) and `name.bias`; every other tensor as is.
 Layers with an 8-bit input quantizer (`avq.calibration.activations`) also hold `name.input_quantizer.lo/hi`.
 `param_dtype` is the dtype of the module's codebook/scale parameters in memory (see `avq.core.modules`); the
-file always holds fp16, and loading casts back, so a round trip is bit-exact.
+file always holds fp16, and loading casts back, so a round trip is bit-exact. Uniform (RTN / GPTQ) layers
+(`avq.core.uniform_modules`) hold `name.packed` (uint8, the levels bit-packed at `bits` a weight),
+`name.scales` and `name.zeros` (fp16, one per row or per row and group) and `name.bias`.
 
 `diffusion_pytorch_model.safetensors` is the same file under the name diffusers' `from_pretrained` looks for
 (a hard link, or a copy where the file system has none; `avq.storage.diffusers_backend`). A folder may hold
@@ -42,8 +46,10 @@ import torch.nn as nn
 from avq.calibration.activations import (
     ActQuantizer,
 )
+from avq.core.baselines import MAX_BITS, MIN_BITS
 from avq.core.modules import AQConv2d, AQModule
 from avq.core.spec import QuantSpec
+from avq.core.uniform_modules import UniformConv2d, UniformModule
 from avq.storage.atomic import sha256_file
 
 log = logging.getLogger("avq")
@@ -56,6 +62,8 @@ DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # the same file,
 WEIGHTS_NAMES = (WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
 OWN_FILES = {CONFIG_NAME, *WEIGHTS_NAMES}
 AQ_TENSORS = ("codes", "codebooks", "scales")
+UNIFORM_TENSORS = ("packed", "scales", "zeros")
+STORED_FP16 = ("codebooks", "scales", "zeros")  # the quantized layers' float tensors, fp16 in the file
 PARAM_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -68,21 +76,30 @@ class FormatError(ValueError):
     """A folder is not a valid avq save: the message names the file, layer or tensor at fault."""
 
 
-def layer_entry(module: AQModule) -> dict:
-    if module.codebooks.dtype not in PARAM_DTYPES.values():
-        raise FormatError(f"save_quantized: codebooks of dtype {module.codebooks.dtype} are not supported")
-    entry: dict[str, Any] = {
-        "kind": "conv2d" if isinstance(module, AQConv2d) else "linear",
-        "spec": module.spec.to_dict(),
+def layer_entry(module: AQModule | UniformModule) -> dict:
+    uniform = isinstance(module, UniformModule)
+    floats = module.scales if uniform else module.codebooks
+    if floats.dtype not in PARAM_DTYPES.values():
+        raise FormatError(f"save_quantized: layer tensors of dtype {floats.dtype} are not supported")
+    entry: dict[str, Any] = {"kind": "conv2d" if isinstance(module, (AQConv2d, UniformConv2d)) else "linear"}
+    if uniform:
+        entry |= {"method": "uniform", "bits": module.bits, "group_size": module.group_size}
+    else:
+        entry["spec"] = module.spec.to_dict()
+    entry |= {
         "shape": list(module.shape),
         "bias": module.bias is not None,
-        "param_dtype": str(module.codebooks.dtype).removeprefix("torch."),
+        "param_dtype": str(floats.dtype).removeprefix("torch."),
     }
-    if isinstance(module, AQConv2d):
+    if entry["kind"] == "conv2d":
         entry["stride"] = list(module.stride)
         entry["padding"] = module.padding if isinstance(module.padding, str) else list(module.padding)
         entry["dilation"] = list(module.dilation)
     return entry
+
+
+def is_uniform_entry(entry: dict) -> bool:
+    return entry.get("method") == "uniform"
 
 
 def model_config(model: nn.Module) -> dict:
@@ -181,10 +198,19 @@ def check_layer_entry(name: str, entry: Any, who: str = "load_quantized") -> Non
     kind = entry.get("kind")
     if kind not in ("linear", "conv2d"):
         raise fail(f"kind must be 'linear' or 'conv2d', got {kind!r}")
-    try:
-        QuantSpec.from_dict(entry.get("spec"))
-    except (TypeError, ValueError, AttributeError) as error:
-        raise fail(f"invalid spec {entry.get('spec')!r}: {error}") from error
+    if entry.get("method", "aq") not in ("aq", "uniform"):
+        raise fail(f"method must be 'aq' (the default) or 'uniform', got {entry.get('method')!r}")
+    if is_uniform_entry(entry):
+        bits, group = entry.get("bits"), entry.get("group_size")
+        if not (is_int(bits) and MIN_BITS <= bits <= MAX_BITS):
+            raise fail(f"bits must be an int from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        if not (group is None or (is_int(group) and group > 0)):
+            raise fail(f"group_size must be a positive int or null, got {group!r}")
+    else:
+        try:
+            QuantSpec.from_dict(entry.get("spec"))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise fail(f"invalid spec {entry.get('spec')!r}: {error}") from error
     shape = entry.get("shape")
     ndim = 2 if kind == "linear" else 4
     if not (isinstance(shape, list) and len(shape) == ndim and all(is_int(d) and d > 0 for d in shape)):

@@ -27,10 +27,18 @@ from avq.calibration.activations import (
     in_channels_of,
     input_quantizers,
 )
+from avq.core.baselines import UniformQuantizedWeight, grid_shape
 from avq.core.layout import effective_group_size
 from avq.core.modules import AQConv2d, AQLinear, AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
+from avq.core.uniform_modules import (
+    UniformConv2d,
+    UniformLinear,
+    UniformModule,
+    packed_shape,
+    unpack_codes,
+)
 from avq.storage.atomic import sha256_file, write_folder_atomic
 from avq.storage.format import (
     AQ_TENSORS,
@@ -39,6 +47,7 @@ from avq.storage.format import (
     FORMAT,
     OWN_FILES,
     PARAM_DTYPES,
+    UNIFORM_TENSORS,
     VERSION,
     WEIGHTS_NAME,
     WEIGHTS_NAMES,
@@ -46,6 +55,7 @@ from avq.storage.format import (
     check_quantization_config,
     config_digest,
     format_names,
+    is_uniform_entry,
     json_safe,
     layer_entry,
     model_config,
@@ -59,7 +69,8 @@ log = logging.getLogger("avq")
 
 # ====================================================================== save
 def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config: dict | None = None) -> Path:
-    """Write `model` (with `AQLinear`/`AQConv2d` layers) to `folder`, atomically; return the folder.
+    """Write `model` (with `AQLinear`/`AQConv2d` layers, and packed `UniformLinear`/`UniformConv2d` ones)
+    to `folder`, atomically; return the folder.
 
     Everything is written to a temporary sibling folder and fsynced, then swapped into place, so a failure
     leaves any previous save untouched. An existing `folder` is replaced as a whole; to never delete files
@@ -85,13 +96,16 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, *, extra_config:
     layers: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = dict(model.state_dict())
     for name, module in model.named_modules():
-        if not isinstance(module, AQModule):
+        if not isinstance(module, (AQModule, UniformModule)):
             continue
         if not name:
             raise FormatError("save_quantized: the model itself is a quantized layer; wrap it in a module")
-        qweight = module.qweight  # validates; codebooks and scales in fp16 as stored
-        for key in AQ_TENSORS:
-            tensors[f"{name}.{key}"] = getattr(qweight, key)
+        qweight = module.qweight  # validates; the float tensors in fp16 as stored
+        if isinstance(module, UniformModule):  # levels stay packed; grids in fp16
+            tensors[f"{name}.packed"] = module.packed
+            tensors |= {f"{name}.{key}": getattr(qweight, key) for key in UNIFORM_TENSORS[1:]}
+        else:
+            tensors |= {f"{name}.{key}": getattr(qweight, key) for key in AQ_TENSORS}
         layers[name] = layer_entry(module)
     quantizers = input_quantizers(model)
     config = model_config(model)
@@ -164,7 +178,8 @@ def load_quantized(
     Without `model`, the skeleton is the diffusers class named by `config.json`'s `_class_name`, built with
     `from_config` (and put in eval mode, like diffusers' `from_pretrained`). With `model`, that module is
     filled in place (and left untouched if the folder fails a check). Layers listed in
-    `quantization_config["layers"]` become `AQLinear`/`AQConv2d`; every other tensor is loaded strictly
+    `quantization_config["layers"]` become `AQLinear`/`AQConv2d` (or, for RTN/GPTQ entries,
+    `UniformLinear`/`UniformConv2d`); every other tensor is loaded strictly
     (no tensor missing, none unexpected, matching shapes) and keeps the dtype it was saved in.
     Raises `FormatError` naming the problem for anything malformed.
     """
@@ -192,7 +207,7 @@ def load_quantized(
     expected: dict[str, torch.Tensor | None] = {  # None: a quantized layer's tensor, checked when built
         key: tensor for key, tensor in current.items() if not any(key.startswith(f"{n}.") for n in layers)
     }
-    dense_quantizers = {}  # input quantizers of layers that stay dense (simulated or FP)
+    dense_quantizers = {}  # input quantizers of layers that stay dense (FP)
     targets = input_quantizer_targets(model, quantization_config.get("activations", {}), modules)
     for name, (layer, quantizer) in targets.items():
         if name in modules:  # fresh module: fill its quantizer from the file now
@@ -287,8 +302,9 @@ def quantized_layer(
     *,
     dtype: torch.dtype | None = None,
     who: str = "load_quantized",
-) -> AQModule:
-    """The `AQLinear`/`AQConv2d` for layer `name` of `model` as described by its (checked) layer `entry`.
+) -> AQModule | UniformModule:
+    """The `AQLinear`/`AQConv2d` (or, for an RTN/GPTQ entry, `UniformLinear`/`UniformConv2d`) for layer
+    `name` of `model` as described by its (checked) layer `entry`.
 
     Checks that `model` has a layer of that kind and weight shape there. With `tensors` (a state dict), the
     module holds the file's codes, codebooks, scales and bias, validated; without, it is an empty module of
@@ -303,13 +319,15 @@ def quantized_layer(
             f"{who}: quantized layer {name!r} does not exist in the {type(model).__name__} model"
         ) from error
     kind = entry["kind"]
-    wanted = (nn.Linear, AQLinear) if kind == "linear" else (nn.Conv2d, AQConv2d)
+    linear = (nn.Linear, AQLinear, UniformLinear)
+    wanted = linear if kind == "linear" else (nn.Conv2d, AQConv2d, UniformConv2d)
     if not isinstance(existing, wanted):
         raise FormatError(
             f"{who}: layer {name!r} is a {type(existing).__name__} in the model, but saved as {kind}"
         )
     shape = tuple(entry["shape"])
-    model_shape = tuple(existing.shape if isinstance(existing, AQModule) else existing.weight.shape)
+    quantized = isinstance(existing, (AQModule, UniformModule))
+    model_shape = tuple(existing.shape if quantized else existing.weight.shape)
     if model_shape != shape:
         raise FormatError(
             f"{who}: layer {name!r} has weight shape {list(model_shape)} in the model, "
@@ -323,6 +341,8 @@ def quantized_layer(
             raise FormatError(f"{who}: {WEIGHTS_NAME} is missing tensor {full!r}")
         return tensors[full]
 
+    if is_uniform_entry(entry):
+        return _uniform_layer(name, entry, shape, tensor if tensors is not None else None, dtype, who)
     try:
         spec = QuantSpec.from_dict(entry["spec"])
         effective_group_size(shape, spec)  # e.g. kernel grouping needs g == kh*kw
@@ -362,6 +382,41 @@ def quantized_layer(
     return module
 
 
+def _uniform_layer(
+    name: str, entry: dict, shape: tuple, tensor: Any, dtype: torch.dtype, who: str
+) -> UniformModule:
+    """`quantized_layer` for an RTN/GPTQ entry: the file's packed levels and grids (`tensor(key)`), or
+    zeros of the right shapes when `tensor` is None (filled by a loader afterwards)."""
+    bits, group = entry["bits"], entry["group_size"]
+    out, K = shape[0], math.prod(shape[1:])
+    try:
+        if tensor is None:
+            levels = torch.zeros(out, K, dtype=torch.uint8)
+            scales = zeros = torch.zeros(grid_shape(out, K, group), dtype=torch.float16)
+            bias = torch.zeros(out, dtype=dtype) if entry["bias"] else None
+        else:
+            packed = tensor("packed")
+            if packed.dtype != torch.uint8 or tuple(packed.shape) != packed_shape(out, K, bits):
+                raise ValueError(
+                    f"packed levels must be uint8 {list(packed_shape(out, K, bits))}, got "
+                    f"{packed.dtype} {list(packed.shape)}"
+                )
+            levels, scales, zeros = unpack_codes(packed, bits, K), tensor("scales"), tensor("zeros")
+            bias = tensor("bias") if entry["bias"] else None
+        qweight = UniformQuantizedWeight(
+            bits=bits, shape=shape, codes=levels, scales=scales, zeros=zeros, group_size=group
+        )
+        if entry["kind"] == "linear":
+            return UniformLinear(qweight, bias, dtype=dtype)
+        padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+        stride, dilation = tuple(entry["stride"]), tuple(entry["dilation"])
+        return UniformConv2d(qweight, bias, stride, padding, dilation, dtype=dtype)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, FormatError):
+            raise
+        raise FormatError(f"{who}: layer {name!r}: {error}") from error
+
+
 def input_quantizer_targets(
     model: nn.Module, activations: dict, modules: dict[str, AQModule], who: str = "load_quantized"
 ) -> dict[str, tuple[nn.Module, ActQuantizer]]:
@@ -379,7 +434,7 @@ def input_quantizer_targets(
             except AttributeError:
                 raise FormatError(f"{who}: activations entry {name!r} names no layer") from None
         if (
-            not isinstance(layer, (nn.Linear, nn.Conv2d, AQModule))
+            not isinstance(layer, (nn.Linear, nn.Conv2d, AQModule, UniformModule))
             or in_channels_of(layer) != quantizer.channels
         ):
             raise FormatError(f"{who}: activations entry {name!r} does not fit the layer")
