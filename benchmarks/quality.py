@@ -19,9 +19,11 @@ on an idle core).
 output channel (an fp16 scale and zero per group, counted: +0.25 / +0.5 total bits), the strong uniform
 baseline at low bits.
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
-equal-total-bits comparison; `avq-laq+0.5` rows half a bit more (the allowance of issue #4's acceptance:
-codebooks cost bits that a uniform grid does not). `avq-seq` rows calibrate sequentially (block by block
-on the model quantized so far; `--configs avq-seq:w2a8`). GPTQ/RTN layers are packed uniform modules
+equal-total-bits comparison; `avq-laq-u` rows the same budget with uniform grids (`int2g64`, `int4`,
+`int4g128`) among LAQ's candidates, so each layer gets AQ, a grid or FP; `avq-laq+0.5` rows half a bit
+more (the allowance of issue #4's acceptance: codebooks cost bits that a uniform grid does not).
+`avq-seq` rows calibrate sequentially (block by block on the model quantized so far; `--configs
+avq-seq:w2a8`). GPTQ/RTN layers are packed uniform modules
 (`avq.core.uniform_modules`); rows computed before they existed carry `simulated: true` (dense weights,
 the same outputs).
 `avq-pv*` rows (after the `avq:` row of the preset, whose model is kept in `runs/quality/`) fine-tune
@@ -55,6 +57,7 @@ from sample_sets import REPO, get_samples, set_folder
 
 import avq
 from avq.calibration.config import CalibrationConfig
+from avq.core.spec import UniformSpec
 from avq.planning.presets import preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
@@ -78,9 +81,13 @@ CONFIGS = (
     "avq:w2a8",
     "avq-laq:w2a8",
     "avq-laq+0.5:w2a8",
+    "avq-laq-u:w4a8",
+    "avq-laq-u:w2a8",
 )
 # LAQ rows: budget = the GPTQ row's total bits + this many.
-LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5}
+LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5, "avq-laq-u": 0.0}
+# `avq-laq-u`: LAQ may also give a layer a uniform GPTQ grid (at its total bits) instead of AQ or FP.
+LAQ_UNIFORM = {"avq-laq-u": (UniformSpec(2, 64), UniformSpec(4), UniformSpec(4, 128))}
 # Layer-wise AVQ with sequential calibration (`QuantizeConfig.sequential`: each block calibrated on the
 # outputs of the blocks already quantized): does it help?
 EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
@@ -115,7 +122,12 @@ def _quantized(
     base, group_size = _uniform_groups(method)
     base = "avq" if base in LAQ_EXTRA_BITS else base.removesuffix("-seq")
     config = preset_config(
-        preset, base, bits_budget=budget, sequential=method.endswith("-seq"), group_size=group_size
+        preset,
+        base,
+        bits_budget=budget,
+        sequential=method.endswith("-seq"),
+        group_size=group_size,
+        laq_uniform=LAQ_UNIFORM.get(method, ()),
     )
     report = QuantizeReport()
     start, cpu = time.perf_counter(), time.process_time()
@@ -131,10 +143,11 @@ def _uniform_groups(method: str) -> tuple[str, int | None]:
     return (base, int(group)) if group.isdigit() else (method, None)
 
 
-def _sensitivity_path(model_name: str, seed: int) -> Path:
+def _sensitivity_path(model_name: str, seed: int, method: str = "avq-laq") -> Path:
     """The LAQ sensitivity table of a model (the same for every budget and preset: LAQ's candidates and the
     calibration do not depend on them), kept so that the other LAQ rows choose from it without measuring."""
-    return REPO / "runs" / "quality" / f"{model_name}-laq-seed{seed}.sensitivity.json"
+    candidates = "-u" if method in LAQ_UNIFORM else ""  # a table per candidate set
+    return REPO / "runs" / "quality" / f"{model_name}-laq{candidates}-seed{seed}.sensitivity.json"
 
 
 def _layerwise_folder(model_name: str, preset: str) -> Path:
@@ -280,7 +293,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
-            table_path = _sensitivity_path(model_name, args.seed)
+            table_path = _sensitivity_path(model_name, args.seed, method)
             saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
             # Reused only when measured at this very commit: the table is part of what a row computed.
             sensitivity = saved.get("sensitivity") if saved.get("commit") == git_commit() else None
@@ -350,6 +363,7 @@ def plot(rows: list[dict], path: Path) -> None:
         "avq-seq": "v",
         "avq-laq": "D",
         "avq-laq+0.5": "P",
+        "avq-laq-u": "X",
         "avq-pv": "^",
     }
     for ax, model in zip(axes[0], models, strict=True):

@@ -12,7 +12,10 @@ from test_calibration import TINY, tiny_unet
 import avq
 from avq.calibration.config import CalibrationConfig
 from avq.calibration.statistics import calibrate
+from avq.core.bits import total_bits
 from avq.core.modules import AQModule
+from avq.core.spec import UniformSpec
+from avq.core.uniform_modules import UniformModule
 from avq.planning.budget import BudgetError, brute_force_choice, choose_specs
 from avq.planning.presets import preset_config
 from avq.planning.sensitivity import FP, Probe, make_probe, measure_sensitivity
@@ -349,3 +352,30 @@ def test_laq_drops_small_codebooks_where_large_ones_cost_nothing():
     assert [s.name for s in laq_candidates(big, config)] == ["1x8g4", "2x8g4"]
     assert {s.name for s in laq_candidates(small, config)} == {"1x8g4", "1x4g2", "2x8g4", "2x4g2"}
     assert 0 < DOMINATED_BITS < 0.1
+
+
+def test_laq_may_choose_uniform_grids(tmp_path):
+    """`laq_uniform`: GPTQ grids are LAQ candidates at their true total bits; a chosen one is solved by GPTQ
+    into a packed uniform layer, and the model saves and loads as it ran."""
+    grids = (UniformSpec(4), UniformSpec(4, 16))
+    config = preset_config("w4a16", solver=FAST, bits_budget=4.6, laq_uniform=grids)
+    report = QuantizeReport()
+    model = quantize(tiny_unet(), config, TINY, progress=False, report=report)
+    budget, rows = report.budget, {r["name"]: r for r in report.rows}
+    for name, options in budget["sensitivity"].items():
+        if set(options) != {FP}:
+            assert {"int4", "int4g16"} <= set(options), name
+            shape = rows[name]["shape"]
+            assert options["int4g16"]["total_bits"] == pytest.approx(total_bits(shape, UniformSpec(4, 16)))
+    chosen = {name: key for name, key in budget["choice"].items() if key.startswith("int")}
+    assert chosen, "the tiny UNet's small layers are cheaper as 4-bit grids than as AQ under 4.6 bits"
+    assert any(not key.startswith("int") and key != FP for key in budget["choice"].values())  # AQ too
+    for name, key in chosen.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, UniformModule) and layer.name == key and rows[name]["spec"] == key
+    assert report.summary()["total_bits_all"] <= 4.6
+    expected = {n: model.get_submodule(n).qweight.codes.clone() for n in chosen}
+    loaded = avq.load_quantized(avq.save_quantized(model, tmp_path / "q"))
+    assert all(torch.equal(loaded.get_submodule(n).qweight.codes, codes) for n, codes in expected.items())
+    with pytest.raises(avq.planning.PresetError, match="laq_uniform are LAQ candidates"):
+        preset_config("w4a16", laq_uniform=grids)

@@ -154,3 +154,12 @@ def test_bench_times_every_kernel_path(tmp_path, capsys):
         )
     assert "auto picks" in capsys.readouterr().out
     assert main(["bench", "--shape", "64", "100", "--spec", "1x8g8"]) == 2  # K not divisible by g
+
+
+def test_laq_uniform_is_parsed_and_checked(tmp_path, capsys):
+    args = ["quantize", "--model", "digits-unet-mini", "--preset", "w4a16", "--out", str(tmp_path / "q")]
+    with pytest.raises(SystemExit) as bad:  # argparse: a usage error, exit 2
+        main([*args, "--laq-uniform", "int9", *TINY_ARGS])
+    assert bad.value.code == 2 and "bits must be an int from 2 to 8" in capsys.readouterr().err
+    assert main([*args, "--laq-uniform", "int4", *TINY_ARGS]) == 2
+    assert "laq_uniform are LAQ candidates: they need a bits_budget" in capsys.readouterr().err

@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and FP layers counted); default: the preset's first fitting spec",
     )
     q.add_argument(
+        "--laq-uniform",
+        type=_uniform_specs,
+        default=(),
+        metavar="SPECS",
+        help="with --bits-budget: uniform GPTQ grids LAQ may also choose per layer, at their total bits, "
+        "comma-separated, e.g. int4,int4g128",
+    )
+    q.add_argument(
         "--sensitivity",
         metavar="JSON",
         default=None,
@@ -258,6 +266,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _uniform_specs(text: str) -> tuple:
+    from avq.core.spec import UniformSpec
+
+    try:
+        return tuple(UniformSpec.parse(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_float(text: str) -> float:

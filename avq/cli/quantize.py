@@ -52,6 +52,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         bits_budget=args.bits_budget,
         sequential=args.sequential,
         group_size=args.group_size,
+        laq_uniform=args.laq_uniform,
     )
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     pipeline = is_pipeline_folder(args.model)

@@ -35,6 +35,7 @@ from avq.core.bits import storage_bits
 from avq.core.hessian import prepare_hessian
 from avq.core.layout import as_matrix
 from avq.core.qweight import StoredWeight
+from avq.core.spec import UniformSpec
 
 log = logging.getLogger("avq")
 
@@ -284,7 +285,7 @@ def _clip_search(
 
 def uniform_name(bits: int, group_size: int | None = None) -> str:
     """`int2` (one grid per row), `int2g128` (a grid per 128 inputs): how reports name a uniform layer."""
-    return f"int{bits}" + (f"g{group_size}" if group_size else "")
+    return UniformSpec(bits, group_size).name
 
 
 def grid_shape(out: int, K: int, group_size: int | None) -> tuple[int, ...]:

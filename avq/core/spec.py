@@ -75,3 +75,42 @@ class QuantSpec:
             )
         m, b, g, kernel = match.groups()
         return cls(int(m), int(b), int(g), "kernel" if kernel else "k")
+
+
+UNIFORM_BITS = (2, 8)  # the widths the uniform layers store (avq.core.baselines)
+
+
+@dataclass(frozen=True)
+class UniformSpec:
+    """A uniform (GPTQ) grid of one layer: `bits`-bit levels with an fp16 scale and zero per output row, or
+    per row and group of `group_size` inputs. LAQ's uniform candidates (`QuantizeConfig.laq_uniform`)."""
+
+    bits: int
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        low, high = UNIFORM_BITS
+        if not (isinstance(self.bits, int) and low <= self.bits <= high):
+            raise ValueError(f"UniformSpec: bits must be an int from {low} to {high}, got {self.bits!r}")
+        if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"UniformSpec: group_size must be an int >= 1 or None, got {self.group_size!r}")
+
+    @property
+    def code_bits(self) -> float:
+        return float(self.bits)
+
+    @property
+    def name(self) -> str:
+        """`int2` (one grid per row), `int4g128` (a grid per 128 inputs)."""
+        return f"int{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
+
+    @classmethod
+    def parse(cls, text: str) -> UniformSpec:
+        """Parse the `name` form, e.g. `int4` or `int4g128`."""
+        import re
+
+        match = re.fullmatch(r"int(\d+)(?:g(\d+))?", text.strip())
+        if not match:
+            raise ValueError(f"cannot parse uniform spec {text!r}: expected e.g. 'int4' or 'int4g128'")
+        bits, group = match.groups()
+        return cls(int(bits), int(group) if group else None)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from avq.core.aq import SolverOptions
-from avq.core.spec import QuantSpec
+from avq.core.spec import QuantSpec, UniformSpec
 
 METHODS = ("avq", "gptq", "rtn")
 PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8")
@@ -80,6 +80,9 @@ class QuantizeConfig:
     than for its cheapest one only, the others scaled by their Hessian-weighted layer errors
     (`avq.planning.sensitivity`); one probe per layer is what keeps measuring a 300-layer model within the
     cost of quantizing it (`benchmarks/laq_measure.py` compares the two).
+    `laq_uniform`: uniform (GPTQ) grids LAQ may choose for a layer besides the AQ specs and FP, e.g.
+    `(UniformSpec(4), UniformSpec(4, 128))`, each at its true total bits (on small layers a uniform grid
+    can beat AQ, whose codebooks cost many bits per weight there). Default: none.
     """
 
     method: str = "avq"
@@ -97,6 +100,7 @@ class QuantizeConfig:
     sequential: bool = False
     laq_measure_rounds: int | None = 0
     laq_probe_all: bool = False
+    laq_uniform: tuple[UniformSpec, ...] = ()
 
     @property
     def laq_solver(self) -> SolverOptions:
@@ -122,6 +126,10 @@ class QuantizeConfig:
                 f"group_size is for the uniform methods (gptq, rtn) and an int >= 1, got {self.group_size!r} "
                 f"with method {self.method}"
             )
+        if self.laq_uniform and self.bits_budget is None:
+            raise PresetError("laq_uniform are LAQ candidates: they need a bits_budget")
+        if not all(isinstance(s, UniformSpec) for s in self.laq_uniform):
+            raise PresetError(f"laq_uniform must be UniformSpecs, got {self.laq_uniform!r}")
         if self.laq_measure_rounds is not None and self.laq_measure_rounds < 0:
             raise PresetError(f"laq_measure_rounds must be >= 0 or None, got {self.laq_measure_rounds!r}")
         if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:
@@ -132,6 +140,7 @@ class QuantizeConfig:
         data["linear_specs"] = [s.name for s in self.linear_specs]
         data["conv_specs"] = [s.name for s in self.conv_specs]
         data["keep_fp"] = [list(p) for p in self.keep_fp]
+        data["laq_uniform"] = [s.name for s in self.laq_uniform]
         return data
 
 

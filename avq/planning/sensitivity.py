@@ -35,13 +35,16 @@ from avq.calibration.adapters import adapter_for
 from avq.calibration.config import REFERENCE_GUIDANCE, REFERENCE_STEPS, CalibrationConfig
 from avq.calibration.sampler import SamplerStep, run_sampler
 from avq.core.aq import SolverOptions, quantize_weight
+from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq
 from avq.core.bits import FP16_BITS
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight
-from avq.core.spec import QuantSpec
+from avq.core.spec import QuantSpec, UniformSpec
+from avq.core.uniform_modules import UniformModule
 
 FP = "fp"
-Option = QuantSpec | str  # a QuantSpec, or FP ("fp": keep the layer in full precision)
+# a QuantSpec (AQ), a UniformSpec (a GPTQ grid), or FP ("fp": keep the layer in full precision)
+Option = QuantSpec | UniformSpec | str
 
 
 class SensitivityTableError(ValueError):
@@ -49,11 +52,28 @@ class SensitivityTableError(ValueError):
 
 
 def option_name(option: Option) -> str:
-    if isinstance(option, QuantSpec):
+    if isinstance(option, (QuantSpec, UniformSpec)):
         return option.name
     if option != FP:
-        raise ValueError(f"an option is a QuantSpec or {FP!r}, got {option!r}")
+        raise ValueError(f"an option is a QuantSpec, a UniformSpec or {FP!r}, got {option!r}")
     return FP
+
+
+def solve_option(
+    weight: torch.Tensor, hessian: torch.Tensor, option: QuantSpec | UniformSpec, name: str, **solver
+) -> QuantizedWeight | UniformQuantizedWeight:
+    """One candidate solved against the layer's Hessian: AQ (`solver`: `quantize_weight`'s options) or
+    GPTQ."""
+    if isinstance(option, UniformSpec):
+        return quantize_weight_gptq(weight, hessian, option.bits, group_size=option.group_size, name=name)
+    return quantize_weight(weight, hessian, option, name=name, **solver)
+
+
+def module_for(layer: nn.Module, result: QuantizedWeight | UniformQuantizedWeight) -> nn.Module:
+    """The quantized module that replaces `layer` for a solved candidate."""
+    if isinstance(result, UniformQuantizedWeight):
+        return UniformModule.from_layer(layer, result)
+    return AQModule.from_layer(layer, result)
 
 
 # ============================================================================ probe
@@ -157,7 +177,7 @@ class SensitivityTable:
     bits: dict[str, dict[str, float]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     options: dict[str, dict[str, Option]] = field(default_factory=dict)
-    results: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
+    results: dict[str, dict[str, QuantizedWeight | UniformQuantizedWeight]] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     probed: dict[str, list[str]] = field(default_factory=dict)
@@ -261,8 +281,8 @@ def measure_sensitivity(
         table.sizes[name] = layer.weight.numel()
         H = hessians[name]
         H = H[0] if isinstance(H, tuple) else H
-        solved: dict[str, QuantizedWeight] = {}  # this layer's candidates, until probed
-        last = [o for o in candidates[name] if option_name(o) != FP][-1:]
+        solved: dict[str, QuantizedWeight | UniformQuantizedWeight] = {}  # this layer's, until probed
+        last = [o for o in candidates[name] if option_name(o) != FP][-1:]  # spent if AQ (GPTQ copies)
         for option in candidates[name]:
             key = option_name(option)
             table.options.setdefault(name, {})[key] = option
@@ -274,9 +294,8 @@ def measure_sensitivity(
                 continue
             start = time.perf_counter()
             spend = spend_hessians and [option] == last
-            solved[key] = quantize_weight(
-                layer.weight.detach(), H, option, name=name, overwrite_hessian=spend, **asdict(solver)
-            )
+            options = {"overwrite_hessian": spend, **asdict(solver)} if isinstance(option, QuantSpec) else {}
+            solved[key] = solve_option(layer.weight.detach(), H, option, name, **options)
             table.bits.setdefault(name, {})[key] = float(solved[key].total_bits)
             table.layer_errors.setdefault(name, {})[key] = float(solved[key].info["relative_error"])
             table.seconds.setdefault(name, {})[key] = time.perf_counter() - start
@@ -286,7 +305,7 @@ def measure_sensitivity(
         table.probed[name] = sorted(solved) if probe_all else [cheapest]
         for key in table.probed[name]:
             start = time.perf_counter()
-            replace_module(model, name, AQModule.from_layer(layer, solved[key]))
+            replace_module(model, name, module_for(layer, solved[key]))
             try:
                 table.errors.setdefault(name, {})[key] = probe.error(model)
             finally:

@@ -42,6 +42,8 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
     options = config.to_dict()
     if config.bits_budget is None:  # how LAQ would measure does not change a run without a budget
         options = {k: v for k, v in options.items() if not k.startswith("laq_")}
+    if not options.get("laq_uniform"):  # the default: runs from before the option keep their fingerprint
+        options.pop("laq_uniform", None)
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     if isinstance(calibration, CalibrationConfig):
         calibration = calibration.to_dict()

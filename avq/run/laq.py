@@ -31,7 +31,7 @@ import torch.nn as nn
 from avq.calibration.source import CalibrationSource
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.qweight import QuantizedWeight
-from avq.core.spec import QuantSpec
+from avq.core.spec import QuantSpec, UniformSpec
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs
 from avq.planning.presets import QuantizeConfig
@@ -113,7 +113,7 @@ def laq_plans(
         if ckpt is not None:
             ckpt.save_laq(report.budget)
     choice = report.budget["choice"]
-    specs = {s.name: s for opts in candidates.values() for s in opts if isinstance(s, QuantSpec)}
+    specs = {s.name: s for opts in candidates.values() for s in opts if not isinstance(s, str)}
     new_plans = []
     for p in plans:
         key = choice.get(p.name, FP)
@@ -121,6 +121,9 @@ def laq_plans(
             new_plans.append(replace(p, spec=None, reason=forced[p.name] or p.reason))
         elif key == FP:
             new_plans.append(replace(p, spec=None, reason="LAQ: FP chosen under the bit budget"))
+        elif isinstance(specs[key], UniformSpec):  # a GPTQ grid (`_solve` picks the solver by plan)
+            grid = specs[key]
+            new_plans.append(replace(p, spec=None, bits=grid.bits, group_size=grid.group_size, reason=None))
         else:
             new_plans.append(replace(p, spec=specs[key], reason=None))
     report.notes.append(
@@ -201,10 +204,11 @@ def _forced_row(row: Mapping[str, Any] | None) -> bool:
     return bool(row) and set(row) == {FP} and bool(row[FP].get("forced"))
 
 
-def laq_candidates(plan: LayerPlan, config: QuantizeConfig) -> list[QuantSpec]:
-    """The layer's fitting LAQ specs, less those dominated on a layer this size: a spec whose codebooks
-    are smaller than another's of the same code bits, where the larger codebooks cost less than
-    `DOMINATED_BITS` more total bits per weight (see `DOMINATED_BITS`)."""
+def laq_candidates(plan: LayerPlan, config: QuantizeConfig) -> list[QuantSpec | UniformSpec]:
+    """The config's uniform candidates (`laq_uniform`, first: the last AQ candidate may solve in the
+    Hessian itself), then the layer's fitting LAQ specs, less those dominated on a layer this size: a spec
+    whose codebooks are smaller than another's of the same code bits, where the larger codebooks cost less
+    than `DOMINATED_BITS` more total bits per weight (see `DOMINATED_BITS`)."""
     fitting = fitting_specs(plan.kind, plan.shape, config)[1]
     kept = []
     for spec in fitting:
@@ -217,4 +221,4 @@ def laq_candidates(plan: LayerPlan, config: QuantizeConfig) -> list[QuantSpec]:
         )
         if not dominated:
             kept.append(spec)
-    return kept
+    return [*config.laq_uniform, *kept]

@@ -161,13 +161,14 @@ def as_source(calibration: Any, conditioning: torch.Tensor | None = None) -> Cal
 def _solve(
     model: nn.Module, plan: LayerPlan, hessian: torch.Tensor, config: QuantizeConfig, *, spend: bool = False
 ):
-    """Solve one layer; `spend=True` lets the AQ solver work in `hessian` itself (it is not used again)."""
+    """Solve one layer: AQ when its plan has a spec, else the uniform grid of `config.method` (GPTQ for an
+    avq run's uniform LAQ choice); `spend=True` lets the AQ solver work in `hessian` itself."""
     weight = model.get_submodule(plan.name).weight.detach()
-    if config.method == "avq":
+    if plan.spec is not None:
         return quantize_weight(
             weight, hessian, plan.spec, name=plan.name, overwrite_hessian=spend, **asdict(config.solver)
         )
-    if config.method == "gptq":
+    if config.method in ("avq", "gptq"):
         return quantize_weight_gptq(weight, hessian, plan.bits, group_size=plan.group_size, name=plan.name)
     return quantize_weight_rtn(weight, plan.bits, hessian, group_size=plan.group_size, name=plan.name)
 
@@ -233,6 +234,7 @@ def quantize(
                     0.0,
                     min(
                         [total_bits(p.shape, s) for s in fitting_specs(p.kind, p.shape, config)[1]]
+                        + [total_bits(p.shape, s) for s in config.laq_uniform]
                         + [FP16_BITS]
                     ),
                 )
