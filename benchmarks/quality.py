@@ -83,7 +83,13 @@ CONFIGS = (
     "avq-laq+0.5:w2a8",
     "avq-laq-u:w4a8",
     "avq-laq-u:w2a8",
+    "avq:w1.5a8",
+    "avq-laq:w1.5a8",
+    "avq:w1a8",
+    "avq-laq:w1a8",
 )
+# Below 2 bits there is no uniform row to take a budget from: LAQ gets the preset's nominal bits.
+NOMINAL_BITS = {"w1.5a8": 1.5, "w1a8": 1.0}
 # LAQ rows: budget = the GPTQ row's total bits + this many.
 LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5, "avq-laq-u": 0.0}
 # `avq-laq-u`: LAQ may also give a layer a uniform GPTQ grid (at its total bits) instead of AQ or FP.
@@ -93,7 +99,14 @@ LAQ_UNIFORM = {"avq-laq-u": (UniformSpec(2, 64), UniformSpec(4), UniformSpec(4, 
 EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
 # SeMI-PV on top of the layer-wise AVQ model of the same preset (`avq-pv`), and the SeMI ablation: the
 # same fine-tuning with no optimizer-state reset (`avq-pv-none`) and a reset of everything (`avq-pv-all`).
-PV_CONFIGS = ("avq-pv:w4a8", "avq-pv:w2a8", "avq-pv-none:w2a8", "avq-pv-all:w2a8")
+PV_CONFIGS = (
+    "avq-pv:w4a8",
+    "avq-pv:w2a8",
+    "avq-pv-none:w2a8",
+    "avq-pv-all:w2a8",
+    "avq-pv:w1.5a8",
+    "avq-pv:w1a8",
+)
 SEMI = {"avq-pv": "selective", "avq-pv-none": "none", "avq-pv-all": "all"}
 FIGURES = (
     "fid",
@@ -143,10 +156,11 @@ def _uniform_groups(method: str) -> tuple[str, int | None]:
     return (base, int(group)) if group.isdigit() else (method, None)
 
 
-def _sensitivity_path(model_name: str, seed: int, method: str = "avq-laq") -> Path:
+def _sensitivity_path(model_name: str, seed: int, method: str = "avq-laq", preset: str = "w2a8") -> Path:
     """The LAQ sensitivity table of a model (the same for every budget and preset: LAQ's candidates and the
     calibration do not depend on them), kept so that the other LAQ rows choose from it without measuring."""
-    candidates = "-u" if method in LAQ_UNIFORM else ""  # a table per candidate set
+    # a table per candidate set: uniform grids added, or the sub-2-bit presets' specs
+    candidates = ("-u" if method in LAQ_UNIFORM else "") + ("-low" if preset in NOMINAL_BITS else "")
     return REPO / "runs" / "quality" / f"{model_name}-laq{candidates}-seed{seed}.sensitivity.json"
 
 
@@ -287,13 +301,15 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
             keep(evaluated(model, entry, bits, minutes, extra))
             continue
-        if method in LAQ_EXTRA_BITS:
+        if method in LAQ_EXTRA_BITS and preset in NOMINAL_BITS:
+            budget = NOMINAL_BITS[preset] + LAQ_EXTRA_BITS[method]
+        elif method in LAQ_EXTRA_BITS:
             gptq = _done(rows, model_name, f"gptq:{preset}")
             if gptq is None:
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
-            table_path = _sensitivity_path(model_name, args.seed, method)
+            table_path = _sensitivity_path(model_name, args.seed, method, preset)
             saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
             # Reused only when measured at this very commit: the table is part of what a row computed.
             sensitivity = saved.get("sensitivity") if saved.get("commit") == git_commit() else None

@@ -337,3 +337,18 @@ def test_fingerprint_is_the_same_in_every_process():
         outputs.add(result.stdout.strip().splitlines()[-1])
     defaults = int(next(iter(outputs)).split()[0])
     assert defaults >= 2 and len(outputs) == 1, outputs
+
+
+@pytest.mark.parametrize("preset, code_bits", [("w1a16", 1.0), ("w1.5a8", 1.5)])
+def test_presets_below_two_bits(preset, code_bits):
+    """The sub-2-bit presets quantize at their code bits (and refuse the uniform methods, which stop at 2)."""
+    model, report = quantize_with_report(
+        tiny_unet(), preset_config(preset, solver=FAST), TINY, progress=False
+    )
+    q = [r for r in report.rows if r["status"] == "quantized"]
+    assert q and all(r["code_bits"] == code_bits for r in q)
+    assert all(isinstance(model.get_submodule(r["name"]), AQModule) for r in q)
+    with pytest.raises(PresetError, match="uniform methods store 2 bits at least"):
+        preset_config(preset, "gptq")
+    laq = preset_config(preset, bits_budget=1.5)
+    assert {s.code_bits for s in laq.linear_specs} == {1.0, 1.5, 2.0}

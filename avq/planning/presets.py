@@ -10,11 +10,17 @@ Presets (`preset_config`), chosen from `benchmarks/results/layer_solver.json`:
   3.8: it wins only by storing almost every group verbatim, which is not 2-bit quantization.
 - `w4a16`: AQ `2x8g4` (4 code bits; about even with GPTQ int4 on real-size layers, 1.1x better on the mini
   UNet's convs), falling back to `1x8g2` then `2x4g2` on small layers.
-- `w4a8`, `w2a8`: the same weights plus 8-bit fake quantization of every quantized layer's input
-  (`avq.calibration.activations`): asymmetric per-tensor ranges from the FP sampling trajectory (the
-  calibration timesteps, MSE-clipped), with separate ranges for the two halves of each UNet skip concatenation
-  (`QuantizeConfig.split_shortcuts`). FP-kept layers keep FP inputs. Simulated (fake) quantization: the
-  8-bit inputs are not fed to an integer kernel.
+- `w1.5a16`, `w1a16` (below 2 bits, AQUATIC-Diff's frontier): AQ `2x6g8` (1.5 code bits; two codebooks
+  of 64, 16 kbit, where `1x12g8`'s 4096 codewords cost 0.5 bits a weight on a 320x2880 conv) falling back
+  to `1x6g4`, and `1x8g8` (1 code bit) falling back to `1x4g4`. The order follows codebook overhead; no
+  solver comparison of the sub-2-bit specs has been run yet. No uniform
+  baseline goes below 2 bits (`--method gptq|rtn` refuse these presets). With a budget (LAQ), their
+  candidates are the 1- and 1.5-bit specs beside the 2-bit ones, so a 1.5- or 1-bit budget can be met.
+- `w4a8`, `w2a8`, `w1.5a8`, `w1a8`: the same weights plus 8-bit fake quantization of every quantized
+  layer's input (`avq.calibration.activations`): asymmetric per-tensor ranges from the FP sampling
+  trajectory (the calibration timesteps, MSE-clipped), with separate ranges for the two halves of each UNet
+  skip concatenation (`QuantizeConfig.split_shortcuts`). FP-kept layers keep FP inputs. Simulated (fake)
+  quantization: the 8-bit inputs are not fed to an integer kernel.
 - `--method gptq|rtn`: uniform int2/int4 with the same FP-keep rule, one grid per output channel or, with
   `group_size` (`--group-size 128`), per group of that many inputs (fp16 scale and zero per group, counted
   in total bits: +0.25 bits at g128, +0.5 at g64; the strong uniform baseline at low bits). The layers
@@ -31,7 +37,7 @@ from avq.core.aq import SolverOptions
 from avq.core.spec import QuantSpec, UniformSpec
 
 METHODS = ("avq", "gptq", "rtn")
-PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8")
+PRESETS = ("w4a16", "w2a16", "w4a8", "w2a8", "w1.5a16", "w1.5a8", "w1a16", "w1a8")
 
 # (pattern on the full dotted layer name, reason). Top-level names only: `proj_out*` does not match the
 # `...attentions.0.proj_out` projections inside UNet transformer blocks.
@@ -49,6 +55,11 @@ _W4_SPECS = (QuantSpec(2, 8, 4), QuantSpec(1, 8, 2), QuantSpec(2, 4, 2))
 # 2x8g4 for large layers and 2x4g2 (tiny codebooks) for small ones. The W4 preset's 1x8g2 is left out to
 # keep measuring affordable: every candidate is solved on every layer.
 LAQ_SPECS = (*_W2_SPECS, QuantSpec(2, 8, 4), QuantSpec(2, 4, 2))
+_W15_SPECS = (QuantSpec(2, 6, 8), QuantSpec(1, 6, 4))  # 1.5 code bits
+_W1_SPECS = (QuantSpec(1, 8, 8), QuantSpec(1, 4, 4))  # 1 code bit
+# Below 2 bits LAQ chooses among the 1-, 1.5- and 2-bit specs (a 4-bit layer would cost too much there).
+LAQ_LOW_SPECS = (*_W1_SPECS, *_W15_SPECS, *_W2_SPECS)
+WEIGHT_SPECS = {"w4": _W4_SPECS, "w2": _W2_SPECS, "w1.5": _W15_SPECS, "w1": _W1_SPECS}
 
 
 class PresetError(ValueError):
@@ -150,10 +161,16 @@ def preset_config(preset: str, method: str = "avq", **overrides: Any) -> Quantiz
         raise PresetError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     if method not in METHODS:
         raise PresetError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    specs = _W2_SPECS if preset.startswith("w2") else _W4_SPECS
+    weights = preset.partition("a")[0]  # "w2", "w1.5", ...
+    low = weights in ("w1", "w1.5")
+    if low and method != "avq":
+        raise PresetError(
+            f"preset {preset}: the uniform methods store 2 bits at least; compare with {method} at w2"
+        )
+    specs = WEIGHT_SPECS[weights]
     if overrides.get("bits_budget") is not None:
-        specs = LAQ_SPECS
-    bits = 2 if preset.startswith("w2") else 4
+        specs = LAQ_LOW_SPECS if low else LAQ_SPECS
+    bits = 2 if weights == "w2" else 4
     overrides.setdefault("activation_bits", 8 if preset.endswith("a8") else 16)
     return QuantizeConfig(
         method=method, linear_specs=specs, conv_specs=specs, bits=bits, preset=preset, **overrides
