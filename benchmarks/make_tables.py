@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -206,7 +207,41 @@ def quality_table(data: dict) -> str:
         )
         + _source(data),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + ablation_lines(data["rows"]))
+
+
+ABLATION = ("avq-pv", "avq-pv-none", "avq-pv-all", "avq-p-only")  # benchmarks/quality.py's
+
+
+def ablation_lines(rows: list[dict]) -> list[str]:
+    """The W2A8 fine-tuning ablation over its seeds (`<method>`, `<method>-s1`, ...): mean ± sd of PSNR to
+    FP and FID per model and method; nothing until some method has rows of two seeds or more."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        base = r["method"].rpartition("-s")[0] if r["method"].rpartition("-s")[2].isdigit() else r["method"]
+        if r["preset"] == "w2a8" and base in ABLATION:
+            groups.setdefault((r["model"], base), []).append(r)
+    if not any(len(g) >= 2 for g in groups.values()):
+        return []
+
+    def spread(values: list[float], digits: int) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    lines = [
+        "",
+        "W2A8 fine-tuning ablation, mean ± sd over fine-tuning seeds (`avq-p-only`: V step off):",
+        "",
+        "| model | fine-tuning | seeds | PSNR to FP (dB) | FID | codes changed |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (model, base), group in groups.items():
+        changed = [r.get("codes_changed_total", 0.0) for r in group]
+        lines.append(
+            f"| {model} | {base} | {len(group)} | {spread([r['psnr'] for r in group], 2)}"
+            f" | {spread([r['fid'] for r in group], 3)} | {spread(changed, 4)} |"
+        )
+    return lines
 
 
 def calibration_rss_table(data: dict) -> str:

@@ -8,7 +8,9 @@ Two `avq finetune` processes start side by side on the layer-wise AVQ save (`ben
 it in `runs/quality/`), one thread each (a run is a deterministic function of the models, the config and
 the thread count): one runs straight through; the other is sent SIGKILL at a random moment after its
 checkpoint passes `--kill-after` steps, then resumed with `--resume`. The row records the step the
-checkpoint held at the kill, whether the two per-step histories and the two saved models are identical
+checkpoint held at the kill, the share of codes the V steps had changed by then (from that checkpoint's
+history: a resume is only tested across code changes and SeMI resets if it is > 0; the run fails
+otherwise), whether the two per-step histories and the two saved models are identical
 (bit for bit), the held-out distillation loss of both, and the wall time of each part.
 """
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     killed_at_seconds = time.perf_counter() - began
     step_at_kill = _checkpoint_step(killed)
     partial = killed.with_name(killed.name + ".partial")
+    before_kill = json.loads((partial / META).read_text())["history"]
+    changed_before_kill = sum(h["codes_changed"] for h in before_kill)
     leftovers = sorted(p.name for p in partial.iterdir())
     resumed = start(killed, resume=True)
     for name, process in (("straight", runs["straight"]), ("resumed", resumed)):
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_every": args.checkpoint_every,
         "threads": 1,
         "checkpoint_step_at_kill": step_at_kill,
+        "codes_changed_before_kill": changed_before_kill,
+        "resets_before_kill": sum(
+            h.get("reset_groups", 0) + h.get("reset_codewords", 0) for h in before_kill
+        ),
         "killed_after_seconds": round(killed_at_seconds, 1),
         "checkpoint_files_after_kill": leftovers,
         "histories_identical": histories[0] == histories[1],
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(row, indent=1))
     print(f"wrote {write_results('pv_resume', [row])}")
+    if changed_before_kill == 0:
+        print("no code had changed before the kill: this run does not test resuming across a V step")
+        return 1
     return 0 if row["histories_identical"] and row["models_bit_identical"] else 1
 
 

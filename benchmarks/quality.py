@@ -99,15 +99,24 @@ LAQ_UNIFORM = {"avq-laq-u": (UniformSpec(2, 64), UniformSpec(4), UniformSpec(4, 
 EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
 # SeMI-PV on top of the layer-wise AVQ model of the same preset (`avq-pv`), and the SeMI ablation: the
 # same fine-tuning with no optimizer-state reset (`avq-pv-none`) and a reset of everything (`avq-pv-all`).
+# `avq-p-only`: the same fine-tuning with the V step off (codes fixed): what the V step adds. The W2A8
+# ablation rows are repeated with fine-tuning seeds 1 and 2 (`-s1`, `-s2`) for a mean and spread.
+ABLATION = ("avq-pv", "avq-pv-none", "avq-pv-all", "avq-p-only")
 PV_CONFIGS = (
     "avq-pv:w4a8",
-    "avq-pv:w2a8",
-    "avq-pv-none:w2a8",
-    "avq-pv-all:w2a8",
+    *(f"{m}{s}:w2a8" for m in ABLATION for s in ("", "-s1", "-s2")),
     "avq-pv:w1.5a8",
     "avq-pv:w1a8",
 )
-SEMI = {"avq-pv": "selective", "avq-pv-none": "none", "avq-pv-all": "all"}
+SEMI = {"avq-pv": "selective", "avq-pv-none": "none", "avq-pv-all": "all", "avq-p-only": "selective"}
+
+
+def pv_method(method: str) -> tuple[str, int]:
+    """`avq-pv-none-s2` -> ("avq-pv-none", 2): a fine-tuning row's method and seed (0 without a suffix)."""
+    base, _, seed = method.rpartition("-s")
+    return (base, int(seed)) if base in SEMI and seed.isdigit() else (method, 0)
+
+
 FIGURES = (
     "fid",
     "sfid",
@@ -174,7 +183,9 @@ def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
     from avq.finetune import FinetuneConfig, finetune
 
     student = avq.load_quantized(_layerwise_folder(model_name, preset))
-    config = FinetuneConfig(semi=SEMI[method], **({"steps": steps} if steps else {}))
+    base, seed = pv_method(method)
+    v_off = {"v_every": 0} if base == "avq-p-only" else {}
+    config = FinetuneConfig(semi=SEMI[base], seed=seed, **v_off, **({"steps": steps} if steps else {}))
     start, cpu = time.perf_counter(), time.process_time()
     student, history = finetune(student, load_reference(model_name).eval(), config, progress=True)
     extra = {
@@ -291,11 +302,11 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
         if _done(rows, model_name, entry):
             continue
         budget = sensitivity = None
-        if method in SEMI:
+        if pv_method(method)[0] in SEMI:
             if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
                 print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
                 continue
-            print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[method]})")
+            print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[pv_method(method)[0]]})")
             model, minutes, extra = _finetuned(model_name, method, preset, args.pv_steps)
             base = _done(rows, model_name, f"avq:{preset}")
             bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}

@@ -28,7 +28,16 @@ from .config import SEMI_MODES, FinetuneConfig, FinetuneError
 from .folders import finetune_folder, finetune_pipeline
 from .loop import distillation_loss, finetune
 from .optim import SlotAdamW
-from .pv import LayerChange, ShadowLayer, l2_beam_search, make_shadows, straight_through, v_step
+from .pv import (
+    LayerChange,
+    ShadowLayer,
+    make_shadows,
+    metric_beam_search,
+    normalised_metric,
+    recording_metrics,
+    straight_through,
+    v_step,
+)
 from .semi import semi_reset, stale_codewords
 
 __all__ = [
@@ -43,7 +52,9 @@ __all__ = [
     "finetune",
     "finetune_folder",
     "finetune_pipeline",
-    "l2_beam_search",
+    "metric_beam_search",
+    "normalised_metric",
+    "recording_metrics",
     "make_shadows",
     "semi_reset",
     "stale_codewords",

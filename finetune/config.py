@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 SEMI_MODES = ("selective", "none", "all")
+V_METRICS = ("hessian", "l2")
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 
 # Fields that change how a run is observed or interrupted, not its result: a checkpoint may be resumed
@@ -45,10 +46,12 @@ class FinetuneConfig:
         off), over all trained tensors including the shadows.
     V step: lr_shadow: AdamW rate of the straight-through shadow weights, which live in the codebooks'
         units (a fraction of the row's scale per step; `avq.finetune.pv`); every `v_every` steps the codes
-        are updated: at most `max_code_change` of each layer's groups (so at most that fraction of its
-        codes) are re-encoded by beam search (`beam_width`) in L2 around the shadow target, and changes
-        are accepted, largest moves first, while `||W_new - W_old||_F <= trust_ratio * ||W_old||_F` per
-        layer (None: no trust limit). semi: "selective" | "none" | "all" (`avq.finetune.semi`).
+        are updated (0: never, the P-only ablation): at most `max_code_change` of each layer's groups (so
+        at most that fraction of its codes) are re-encoded by beam search (`beam_width`) around the shadow
+        target, in the metric of the layer's inputs on that step's batch (`v_metric="hessian"`) or in
+        plain L2 (`"l2"`), and changes are accepted, largest moves first, while
+        `||W_new - W_old||_F <= trust_ratio * ||W_old||_F` per layer (None: no trust limit).
+        semi: "selective" | "none" | "all" (`avq.finetune.semi`).
     Run only (a checkpoint may be resumed with other values): checkpoint_every (0: only at the end),
         sample_every (a grid of student samples to the tracker every N steps and at the end; 0: never),
         log_every (metrics to the tracker every N steps).
@@ -72,6 +75,7 @@ class FinetuneConfig:
     max_code_change: float = 0.01
     trust_ratio: float | None = 0.01
     beam_width: int = 4
+    v_metric: str = "hessian"
     semi: str = "selective"
     # data (teacher trajectories)
     trajectories_per_epoch: int = 32
@@ -90,7 +94,7 @@ class FinetuneConfig:
         def fail(name: str, rule: str) -> ValueError:
             return ValueError(f"FinetuneConfig.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        for name in ("steps", "batch_size", "v_every", "beam_width", "trajectories_per_epoch"):
+        for name in ("steps", "batch_size", "beam_width", "trajectories_per_epoch"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise fail(name, "an int >= 1")
@@ -98,7 +102,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise fail(name, "an int >= 1")
-        for name in ("warmup", "checkpoint_every", "sample_every", "seed"):
+        for name in ("warmup", "checkpoint_every", "sample_every", "seed", "v_every"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise fail(name, "an int >= 0")
@@ -118,6 +122,8 @@ class FinetuneConfig:
             raise fail("trust_ratio", "None or a number >= 0")
         if self.semi not in SEMI_MODES:
             raise fail("semi", f"one of {SEMI_MODES}")
+        if self.v_metric not in V_METRICS:
+            raise fail("v_metric", f"one of {V_METRICS}")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise fail("timestep_sampling", f"one of {TIMESTEP_SAMPLING}")
         if not _is_number(self.guidance_scale):
@@ -156,7 +162,7 @@ class FinetuneConfig:
         }
 
     def is_v_step(self, step: int) -> bool:
-        return (step + 1) % self.v_every == 0
+        return self.v_every > 0 and (step + 1) % self.v_every == 0
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -32,7 +32,15 @@ from .config import FinetuneConfig, FinetuneError
 from .data import TeacherData, build_pool, model_inputs, pool_batch
 from .optim import SlotAdamW
 from .pipeline_data import PipelineTeacherData
-from .pv import ShadowLayer, make_shadows, p_step_parameters, shadow_name, straight_through, v_step
+from .pv import (
+    ShadowLayer,
+    make_shadows,
+    p_step_parameters,
+    recording_metrics,
+    shadow_name,
+    straight_through,
+    v_step,
+)
 from .semi import semi_reset
 
 History = list[dict[str, Any]]
@@ -119,6 +127,9 @@ def _code_update(
     shadows: list[ShadowLayer], optimizer: SlotAdamW, config: FinetuneConfig, ctx: distributed.DistContext
 ) -> dict[str, Any]:
     """The V step's code update, the ranks' agreement check, then SeMI; the step's record entries."""
+    metrics = [s.metric for s in shadows if s.metric is not None]
+    if ctx.distributed and metrics:  # every rank saw its share of the batch: decide on the whole batch
+        distributed.all_reduce_mean_(metrics, ctx)
     changes = v_step(
         shadows,
         max_code_change=config.max_code_change,
@@ -270,7 +281,10 @@ def _finetune(
         with straight_through(shadows):
             for step in bar:
                 optimizer.zero_grad()
-                loss = _distillation_loss(student, teacher, data, data.batch(step), config, blocks)
+                # A V step in the input metric records this batch's input Gram blocks on the way.
+                measure = config.is_v_step(step) and config.v_metric == "hessian"
+                with recording_metrics(shadows) if measure else contextlib.nullcontext():
+                    loss = _distillation_loss(student, teacher, data, data.batch(step), config, blocks)
                 loss.backward()
                 for p in trained:  # an unused tensor gets a zero gradient on every rank alike
                     if p.grad is None:

@@ -16,14 +16,18 @@ V step (codes), in two parts:
    size, so in these units `lr_shadow` is a fraction of a row's scale per step in every layer, however
    large its weights. Because `delta` is an offset, a P step that moves codebooks or scales moves the
    target with them.
-2. Code update (`v_step`), per layer: the groups whose shadow moved most (`||delta_g||`, L2) are the
-   candidates, at most `max_code_change` of the layer's groups; each is re-encoded by the AQ solver's beam
-   search in plain L2 around its target `W~_g` (the `H = I` case of `avq.core.aq`, with the row's scale and
-   the current codebooks); a candidate is kept only if its new codes lower `||W~_g - W_g||`; kept changes
-   are accepted in order of decreasing move while the layer's weight change stays within
-   `trust_ratio * ||W||_F`. For an accepted group the decoded weight jumps to the new codewords and the
-   shadow keeps the remainder, `delta_g = A_g(old) + delta_g - A_g(new)`, so the target never moves in a
-   V step.
+2. Code update (`v_step`), per layer, in the metric of the layer's inputs (`v_metric="hessian"`, the
+   default): `H_j [g, g]`, the Gram matrix of the group's input columns over the V step's batch
+   (`recording_metrics`, block-diagonal: groups do not interact), so a change is weighed by what it does
+   to the layer's output on the data, as the AQ solver weighs it, not by its size in weight space. The
+   groups whose shadow moved most (`s^2 delta_g^T H_j delta_g`) are the candidates, at most
+   `max_code_change` of the layer's groups; each is re-encoded by the AQ solver's beam search around its
+   target `W~_g` in that metric (with the row's scale and the current codebooks); a candidate is kept only
+   if its new codes lower `(W~_g - W_g)^T H_j (W~_g - W_g)`; kept changes are accepted in order of
+   decreasing move while the layer's weight change stays within `trust_ratio * ||W||_F`. With
+   `v_metric="l2"` (the earlier V step) `H_j = I`: it moved about 0.4 % of the codes over a whole run.
+   For an accepted group the decoded weight jumps to the new codewords and the shadow keeps the
+   remainder, `delta_g = A_g(old) + delta_g - A_g(new)`, so the target never moves in a V step.
 
 What the optimizer state of changed groups and codewords becomes is `avq.finetune.semi`'s job.
 """
@@ -31,11 +35,13 @@ What the optimizer state of changed groups and codewords becomes is `avq.finetun
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from avq.core.beam import beam_search, candidate_rhs
 from avq.core.modules import AQModule
@@ -45,11 +51,13 @@ from avq.core.qweight import decode
 # ============================================================================ layers and shadows
 @dataclass
 class ShadowLayer:
-    """One quantized layer and its straight-through shadow `delta [out, G, g]` (fp32, requires grad)."""
+    """One quantized layer and its straight-through shadow `delta [out, G, g]` (fp32, requires grad);
+    `metric [G, g, g]`: the input Gram blocks of the last batch `recording_metrics` saw (None: L2)."""
 
     name: str
     module: AQModule
     delta: torch.Tensor
+    metric: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -105,6 +113,60 @@ def straight_through(layers: Sequence[ShadowLayer]) -> Iterator[None]:
             module.__dict__.pop("_weight", None)
 
 
+@contextlib.contextmanager
+def recording_metrics(layers: Sequence[ShadowLayer]) -> Iterator[None]:
+    """While active, each layer's forward adds its input's Gram blocks to `layer.metric` `[G, g, g]`:
+    `sum_n x[n, J] x[n, J]^T` over the group's input columns `J` and every input row (conv inputs unfolded,
+    a sample at a time). Sums, so that ranks sharing a batch add up to the whole batch's
+    (`normalised_metric` scales them for the V step). Inputs are taken after any 8-bit input quantizer
+    (its hook runs first)."""
+
+    def record(layer: ShadowLayer):
+        def hook(module: nn.Module, args: tuple) -> None:
+            G, g = layer.delta.shape[1:]
+            with torch.no_grad():
+                for x in args[0].detach().float().split(1):  # bounds the unfolded input's memory
+                    blocks = _input_rows(module, x).reshape(-1, G, g)  # [N, G, g]
+                    gram = torch.einsum("ngi,ngj->gij", blocks, blocks)  # [G, g, g]
+                    layer.metric = gram if layer.metric is None else layer.metric + gram
+
+        return hook
+
+    handles = []
+    for layer in layers:
+        layer.metric = None
+        handles.append(layer.module.register_forward_pre_hook(record(layer)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def normalised_metric(metric: torch.Tensor | None) -> torch.Tensor | None:
+    """`metric` scaled to mean diagonal 1 (the V step's comparisons are within a layer); None (L2) when the
+    layer saw no input."""
+    if metric is None:
+        return None
+    mean = metric.diagonal(dim1=1, dim2=2).mean()
+    return metric / mean if mean > 0 else None
+
+
+def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as the `[N, K]` rows its weight matrix multiplies (convs: `F.unfold` columns)."""
+    K = math.prod(module.shape[1:])
+    if len(module.shape) == 2:
+        return x.reshape(-1, K)
+    kernel = module.shape[2:]
+    padding = module.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":  # stride 1
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, kernel, strict=True))
+    cols = F.unfold(x, kernel, dilation=module.dilation, padding=padding, stride=module.stride)  # [B, K, L]
+    return cols.transpose(1, 2).reshape(-1, K)
+
+
 def p_step_parameters(model: nn.Module) -> list[tuple[str, str, torch.Tensor, int]]:
     """`(name, group, parameter, slot_dims)` for `SlotAdamW`: codebooks (one slot per codeword, so SeMI
     can reset codewords), scales, and every other parameter ("fp")."""
@@ -126,32 +188,37 @@ def shadow_name(layer: str) -> str:
     return f"shadow:{layer}"
 
 
-# ============================================================================ beam search in L2
-def l2_beam_search(
+# ============================================================================ beam search
+def metric_beam_search(
     target: torch.Tensor,  # [n, g] groups to approximate (weight units)
     current: torch.Tensor,  # [n, M] current codes
     codebooks: torch.Tensor,  # [M, C, g]
     scales: torch.Tensor,  # [n] scale of each group's row
     beam_width: int,
+    metric: torch.Tensor | None = None,  # [n, g, g] each group's input metric; None: identity (L2)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes `[n, M]` (int64) minimising `||target - s * sum_m codebooks[m, c_m]||`, by the AQ solver's beam
-    search (`avq.core.aq`) with an identity metric, starting from `current`; and the change `[n, g]` they make
-    to the unscaled group.
-
-    With `H = I` the groups do not interact, so every `(row, group)` pair is searched independently: the
-    pairs are passed to the solver as the rows of one group.
+    """Codes `[n, M]` (int64) minimising `e^T H e` for `e = target - s * sum_m codebooks[m, c_m]`, by the AQ
+    solver's beam search (`avq.core.beam`) starting from `current`; and the change `[n, g]` they make to
+    the unscaled group. The metric is block-diagonal (one `H` per group, or `I`), so the groups do not
+    interact and every `(row, group)` pair is searched independently: the pairs are passed to the search
+    as the rows of one group.
     """
     n, M = current.shape
     g = codebooks.shape[-1]
     books = codebooks.float()
     if n == 0:
         return current.long(), target.new_zeros(0, g)
-    eye = torch.eye(g, dtype=torch.float32, device=books.device)
     cur = current.long()
     unscaled = books[torch.arange(M, device=books.device)[None, :], cur].sum(1)  # [n, g]
-    residual = target.float() - scales.float()[:, None] * unscaled  # [n, g]: E H[:, J] with H = I
-    rhs = candidate_rhs(books, eye)  # [M, g + 2, C]
-    return beam_search(cur, books, rhs, eye, residual, scales.float(), beam_width=beam_width)
+    residual = target.float() - scales.float()[:, None] * unscaled  # [n, g]
+    if metric is None:
+        eye = torch.eye(g, dtype=torch.float32, device=books.device)
+        rhs = candidate_rhs(books, eye)  # [M, g + 2, C]
+        return beam_search(cur, books, rhs, eye, residual, scales.float(), beam_width=beam_width)
+    H = metric.float()  # [n, g, g]
+    p = torch.einsum("ng,ngh->nh", residual, H)  # [n, g]: the residual through the metric, E H[:, J]
+    rhs = candidate_rhs(books, torch.zeros(g, g, device=books.device))  # norms are added per row
+    return beam_search(cur, books, rhs, H, p, scales.float(), beam_width=beam_width)
 
 
 # ============================================================================ V step
@@ -199,7 +266,13 @@ def _v_step_layer(
     def unchanged(candidates: int = 0, rejected: int = 0) -> LayerChange:
         return LayerChange(layer.name, empty[:, 0], empty, empty, candidates, rejected, 0.0)
 
-    drift = delta.detach().pow(2).sum(-1).reshape(-1)  # [out*G]: squared move of each group (book units)
+    # [G, g, g] per group of input columns (None: L2); row r's group j uses metric[j]
+    metric = normalised_metric(layer.metric)
+    if metric is None:
+        drift = delta.detach().pow(2).sum(-1).reshape(-1)  # [out*G]: squared move of each group (book units)
+    else:  # [out*G]: delta_g^T H_j delta_g, the output change the move stands for (book units)
+        d = delta.detach()
+        drift = torch.einsum("ogi,gij,ogj->og", d, metric, d).reshape(-1)
     k = min(int(max_code_change * out * G), int((drift > 0).sum()))
     if k == 0:
         return unchanged()
@@ -212,10 +285,14 @@ def _v_step_layer(
     flat_delta = delta.detach().view(-1, g)  # [out*G, g] (a view)
     move = s[:, None] * flat_delta[candidates]  # [k, g]: W~ - W of the candidates (weight units)
     target = s[:, None] * unscaled + move  # [k, g]: W~ of the candidates
-    new, change = l2_beam_search(target, current, books, s, beam_width)  # [k, M], [k, g] unscaled
+    H = None if metric is None else metric[candidates % G]  # [k, g, g]
+    new, change = metric_beam_search(target, current, books, s, beam_width, H)  # [k, M], [k, g] unscaled
     step = s[:, None] * change  # [k, g]: change of the decoded weights
-    err_old = move.pow(2).sum(-1)
-    err_new = (move - step).pow(2).sum(-1)
+
+    def size(e: torch.Tensor) -> torch.Tensor:  # [k]: e^T H e per candidate (H = I: squared L2)
+        return e.pow(2).sum(-1) if H is None else torch.einsum("ki,kij,kj->k", e, H, e)
+
+    err_old, err_new = size(move), size(move - step)
     improved = (new != current).any(1) & (err_new < err_old * (1 - 1e-6))
     cost = torch.where(improved, step.pow(2).sum(-1), torch.zeros_like(err_old))  # [k]
     w_norm2 = decode(codes, books, scales).pow(2).sum()  # ||W_old||_F^2

@@ -28,8 +28,10 @@ from avq.finetune import (
     distillation_loss,
     finetune,
     finetune_folder,
-    l2_beam_search,
     make_shadows,
+    metric_beam_search,
+    normalised_metric,
+    recording_metrics,
     semi_reset,
     straight_through,
     v_step,
@@ -188,8 +190,9 @@ def test_straight_through_sends_the_weight_gradient_to_the_shadow():
     assert model.a.codebooks.grad is not None and model.a.scales.grad is not None
 
 
+@pytest.mark.parametrize("metric", ["l2", "hessian"])
 @pytest.mark.parametrize("spec, width", [("2x4g4", 16), ("1x4g2", 1)])
-def test_l2_beam_search_is_exact_with_a_full_beam(spec, width):
+def test_metric_beam_search_is_exact_with_a_full_beam(spec, width, metric):
     layer = aq_layer(spec=spec)
     books = layer.codebooks.detach().float()
     M, C, g = books.shape
@@ -198,13 +201,23 @@ def test_l2_beam_search_is_exact_with_a_full_beam(spec, width):
     target = torch.randn(n, g, generator=gen) * 0.05
     scales = layer.scales.detach().float()[:n]
     current = layer.codes.reshape(-1, M)[:n]
-    codes, change = l2_beam_search(target, current, books, scales, beam_width=width)
+    H = None
+    if metric == "hessian":  # a strongly anisotropic metric per row: the L2 choice is not the best
+        X = torch.randn(n, 4 * g, g, generator=gen) * torch.logspace(0, 2, g)
+        H = X.transpose(1, 2) @ X / (4 * g)  # [n, g, g]
+    codes, change = metric_beam_search(target, current, books, scales, beam_width=width, metric=H)
     grids = torch.meshgrid(*[torch.arange(C)] * M, indexing="ij")
     every = torch.stack([gr.reshape(-1) for gr in grids], 1)  # [C^M, M]
     sums = books[torch.arange(M)[None], every].sum(1)  # [C^M, g]
-    err = (target[:, None] - scales[:, None, None] * sums[None]).pow(2).sum(-1)  # [n, C^M]
-    found = (target - scales[:, None] * books[torch.arange(M)[None], codes].sum(1)).pow(2).sum(-1)
-    assert torch.allclose(found, err.min(1).values, rtol=1e-5, atol=1e-10)
+    e_all = target[:, None] - scales[:, None, None] * sums[None]  # [n, C^M, g]
+    e = target - scales[:, None] * books[torch.arange(M)[None], codes].sum(1)  # [n, g]
+    if H is None:
+        err, found = e_all.pow(2).sum(-1), e.pow(2).sum(-1)
+    else:
+        err, found = torch.einsum("nci,nij,ncj->nc", e_all, H, e_all), torch.einsum("ni,nij,nj->n", e, H, e)
+        l2_best = e_all.pow(2).sum(-1).argmin(1)
+        assert (err.argmin(1) != l2_best).any()  # the metric matters in this case
+    assert torch.allclose(found, err.min(1).values, rtol=1e-4, atol=1e-9)
     unscaled_old = books[torch.arange(M)[None], current.long()].sum(1)
     assert torch.allclose(unscaled_old + change, books[torch.arange(M)[None], codes].sum(1), atol=1e-6)
 
@@ -521,3 +534,47 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(saved, tmp_path):
     assert a == b and sum(h["codes_changed"] for h in a) > 0
     sa, sb = avq.load_quantized(killed).state_dict(), avq.load_quantized(straight).state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_recording_metrics_are_the_input_gram_blocks():
+    """`recording_metrics`: per layer, `[G, g, g]` sums of `x_J x_J^T` over the rows the weight multiplies
+    (a conv's unfolded patches), for Linear and Conv2d layers alike; hooks gone afterwards."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    W = conv.weight.data
+    H = torch.eye(36) + 0.1
+    module = AQModule.from_layer(conv, avq.quantize_weight(W, H, avq.QuantSpec(1, 4, 4), max_rounds=1))
+    shadows = make_shadows(nn.Sequential(module))
+    x = torch.randn(3, 4, 7, 7)
+    with recording_metrics(shadows):
+        module(x)
+        module(x[:1])
+    rows = torch.nn.functional.unfold(torch.cat([x, x[:1]]), 3, padding=1, stride=2)  # [4, 36, L]
+    rows = rows.transpose(1, 2).reshape(-1, 9, 4)  # [N, G, g]
+    expected = torch.einsum("ngi,ngj->gij", rows, rows)
+    assert torch.allclose(shadows[0].metric, expected, rtol=1e-4, atol=1e-4)
+    assert not module._forward_pre_hooks
+    normal = normalised_metric(shadows[0].metric)
+    assert normal.diagonal(dim1=1, dim2=2).mean() == pytest.approx(1.0)
+    assert normalised_metric(torch.zeros(2, 3, 3)) is None
+
+
+def test_p_only_changes_no_code(pair):
+    """`v_every=0`: the P-only ablation (AdamW on codebooks, scales and FP parameters; no code update)."""
+    teacher, student = fresh(pair)
+    codes = {n: b.clone() for n, b in student.named_buffers() if n.endswith("codes")}
+    _, history = run(student, teacher, small(v_every=0))
+    assert all(r["codes_changed"] == 0 for r in history) and history[-1]["loss"] < history[0]["loss"] * 2
+    assert all(torch.equal(b, codes[n]) for n, b in student.named_buffers() if n.endswith("codes"))
+    assert not small(v_every=0).is_v_step(0) and small(v_every=2).is_v_step(1)
+    with pytest.raises(ValueError, match="v_metric must be one of"):
+        small(v_metric="cosine")
+
+
+def test_v_step_in_the_input_metric_moves_codes(pair):
+    """The default V step (input metric) changes codes within a few steps where the L2 one barely does."""
+    runs = {}
+    for metric in ("hessian", "l2"):
+        teacher, student = fresh(pair)
+        runs[metric] = sum(r["codes_changed"] for r in run(student, teacher, small(v_metric=metric))[1])
+    assert runs["hessian"] > 0 and runs["hessian"] > runs["l2"]

@@ -59,3 +59,19 @@ def test_grouped_uniform_configs_parse():
     assert quality._uniform_groups("avq-laq+0.5") == ("avq-laq+0.5", None)
     assert quality._uniform_groups("avq-seq") == ("avq-seq", None)
     assert {"gptq-g128:w2a8", "gptq-g64:w2a8", "rtn-g64:w2a8"} <= set(quality.CONFIGS)
+
+
+def test_fine_tuning_ablation_is_shown_over_seeds():
+    make_tables, quality = _load("make_tables"), _load("quality")
+    assert quality.pv_method("avq-pv-none-s2") == ("avq-pv-none", 2)
+    assert quality.pv_method("avq-p-only") == ("avq-p-only", 0) and quality.pv_method("avq") == ("avq", 0)
+    assert {"avq-p-only:w2a8", "avq-p-only-s2:w2a8", "avq-pv-all-s1:w2a8"} <= set(quality.PV_CONFIGS)
+    assert make_tables.ABLATION == quality.ABLATION
+    rows = [
+        {**ROW, "config": f"{m}:w2a8", "method": m, "psnr": p, "codes_changed_total": c}
+        for m, p, c in (("avq-pv", 40.0, 0.1), ("avq-pv-s1", 41.0, 0.2), ("avq-p-only", 38.0, 0.0))
+    ]
+    assert make_tables.ablation_lines(rows[:1]) == []  # one seed: nothing to average yet
+    table = "\n".join(make_tables.ablation_lines(rows))
+    assert "| digits-unet | avq-pv | 2 | 40.50 ± 0.71 |" in table
+    assert "| digits-unet | avq-p-only | 1 | 38.00 ± nan |" in table

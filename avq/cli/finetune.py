@@ -18,6 +18,7 @@ _FINETUNE_OPTIONS = {
     "lr_shadow": "lr_shadow",
     "warmup": "warmup",
     "v_every": "v_every",
+    "v_metric": "v_metric",
     "max_code_change": "max_code_change",
     "trust_ratio": "trust_ratio",
     "beam_width": "beam_width",

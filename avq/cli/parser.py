@@ -154,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr-fp", type=float, help="P step: AdamW rate of the parameters left in FP")
     f.add_argument("--lr-shadow", type=float, help="V step: AdamW rate of the straight-through weights")
     f.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up (10)")
-    f.add_argument("--v-every", type=_positive, help="steps between code updates (1)")
+    f.add_argument("--v-every", type=int, help="steps between code updates (1; 0: none, P only)")
+    f.add_argument(
+        "--v-metric",
+        choices=("hessian", "l2"),
+        help="the code search's metric: the layer inputs' Gram blocks on the step's batch (default), or L2",
+    )
     f.add_argument("--max-code-change", type=float, help="max fraction of a layer's codes changed per V step")
     f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
     f.add_argument("--beam-width", type=_positive, help="beam width of the code search")

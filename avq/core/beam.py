@@ -16,7 +16,7 @@ def beam_search(
     current: torch.Tensor,  # [out, M]
     codebooks: torch.Tensor,  # [M, C, g]
     rhs: torch.Tensor,  # [M, g + 2, C]: codewords^T, their H_jj-norms, ones
-    HJJ: torch.Tensor,  # [g, g]
+    HJJ: torch.Tensor,  # [g, g], or [out, g, g]: a metric per row
     p: torch.Tensor,  # [out, g]
     scales: torch.Tensor,  # [out]
     *,
@@ -27,7 +27,12 @@ def beam_search(
 
     Beam search over the `M` codebooks on the loss change `-2 s p.d + s^2 d^T HJJ d` (`_Solver.update_codes`
     explains the terms); `rhs` comes from `candidate_rhs(codebooks, HJJ)`. Used by the solver and by
-    fine-tuning's V step (`avq.finetune.pv`, with `HJJ = I`)."""
+    fine-tuning's V step (`avq.finetune.pv`), whose rows are groups of different input columns: there
+    `HJJ` is one `[g, g]` block of the input metric per row, and `rhs` holds zero norms (the per-row
+    codeword norms are added here)."""
+    per_row = HJJ.dim() == 3
+    if per_row:  # [out, M, C]: c^T HJJ[r] c for every row, codebook and codeword
+        row_norms = torch.einsum("mcg,rgh,mch->rmc", codebooks, HJJ, codebooks)
     out, M, C = current.shape[0], codebooks.shape[0], codebooks.shape[1]
     width = beam_width if M > 1 else 1  # one codebook: the search is already exhaustive
     rows_per_chunk = max(1, score_chunk // (width * C))
@@ -44,12 +49,14 @@ def beam_search(
             book = codebooks[m]  # [C, g]
             # Remove codebook m's codeword: d = base + book[c] for the candidate c.
             base = beam_delta - book[beam_codes[..., m]]  # [r, b, g]
-            baseH = base @ HJJ  # [r, b, g]
+            baseH = torch.einsum("rbg,rgh->rbh", base, HJJ[rows]) if per_row else base @ HJJ  # [r, b, g]
             const = (s2 * (baseH * base).sum(-1)) - 2 * (sp[:, None, :] * base).sum(-1)  # [r, b]
             linear = 2 * (s2[..., None] * baseH - sp[:, None, :])  # [r, b, g]
             # scores = const + linear . book[c] + s^2 norms[c], as one GEMM over [linear | s^2 | const].
             lhs = torch.cat([linear, s2[..., None].expand(-1, linear.shape[1], 1), const[..., None]], -1)
             scores = lhs @ rhs[m]  # [r, b, C]
+            if per_row:
+                scores = scores + s2[..., None] * row_norms[rows, m][:, None, :]
             flat = scores.reshape(scores.shape[0], -1)  # [r, b*C]
             k = min(width, flat.shape[1])
             top = flat.topk(k, dim=1, largest=False).indices if k > 1 else flat.argmin(1, keepdim=True)
