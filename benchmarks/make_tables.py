@@ -171,11 +171,13 @@ def quality_table(data: dict) -> str:
         " | SSIM to FP | minutes: wall / CPU (threads) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    best = best_uniform(data["rows"])
     for r in data["rows"]:
         psnr = f"{r['psnr']:.2f}" if "psnr" in r else "—"
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "—"
         lines.append(
-            f"| {r['model']} | {r['config']}{' †' if r.get('simulated') else ''}"
+            f"| {r['model']} | {r['config']}{' ★' if best.get((r['model'], r['preset'])) is r else ''}"
+            f"{' †' if r.get('simulated') else ''}"
             + (f" ‡ `{r['commit'][:7]}`{'+dirty' if r.get('dirty') else ''}" if r.get("stale") else "")
             + f" | {r['code_bits']:.3g} | {r['total_bits']:.3f}"
             f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
@@ -207,7 +209,55 @@ def quality_table(data: dict) -> str:
         )
         + _source(data),
     ]
-    return "\n".join(lines + ablation_lines(data["rows"]))
+    return "\n".join(lines + against_best_uniform(data["rows"]) + ablation_lines(data["rows"]))
+
+
+def best_uniform(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (model, preset) the uniform row (RTN or GPTQ, per channel or grouped) closest to FP: highest
+    PSNR to FP, then lowest FID."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if r["method"].split("-")[0] in ("rtn", "gptq") and "psnr" in r:
+            key = (r["model"], r["preset"])
+            if key not in best or (r["psnr"], -r["fid"]) > (best[key]["psnr"], -best[key]["fid"]):
+                best[key] = r
+    return best
+
+
+def against_best_uniform(rows: list[dict]) -> list[str]:
+    """Each preset's best AVQ row (layer-wise, LAQ or PV; highest PSNR to FP) at no more total bits than
+    the best uniform row (★), and whether it beats that row on PSNR and on FID to FP."""
+    lines = []
+    for (model, preset), uniform in best_uniform(rows).items():
+        rivals = [
+            r
+            for r in rows
+            if (r["model"], r["preset"]) == (model, preset)
+            and r["method"].startswith("avq")
+            and "psnr" in r
+            and r["total_bits"] <= uniform["total_bits"] + 1e-9
+        ]
+        if not rivals:
+            lines.append(f"- {model} {preset}: no AVQ row at <= {uniform['total_bits']:.3f} total bits.")
+            continue
+        avq = max(rivals, key=lambda r: r["psnr"])
+        fid = "fid_to_fp" in avq and "fid_to_fp" in uniform
+        wins = avq["psnr"] > uniform["psnr"] and (not fid or avq["fid_to_fp"] < uniform["fid_to_fp"])
+        lines.append(
+            f"- {model} {preset}: `{avq['config']}` ({avq['total_bits']:.3f} bits) against ★ "
+            f"`{uniform['config']}` ({uniform['total_bits']:.3f} bits): PSNR to FP {avq['psnr']:.2f} vs "
+            f"{uniform['psnr']:.2f} dB"
+            + (f", FID to FP {avq['fid_to_fp']:.3f} vs {uniform['fid_to_fp']:.3f}" if fid else "")
+            + (" - **AVQ ahead**" if wins else " - **not ahead**")
+        )
+    if lines:
+        lines = [
+            "",
+            "★ the best uniform row of each preset; the best AVQ row at no more total bits:",
+            "",
+            *lines,
+        ]
+    return lines
 
 
 ABLATION = ("avq-pv", "avq-pv-none", "avq-pv-all", "avq-p-only")  # benchmarks/quality.py's

@@ -371,8 +371,10 @@ def checked_rows(rows: list[dict], head: str, allow_stale: bool) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Total bits vs FID per model (log x), the FP row's floor band shaded."""
+    """Total bits vs FID per model (log x), the FP row's floor band shaded, each preset's best uniform row
+    ringed (`make_tables.best_uniform`)."""
     import matplotlib
+    from make_tables import best_uniform
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -401,6 +403,10 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method)
                 for x, y, preset in pts:
                     ax.annotate(preset, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        best = [r for (m, _), r in best_uniform(rows).items() if m == model]
+        if best:
+            ax.scatter([r["total_bits"] for r in best], [r["fid"] for r in best], s=220, facecolors="none",
+                       edgecolors="black", label="best uniform")  # fmt: skip
         fp = next((r for r in mine if r["method"] == "fp"), None)
         if fp is not None:
             ax.axhspan(fp["fid"], fp["fid"] + fp["fid_floor"], color="grey", alpha=0.2, label="FP + floor")

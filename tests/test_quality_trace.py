@@ -75,3 +75,30 @@ def test_fine_tuning_ablation_is_shown_over_seeds():
     table = "\n".join(make_tables.ablation_lines(rows))
     assert "| digits-unet | avq-pv | 2 | 40.50 ± 0.71 |" in table
     assert "| digits-unet | avq-p-only | 1 | 38.00 ± nan |" in table
+
+
+def test_best_uniform_row_is_marked_and_compared():
+    make_tables = _load("make_tables")
+
+    def row(config: str, bits: float, psnr: float, fid_to_fp: float) -> dict:
+        method = config.split(":")[0]
+        return {
+            **ROW,
+            "config": config,
+            "method": method,
+            "total_bits": bits,
+            "psnr": psnr,
+            "fid_to_fp": fid_to_fp,
+        }
+
+    rows = [
+        row("gptq:w2a8", 2.04, 28.0, 0.3),
+        row("gptq-g64:w2a8", 2.54, 31.0, 0.2),
+        row("avq-laq:w2a8", 2.03, 34.0, 0.1),
+        row("avq-pv:w2a8", 2.6, 40.0, 0.05),  # more bits than the best uniform row: not compared
+    ]
+    assert make_tables.best_uniform(rows)[("digits-unet", "w2a8")] is rows[1]  # grouped GPTQ is strongest
+    (line,) = [x for x in make_tables.against_best_uniform(rows) if x.startswith("- ")]
+    assert "`avq-laq:w2a8`" in line and "★ `gptq-g64:w2a8`" in line and "AVQ ahead" in line
+    meta = {"command": "c", "commit": "a" * 40, "device": "d", "date": "t"}
+    assert "| gptq-g64:w2a8 ★ |" in make_tables.quality_table({"rows": rows, **meta})
