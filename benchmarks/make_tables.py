@@ -373,7 +373,7 @@ def scale_table(data: dict) -> str:
         + (f", peak GPU {s['peak_gpu_gib']:.2f} GiB" if s["peak_gpu_gib"] is not None else "")
         + f". Calibration: {calib['num_samples']} samples, {calib['steps']} steps, "
         f"{calib['timesteps_kept']} kept, latent {calib['sample_size']}. "
-        "**Projected** whole-UNet solve time: "
+        "**Projected** whole-model solve time: "
         f"{s['projected_whole_model_solve_seconds'] / 3600:.1f} h ({s['projection']}).",
     ]
     laq = next((r for r in rows if r["kind"] == "laq_summary"), None)
@@ -461,6 +461,7 @@ def solver_devices_table(data: dict) -> str:
 TABLES = {
     "scale_cpu": scale_table,
     "scale_h200": scale_table,
+    "scale_sd3_cpu": scale_table,
     "solver_devices_h200": solver_devices_table,
     "calibration_replay": calibration_replay_table,
     "laq_measure": laq_measure_table,

@@ -65,7 +65,7 @@ from avq.storage.atomic import write_atomic, write_json_atomic
 from avq_bench.data import load_digits_images
 from avq_bench.metrics import evaluate
 from avq_bench.reference import load_reference
-from avq_bench.results import current_command, default_results_dir, git_commit, write_results
+from avq_bench.results import STARTED_AT, default_results_dir, run_stamp, write_results
 
 MODELS = ("digits-unet", "digits-dit")
 CONFIGS = (
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         saved = json.loads(partial.read_text())
         if saved["settings"] == settings:
             rows = saved["rows"]
-            stale = stale_rows(rows, git_commit())
+            stale = stale_rows(rows, STARTED_AT)
             if stale and not args.allow_stale:  # computed again at this commit (and replaced in the file)
                 print(f"{len(stale)} rows of {partial} are of another commit or a dirty tree: recomputing")
                 rows = [r for r in rows if r not in stale]
@@ -226,14 +226,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         """Stamp `row` (commit, dirty tree, command, seed) and add it to the partial file, merged under a
         lock with the rows that other runs of the script (other configs, side by side) wrote meanwhile;
         rows removed from the file by hand stay removed."""
-        commit = git_commit()
-        row = {
-            **row,
-            "commit": commit.removesuffix("+dirty"),
-            "dirty": commit.endswith("+dirty"),
-            "command": current_command(),
-            "seed": args.seed,
-        }
+        row = {**row, **run_stamp(), "seed": args.seed}  # the tree this process started from
         computed.append(row)
         mine = {(r["model"], r["config"]) for r in computed}
         with open(partial.with_suffix(".lock"), "w") as lock:
@@ -323,13 +316,13 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             table_path = _sensitivity_path(model_name, args.seed, method, preset)
             saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
             # Reused only when measured at this very commit: the table is part of what a row computed.
-            sensitivity = saved.get("sensitivity") if saved.get("commit") == git_commit() else None
+            sensitivity = saved.get("sensitivity") if saved.get("commit") == STARTED_AT else None
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
         model, report, minutes, cpu_minutes, quantize_config = _quantized(
             model_name, method, preset, budget, args.seed, sensitivity
         )
         if budget is not None and sensitivity is None:
-            table = {"commit": git_commit(), "sensitivity": report.budget["sensitivity"]}
+            table = {"commit": STARTED_AT, "sensitivity": report.budget["sensitivity"]}
             write_json_atomic(table_path, table)
         if method == "avq":  # kept for the PV rows
             avq.save_quantized(
@@ -350,7 +343,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
 
 
 def stale_rows(rows: list[dict], head: str) -> list[dict]:
-    """The rows not computed at `head` (`git_commit()`: a commit, `+dirty` if the tree has changes) on a
+    """The rows not computed at `head` (`STARTED_AT`: a commit, `+dirty` if the tree had changes) on a
     clean tree: any row of another commit, of a dirty tree, or with no commit at all."""
     current = head.removesuffix("+dirty")
     return [r for r in rows if r.get("commit") != current or r.get("dirty", True)]
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
         rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
         rows = sorted(rows, key=lambda r: (rank[r["model"]], order.index(r["config"])))
-        rows = checked_rows(rows, git_commit(), args.allow_stale)
+        rows = checked_rows(rows, STARTED_AT, args.allow_stale)
         path = write_results(args.name, rows)
         print(f"wrote {path}")
     plot(rows, results / f"{args.name}.png")

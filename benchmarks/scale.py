@@ -56,7 +56,7 @@ from avq.run.laq import DOMINATED_BITS
 from avq.storage.atomic import write_json_atomic
 from avq_bench import stand_ins
 from avq_bench.real_configs import SD3_MEDIUM_TRANSFORMER, SD15_UNET
-from avq_bench.results import default_results_dir, device_name, device_slug, write_results
+from avq_bench.results import default_results_dir, device_name, device_slug, run_stamp, write_results
 
 MODELS = {
     "sd1.5": ("UNet2DConditionModel", SD15_UNET),
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MeasuringDone
         events.append(
             {**row, "t": time.perf_counter() - started, "pass": pass_of.get(row["name"]), "run": run}
+            | run_stamp()  # each layer keeps the commit and command of the run that solved it
         )
         write_json_atomic(log, events)
         if time.perf_counter() > deadline:
@@ -313,6 +314,7 @@ def _laq_summary(work: Path, plain_work: Path, todo, layers, shapes, complete, s
         solve = fastest.get(tuple(shapes[name])) if name in plain_seconds else None
         layer_rows.append(
             {
+                **run_stamp(),
                 "kind": "laq_layer",
                 "layer": name,
                 "K": layers[name][1],
@@ -328,6 +330,7 @@ def _laq_summary(work: Path, plain_work: Path, todo, layers, shapes, complete, s
     measure_same = sum(r["measure_seconds"] for r in both)
     plain_same = sum(r["plain_fastest_same_shape_seconds"] for r in both)
     return {
+        **run_stamp(),
         "kind": "laq_summary",
         "model": args.model + ("-tiny" if args.tiny else ""),
         "bits_budget": args.bits_budget,
@@ -359,6 +362,7 @@ def _layer_rows(events: list[dict]) -> list[dict]:
         weights = math.prod(e["shape"])
         rows.append(
             {
+                **{k: e[k] for k in ("commit", "dirty", "command") if k in e},  # the run that solved it
                 "kind": "layer",
                 "layer": e["name"],
                 "shape": e["shape"],
@@ -379,7 +383,8 @@ def _pass_rows(events: list[dict], build_seconds: float) -> list[dict]:
     rows, last_t = [], build_seconds
     for index in sorted({e["pass"] for e in events if e["pass"] is not None}):
         mine = [e for e in events if e["pass"] == index]
-        rows.append({"kind": "pass", "pass": index, "layers": len(mine), "seconds": mine[-1]["t"] - last_t})
+        seconds = mine[-1]["t"] - last_t
+        rows.append({**run_stamp(), "kind": "pass", "pass": index, "layers": len(mine), "seconds": seconds})
         last_t = mine[-1]["t"]
     return rows
 
@@ -398,6 +403,7 @@ def _summary(layers, events, rows, complete, seconds, budget, n_passes, args, de
             k, s = min(same, key=lambda ks: abs(math.log(ks[0] / K)))
             projected += s * K / k * weights / 1e6
     return {
+        **run_stamp(),
         "kind": "summary",
         "model": args.model + ("-tiny" if args.tiny else ""),
         "device": device_name(device),

@@ -351,7 +351,7 @@ def test_scale_benchmark_sd3_goes_through_its_pipeline(tmp_path):
     """`benchmarks/scale.py --model sd3 --tiny`: an SD3-shaped transformer quantized through a
     `StableDiffusion3Pipeline` (flow matching, stand-in encoders of the transformer's widths), written to a
     results file of its own."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AVQ_SOURCE_COMMIT": "a" * 40}
     command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--model", "sd3", "--tiny"]
     command += ["--work", str(tmp_path / "w"), "--results-dir", str(tmp_path), "--steps", "2"]
     result = subprocess.run(
@@ -368,3 +368,14 @@ def test_scale_benchmark_sd3_goes_through_its_pipeline(tmp_path):
     assert not any(name.startswith("transformer_blocks.1.") for name in layers)  # outside --blocks: FP
     config = json.loads((tmp_path / "w" / "sd3-tiny" / "config.json").read_text())
     assert config["_class_name"] == "SD3Transformer2DModel" and config["num_layers"] == 3
+    # Rows keep the commit of the run that computed them: an LAQ run from another tree adds its own rows
+    # and leaves the plain run's stamps alone.
+    assert {r["commit"] for r in rows} == {"a" * 40}
+    env["AVQ_SOURCE_COMMIT"] = "b" * 40
+    command += ["--num-samples", "1", "--bits-budget", "16"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale_sd3_cpu.json").read_text())["rows"]
+    stamps = {r["kind"]: r["commit"] for r in rows}
+    assert stamps == {"layer": "a" * 40, "pass": "a" * 40, "summary": "a" * 40, "laq_layer": "b" * 40,
+                      "laq_summary": "b" * 40}  # fmt: skip

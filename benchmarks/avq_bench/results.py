@@ -82,6 +82,21 @@ def git_commit(cwd: Path = REPO) -> str:
     return head + ("+dirty" if status.strip() else "")
 
 
+# The tree the running code was loaded from: read when the benchmark starts (this module is imported at the
+# top of every benchmark), not when it writes, since the tree may change while a long run goes on.
+STARTED_AT = git_commit()
+
+
+def run_stamp() -> dict:
+    """`{commit, dirty, command}` of this process as it started: what a row it computes carries, so that
+    rows of earlier runs collected into one file keep their own (`write_results` adds it to rows without)."""
+    return {
+        "commit": STARTED_AT.removesuffix("+dirty"),
+        "dirty": STARTED_AT.endswith("+dirty"),
+        "command": current_command(),
+    }
+
+
 def device_name(device: str | torch.device | None = None) -> str:
     """The CUDA device name for a CUDA `device` (default: CUDA if available), else the CPU model and
     the number of cores this process may use."""
@@ -143,15 +158,15 @@ def write_results(
     `command` defaults to the current command line (`python` for the interpreter); `device` is what the
     figures were measured on (default: CUDA if available, else the CPU); `results_dir` defaults to the
     repository's `benchmarks/results`. Rows must be JSON-serialisable dicts; each row is stamped with the
-    commit, whether the tree was dirty and the command unless it carries its own (rows collected from
-    earlier runs).
+    commit this process started from (`STARTED_AT`), whether that tree was dirty and the command, unless it
+    carries its own (rows collected from earlier runs, `run_stamp()`).
     """
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad results name {name!r}: expected a plain file stem such as 'layer_solver'")
     folder = Path(results_dir) if results_dir is not None else default_results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     command = command if command is not None else current_command()
-    commit = git_commit()
+    commit = STARTED_AT
     stamp = {"commit": commit.removesuffix("+dirty"), "dirty": commit.endswith("+dirty"), "command": command}
     payload = {
         "command": command,
