@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
+from test_diffusers_backend import tiny_unet2d
 
 import avq
 from avq.calibration.activations import ActQuantizer, attach_input_quantizer, channel_dim_of, in_channels_of
@@ -93,17 +94,7 @@ def test_module_checks_its_inputs():
 
 
 def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    return tiny_unet2d(num_class_embeds=None).eval()
 
 
 LAYERS = {  # name -> (bits, group size)

@@ -20,50 +20,33 @@ from avq.kernels import dispatch
 IntPair = int | tuple[int, int]
 
 
-class AQModule(nn.Module):
-    """Shared storage, bit accounting and construction of `AQLinear` / `AQConv2d`.
-
-    Attributes: `spec` (`QuantSpec`), `shape` (the original dense weight shape), buffer `codes`
-    `[out, K/g, M]` (uint8 for B <= 8, else uint16), parameters `codebooks` `[M, 2^B, g]` and `scales`
-    `[out]` (dtype `dtype`, default fp16 as stored), and `bias` `[out]` (its own dtype) or None.
-    """
+class QuantizedLayer(nn.Module):
+    """What every quantized drop-in layer shares: the stored-weight type check, the dense `shape`, the
+    float dtype of its stored floats, the bias, and the Linear / Conv2d subclass for a layer
+    (`AQModule` and `avq.core.uniform_modules.UniformModule` derive from it)."""
 
     _ndim: int = 0  # rank of the dense weight this module replaces (2 for Linear, 4 for Conv2d)
+    _stored: type = object  # the stored-weight class the module takes
 
-    def __init__(
-        self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
-    ):
+    def __init__(self, qweight, bias: torch.Tensor | None, dtype: torch.dtype | None) -> None:
         super().__init__()
-        if not isinstance(qweight, QuantizedWeight):
-            raise TypeError(
-                f"{type(self).__name__} needs an avq.QuantizedWeight, got {type(qweight).__name__}"
-            )
+        who, kind = type(self).__name__, self._stored.__name__
+        if not isinstance(qweight, self._stored):
+            raise TypeError(f"{who} needs an avq.{kind}, got {type(qweight).__name__}")
         if len(qweight.shape) != self._ndim:
             raise ValueError(
-                f"{type(self).__name__} needs a {self._ndim}-D weight, got QuantizedWeight of shape "
-                f"{list(qweight.shape)}"
+                f"{who} needs a {self._ndim}-D weight, got {kind} of shape {list(qweight.shape)}"
             )
-        self.spec: QuantSpec = qweight.spec
         self.shape: tuple[int, ...] = tuple(qweight.shape)
-        # Codes are shared with `qweight` (they can be large); the float tensors are copied so that
-        # training this module never edits the QuantizedWeight (or a teacher layer) it was built from.
-        self.register_buffer("codes", qweight.codes.detach())
-        dtype = torch.float16 if dtype is None else dtype
-        if not dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__}: dtype must be a floating dtype, got {dtype}")
-        self.codebooks = nn.Parameter(qweight.codebooks.detach().to(dtype, copy=True))
-        self.scales = nn.Parameter(qweight.scales.detach().to(dtype, copy=True))
+        if dtype is not None and not dtype.is_floating_point:  # the stored floats' dtype (default fp16)
+            raise ValueError(f"{who}: dtype must be a floating dtype, got {dtype}")
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(
-                    f"{type(self).__name__}: bias has shape {list(bias.shape)}, "
-                    f"expected [{self.out_features}]"
-                )
+                raise ValueError(f"{who}: bias has shape {list(bias.shape)}, expected [{self.out_features}]")
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
 
-    # ------------------------------------------------------------------ structure
     @property
     def out_features(self) -> int:
         return self.shape[0]
@@ -74,6 +57,56 @@ class AQModule(nn.Module):
         for d in self.shape:
             n *= d
         return n
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+    @classmethod
+    def _for_layer(cls, layer: nn.Module, qweight, linear: type, conv: type) -> QuantizedLayer:
+        """`linear` or `conv` (subclasses of `cls`) built for `layer` from `qweight` of the layer's shape, on
+        its device, the stored floats in its dtype."""
+        if isinstance(layer, nn.Linear):
+            target = linear
+        elif isinstance(layer, nn.Conv2d):
+            target = conv
+        else:
+            raise TypeError(f"from_layer supports nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+        if not issubclass(target, cls):
+            raise TypeError(f"{cls.__name__}.from_layer cannot take a {type(layer).__name__}")
+        if tuple(qweight.shape) != tuple(layer.weight.shape):
+            raise ValueError(
+                f"{type(qweight).__name__} of shape {list(qweight.shape)} does not fit "
+                f"{type(layer).__name__} weight {list(layer.weight.shape)}"
+            )
+        dtype = layer.weight.dtype if layer.weight.is_floating_point() else None
+        return target._from_layer(layer, qweight.to(layer.weight.device), dtype)
+
+    @classmethod
+    def _from_layer(cls, layer: nn.Module, qweight, dtype: torch.dtype | None) -> QuantizedLayer:
+        raise NotImplementedError
+
+
+class AQModule(QuantizedLayer):
+    """Shared storage, bit accounting and construction of `AQLinear` / `AQConv2d`.
+
+    Attributes: `spec` (`QuantSpec`), `shape` (the original dense weight shape), buffer `codes`
+    `[out, K/g, M]` (uint8 for B <= 8, else uint16), parameters `codebooks` `[M, 2^B, g]` and `scales`
+    `[out]` (dtype `dtype`, default fp16 as stored), and `bias` `[out]` (its own dtype) or None.
+    """
+
+    _stored = QuantizedWeight
+
+    def __init__(
+        self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+    ):
+        super().__init__(qweight, bias, dtype)
+        dtype = torch.float16 if dtype is None else dtype
+        self.spec: QuantSpec = qweight.spec
+        # Codes are shared with `qweight` (they can be large); the float tensors are copied so that
+        # training this module never edits the QuantizedWeight (or a teacher layer) it was built from.
+        self.register_buffer("codes", qweight.codes.detach())
+        self.codebooks = nn.Parameter(qweight.codebooks.detach().to(dtype, copy=True))
+        self.scales = nn.Parameter(qweight.scales.detach().to(dtype, copy=True))
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -112,9 +145,6 @@ class AQModule(nn.Module):
         """
         return decode(self.codes, self.codebooks, self.scales).reshape(self.shape)
 
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
-
     def _bits_repr(self) -> str:
         return (
             f"spec={self.spec.name}, code_bits={self.code_bits:.3g}, total_bits={self.total_bits:.3g}, "
@@ -130,25 +160,7 @@ class AQModule(nn.Module):
         only their own kind. Raises `ValueError` for what the quantized modules cannot represent
         (grouped convs, non-zero padding modes): the caller keeps such layers in full precision.
         """
-        if isinstance(layer, nn.Linear):
-            target: type[AQModule] = AQLinear
-        elif isinstance(layer, nn.Conv2d):
-            target = AQConv2d
-        else:
-            raise TypeError(f"from_layer supports nn.Linear and nn.Conv2d, got {type(layer).__name__}")
-        if not issubclass(target, cls):
-            raise TypeError(f"{cls.__name__}.from_layer cannot take a {type(layer).__name__}")
-        if tuple(qweight.shape) != tuple(layer.weight.shape):
-            raise ValueError(
-                f"QuantizedWeight of shape {list(qweight.shape)} does not fit {type(layer).__name__} "
-                f"weight {list(layer.weight.shape)}"
-            )
-        dtype = layer.weight.dtype if layer.weight.is_floating_point() else None
-        return target._from_layer(layer, qweight.to(layer.weight.device), dtype)
-
-    @classmethod
-    def _from_layer(cls, layer: nn.Module, qweight: QuantizedWeight, dtype: torch.dtype | None) -> AQModule:
-        raise NotImplementedError
+        return cls._for_layer(layer, qweight, AQLinear, AQConv2d)
 
 
 class AQLinear(AQModule):
@@ -176,7 +188,50 @@ class AQLinear(AQModule):
         return cls(qweight, layer.bias, dtype=dtype)
 
 
-class AQConv2d(AQModule):
+class ConvGeometry:
+    """What a quantized `nn.Conv2d` keeps besides its weight (groups=1, zero padding only): stride, padding
+    and dilation, its shape properties and their repr. Shared by `AQConv2d` and `UniformConv2d`."""
+
+    shape: tuple[int, ...]
+
+    def _set_geometry(self, stride: IntPair, padding: IntPair | str, dilation: IntPair) -> None:
+        who = type(self).__name__
+        self.stride = pair(stride, "stride", who)
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", who)
+        self.dilation = pair(dilation, "dilation", who)
+        if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
+            raise ValueError(f"{who}: padding must be 'same', 'valid' or ints, got {self.padding!r}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.shape[2], self.shape[3])
+
+    def _geometry_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}"
+        )
+
+    @classmethod
+    def _check_layer(cls, layer: nn.Conv2d) -> None:
+        """Refuse what a quantized conv cannot represent (the caller keeps such layers in FP)."""
+        if layer.groups != 1:
+            raise ValueError(f"{cls.__name__} cannot represent a grouped convolution (groups={layer.groups})")
+        if layer.padding_mode != "zeros":
+            raise ValueError(
+                f"{cls.__name__} supports only zero padding, got padding_mode={layer.padding_mode!r}"
+            )
+
+
+class AQConv2d(ConvGeometry, AQModule):
     """`nn.Conv2d` (groups=1, zero padding) with an additively quantized weight `[out, in, kh, kw]`."""
 
     _ndim = 4
@@ -192,39 +247,17 @@ class AQConv2d(AQModule):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(qweight, bias, dtype=dtype)
-        self.stride = pair(stride, "stride")
-        self.padding = padding if isinstance(padding, str) else pair(padding, "padding")
-        self.dilation = pair(dilation, "dilation")
-        if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
-            raise ValueError(f"AQConv2d: padding must be 'same', 'valid' or ints, got {self.padding!r}")
-
-    @property
-    def in_channels(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_channels(self) -> int:
-        return self.shape[0]
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return (self.shape[2], self.shape[3])
+        self._set_geometry(stride, padding, dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.conv2d(self, x)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, {self._bits_repr()}"
-        )
+        return f"{self._geometry_repr()}, {self._bits_repr()}"
 
     @classmethod
     def _from_layer(cls, layer: nn.Module, qweight: QuantizedWeight, dtype: torch.dtype | None) -> AQConv2d:
-        if layer.groups != 1:
-            raise ValueError(f"AQConv2d cannot represent a grouped convolution (groups={layer.groups})")
-        if layer.padding_mode != "zeros":
-            raise ValueError(f"AQConv2d supports only zero padding, got padding_mode={layer.padding_mode!r}")
+        cls._check_layer(layer)
         return cls(qweight, layer.bias, layer.stride, layer.padding, layer.dilation, dtype=dtype)
 
 

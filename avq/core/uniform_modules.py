@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from avq.core.baselines import UniformQuantizedWeight
-from avq.core.modules import IntPair, pair
+from avq.core.modules import ConvGeometry, IntPair, QuantizedLayer
 
 _BYTE = 8
 
@@ -49,7 +49,7 @@ def packed_shape(out: int, K: int, bits: int) -> tuple[int, int]:
     return (out, math.ceil(K * bits / _BYTE))
 
 
-class UniformModule(nn.Module):
+class UniformModule(QuantizedLayer):
     """Shared storage, bits and construction of `UniformLinear` / `UniformConv2d`.
 
     Attributes: `bits`, `group_size` (None: one grid per row), `shape` (the dense weight's), buffers
@@ -57,7 +57,7 @@ class UniformModule(nn.Module):
     `dtype`, default fp16 as stored), and parameter `bias` `[out]` or None.
     """
 
-    _ndim: int = 0
+    _stored = UniformQuantizedWeight
 
     def __init__(
         self,
@@ -66,41 +66,12 @@ class UniformModule(nn.Module):
         *,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        if not isinstance(qweight, UniformQuantizedWeight):
-            raise TypeError(
-                f"{type(self).__name__} needs an avq.UniformQuantizedWeight, got {type(qweight).__name__}"
-            )
-        if len(qweight.shape) != self._ndim:
-            raise ValueError(
-                f"{type(self).__name__} needs a {self._ndim}-D weight, got UniformQuantizedWeight of shape "
-                f"{list(qweight.shape)}"
-            )
+        super().__init__(qweight, bias, dtype)
         dtype = torch.float16 if dtype is None else dtype
-        if not dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__}: dtype must be a floating dtype, got {dtype}")
         self.bits, self.group_size = qweight.bits, qweight.group_size
-        self.shape: tuple[int, ...] = tuple(qweight.shape)
         self.register_buffer("packed", pack_codes(qweight.codes, qweight.bits))
         self.register_buffer("scales", qweight.scales.detach().to(dtype, copy=True))
         self.register_buffer("zeros", qweight.zeros.detach().to(dtype, copy=True))
-        if bias is not None:
-            if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(
-                    f"{type(self).__name__}: bias has shape {list(bias.shape)}, "
-                    f"expected [{self.out_features}]"
-                )
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def num_weights(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def qweight(self) -> UniformQuantizedWeight:
@@ -134,32 +105,13 @@ class UniformModule(nn.Module):
     def _weight(self) -> torch.Tensor:
         return self.qweight.dequantize(torch.float32).to(self.packed.device)
 
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
-
     def _bits_repr(self) -> str:
         return f"{self.name}, total_bits={self.total_bits:.3g}, bias={self.bias is not None}"
 
     @classmethod
     def from_layer(cls, layer: nn.Linear | nn.Conv2d, qweight: UniformQuantizedWeight) -> UniformModule:
         """The packed replacement of `layer` (its bias, conv geometry, device; grids in its dtype)."""
-        if isinstance(layer, nn.Linear):
-            target: type[UniformModule] = UniformLinear
-        elif isinstance(layer, nn.Conv2d):
-            target = UniformConv2d
-        else:
-            raise TypeError(f"from_layer supports nn.Linear and nn.Conv2d, got {type(layer).__name__}")
-        if tuple(qweight.shape) != tuple(layer.weight.shape):
-            raise ValueError(
-                f"UniformQuantizedWeight of shape {list(qweight.shape)} does not fit {type(layer).__name__} "
-                f"weight {list(layer.weight.shape)}"
-            )
-        dtype = layer.weight.dtype if layer.weight.is_floating_point() else None
-        return target._from_layer(layer, qweight.to(layer.weight.device), dtype)
-
-    @classmethod
-    def _from_layer(cls, layer: nn.Module, qweight: UniformQuantizedWeight, dtype) -> UniformModule:
-        raise NotImplementedError
+        return cls._for_layer(layer, qweight, UniformLinear, UniformConv2d)
 
 
 class UniformLinear(UniformModule):
@@ -182,7 +134,7 @@ class UniformLinear(UniformModule):
         return cls(qweight, layer.bias, dtype=dtype)
 
 
-class UniformConv2d(UniformModule):
+class UniformConv2d(ConvGeometry, UniformModule):
     """`nn.Conv2d` (groups=1, zero padding) with a packed uniform weight `[out, in, kh, kw]`."""
 
     _ndim = 4
@@ -198,40 +150,16 @@ class UniformConv2d(UniformModule):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(qweight, bias, dtype=dtype)
-        self.stride = pair(stride, "stride", "UniformConv2d")
-        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", "UniformConv2d")
-        self.dilation = pair(dilation, "dilation", "UniformConv2d")
-        if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
-            raise ValueError(f"UniformConv2d: padding must be 'same', 'valid' or ints, got {self.padding!r}")
-
-    @property
-    def in_channels(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_channels(self) -> int:
-        return self.shape[0]
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return (self.shape[2], self.shape[3])
+        self._set_geometry(stride, padding, dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._weight().to(x.dtype)
         return F.conv2d(x, weight, self._bias(x.dtype), self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, {self._bits_repr()}"
-        )
+        return f"{self._geometry_repr()}, {self._bits_repr()}"
 
     @classmethod
     def _from_layer(cls, layer: nn.Module, qweight: UniformQuantizedWeight, dtype) -> UniformConv2d:
-        if layer.groups != 1:
-            raise ValueError(f"UniformConv2d cannot represent a grouped convolution (groups={layer.groups})")
-        if layer.padding_mode != "zeros":
-            raise ValueError(
-                f"UniformConv2d supports only zero padding, got padding_mode={layer.padding_mode!r}"
-            )
+        cls._check_layer(layer)
         return cls(qweight, layer.bias, layer.stride, layer.padding, layer.dilation, dtype=dtype)
