@@ -316,15 +316,20 @@ def calibration_rss_table(data: dict) -> str:
 def pv_resume_table(data: dict) -> str:
     """`kill -9` during fine-tuning, then `--resume`, against an uninterrupted run."""
     lines = [
-        "| model | steps | checkpoint at kill | histories identical | models bit-identical"
-        " | held-out loss straight / resumed |",
-        "|---|---:|---:|---|---|---|",
+        "| model | steps | checkpoint at kill | codes changed before the kill (SeMI resets)"
+        " | histories identical | models bit-identical | held-out loss straight / resumed |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for r in data["rows"]:
+        before = (
+            f"{r['codes_changed_before_kill']:.3%} ({r['resets_before_kill']})"
+            if "codes_changed_before_kill" in r
+            else "not recorded"
+        )
         lines.append(
-            f"| {r['model']} | {r['steps']} | {r['checkpoint_step_at_kill']} | {r['histories_identical']}"
-            f" | {r['models_bit_identical']} | {r['heldout_loss_straight']:.6g} /"
-            f" {r['heldout_loss_resumed']:.6g} |"
+            f"| {r['model']} | {r['steps']} | {r['checkpoint_step_at_kill']} | {before}"
+            f" | {r['histories_identical']} | {r['models_bit_identical']}"
+            f" | {r['heldout_loss_straight']:.6g} / {r['heldout_loss_resumed']:.6g} |"
         )
     return "\n".join([*lines, "", _source(data)])
 
