@@ -334,6 +334,28 @@ def pv_resume_table(data: dict) -> str:
     return "\n".join([*lines, "", _source(data)])
 
 
+def v_step_ablation_table(data: dict) -> str:
+    """`benchmarks/v_step_ablation.py`: held-out loss after fine-tuning per V-step mode, over seeds."""
+    rows = data["rows"]
+    runs = [r for r in rows if not r.get("summary")]
+    lines = [
+        "| model | V step | seeds | held-out loss after (mean ± sd) | per seed | codes changed (mean) |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for s in (r for r in rows if r.get("summary")):
+        mine = [r for r in runs if r["mode"] == s["mode"] and r["model"] == s["model"]]
+        sd = f"{s['heldout_loss_sd']:.3g}" if s["heldout_loss_sd"] is not None else "—"
+        per_seed = ", ".join(f"{r['heldout_loss_after']:.4g}" for r in mine)
+        changed = statistics.mean(r["codes_changed_total"] for r in mine)
+        lines.append(
+            f"| {s['model']} | {s['mode']} | {len(mine)} | {s['heldout_loss_mean']:.4g} ± {sd} | {per_seed}"
+            f" | {changed:.3%} |"
+        )
+    before = runs[0]["heldout_loss_before"] if runs else float("nan")
+    note = f"Held-out loss of the layer-wise model before fine-tuning: {before:.4g}. "
+    return "\n".join([*lines, "", note + _source(data)])
+
+
 def hessian_memory_table(data: dict) -> str:
     """Calibration memory of real denoisers, from their configs (`benchmarks/hessian_memory.py`)."""
     lines = [
@@ -479,6 +501,7 @@ TABLES = {
     "quality": quality_table,
     "calibration_rss_cpu": calibration_rss_table,
     "pv_resume": pv_resume_table,
+    "v_step_ablation": v_step_ablation_table,
 }
 
 

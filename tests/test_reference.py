@@ -379,3 +379,43 @@ def test_scale_benchmark_sd3_goes_through_its_pipeline(tmp_path):
     stamps = {r["kind"]: r["commit"] for r in rows}
     assert stamps == {"layer": "a" * 40, "pass": "a" * 40, "summary": "a" * 40, "laq_layer": "b" * 40,
                       "laq_summary": "b" * 40}  # fmt: skip
+
+
+def test_v_step_ablation_benchmark_runs(tmp_path):
+    """`benchmarks/v_step_ablation.py` on a quickly quantized mini UNet: a row per (mode, seed) and a summary
+    per mode; P only changes no code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    saved = tmp_path / "q"
+    quantize = [sys.executable, "-m", "avq", "quantize", "--model", "digits-unet-mini", "--preset", "w2a8"]
+    quantize += ["--out", str(saved), "--num-samples", "4", "--steps", "4", "--timesteps-kept", "2"]
+    assert subprocess.run(quantize, env=env, capture_output=True, timeout=600).returncode == 0
+    command = [sys.executable, str(REPO / "benchmarks" / "v_step_ablation.py"), "--quantized", str(saved)]
+    command += [
+        "--model",
+        "digits-unet-mini",
+        "--steps",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--modes",
+        "metric",
+        "p-only",
+    ]
+    result = subprocess.run(
+        command + ["--results-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "v_step_ablation.json").read_text())["rows"]
+    runs = [r for r in rows if not r.get("summary")]
+    assert [(r["mode"], r["seed"]) for r in runs] == [
+        ("metric", 0),
+        ("metric", 1),
+        ("p-only", 0),
+        ("p-only", 1),
+    ]
+    assert all(r["codes_changed_total"] == 0 for r in runs if r["mode"] == "p-only")
+    summaries = [r for r in rows if r.get("summary")]
+    assert [s["mode"] for s in summaries] == ["metric", "p-only"] and all(
+        s["heldout_loss_sd"] >= 0 for s in summaries
+    )
