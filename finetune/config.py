@@ -48,8 +48,9 @@ class FinetuneConfig:
         units (a fraction of the row's scale per step; `avq.finetune.pv`); every `v_every` steps the codes
         are updated (0: never, the P-only ablation): at most `max_code_change` of each layer's groups (so
         at most that fraction of its codes) are re-encoded by beam search (`beam_width`) around the shadow
-        target, in the metric of the layer's inputs on that step's batch (`v_metric="hessian"`) or in
-        plain L2 (`"l2"`), and changes are accepted, largest moves first, while
+        target, in plain L2 (`v_metric="l2"`, the default: lower held-out loss in
+        `benchmarks/results/v_step_ablation.json`) or in the metric of the layer's inputs on that step's batch
+        (`"hessian"`), and changes are accepted, largest moves first, while
         `||W_new - W_old||_F <= trust_ratio * ||W_old||_F` per layer (None: no trust limit).
         semi: "selective" | "none" | "all" (`avq.finetune.semi`).
     Run only (a checkpoint may be resumed with other values): checkpoint_every (0: only at the end),
@@ -75,7 +76,7 @@ class FinetuneConfig:
     max_code_change: float = 0.01
     trust_ratio: float | None = 0.01
     beam_width: int = 4
-    v_metric: str = "hessian"
+    v_metric: str = "l2"  # measured better than "hessian" (benchmarks/results/v_step_ablation.json)
     semi: str = "selective"
     # data (teacher trajectories)
     trajectories_per_epoch: int = 32

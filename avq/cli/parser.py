@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--v-metric",
         choices=("hessian", "l2"),
-        help="the code search's metric: the layer inputs' Gram blocks on the step's batch (default), or L2",
+        help="the code search's metric: L2 (default), or the layer inputs' Gram blocks on the step's batch",
     )
     f.add_argument("--max-code-change", type=float, help="max fraction of a layer's codes changed per V step")
     f.add_argument("--trust-ratio", type=float, help="max relative weight change of a layer per V step")
