@@ -127,7 +127,9 @@ def recording_metrics(layers: Sequence[ShadowLayer]) -> Iterator[None]:
         def hook(module: nn.Module, args: tuple) -> None:
             G, g = layer.delta.shape[1:]
             with torch.no_grad():
-                for x in args[0].detach().float().split(1):  # bounds the unfolded input's memory
+                inputs = args[0].detach().float()
+                chunks = inputs.split(1) if len(module.shape) == 4 else (inputs,)  # bounds unfolded convs
+                for x in chunks:
                     blocks = _input_rows(module, x).reshape(-1, G, g)  # [N, G, g]
                     gram = torch.einsum("ngi,ngj->gij", blocks, blocks)  # [G, g, g]
                     layer.metric = gram if layer.metric is None else layer.metric + gram

@@ -35,11 +35,11 @@ from avq.core.bits import storage_bits
 from avq.core.hessian import prepare_hessian
 from avq.core.layout import as_matrix
 from avq.core.qweight import StoredWeight
-from avq.core.spec import UniformSpec
+from avq.core.spec import UNIFORM_BITS, UniformSpec
 
 log = logging.getLogger("avq")
 
-MIN_BITS, MAX_BITS = 2, 8
+MIN_BITS, MAX_BITS = UNIFORM_BITS
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): a scale below it would be stored as 0
 CLIP_SHRINKS = tuple(1.0 - 0.01 * i for i in range(51))  # clip search: range x 1.00, 0.99, ..., 0.50
 
@@ -87,9 +87,9 @@ class UniformQuantizedWeight(StoredWeight):
     # ---------------------------------------------------------------- decoding
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The decoded weight, shaped like the original."""
-        K = self.in_features
-        scales, zeros = (_per_column(t.float(), self.group_size, K) for t in (self.scales, self.zeros))
-        return _dequantize(self.codes.float(), scales, zeros).to(dtype).reshape(self.shape)
+        return (
+            decode_levels(self.codes, self.scales, self.zeros, self.group_size).to(dtype).reshape(self.shape)
+        )
 
     # ---------------------------------------------------------------- bits
     @property
@@ -243,6 +243,16 @@ def _gptq(
 def _round(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Nearest level on the grid `scale * (q - zero)`, clamped to `0..maxq` (as float)."""
     return torch.clamp(torch.round(W / scale + zero), 0, maxq)
+
+
+def decode_levels(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
+) -> torch.Tensor:
+    """Levels `[out, K]` and grids `[out]` / `[out, G]` -> the `[out, K]` float32 weight matrix: what
+    `UniformQuantizedWeight.dequantize` and the packed layers' forward compute, without validating."""
+    K = codes.shape[1]
+    per_column = (_per_column(t.float(), group_size, K) for t in (scales, zeros))
+    return _dequantize(codes.float(), *per_column)
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ class QuantSpec:
         return cls(int(m), int(b), int(g), "kernel" if kernel else "k")
 
 
-UNIFORM_BITS = (2, 8)  # the widths the uniform layers store (avq.core.baselines)
+UNIFORM_BITS = (2, 8)  # the widths the uniform layers store (`avq.core.baselines.MIN_BITS, MAX_BITS`)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from avq.core.baselines import UniformQuantizedWeight
-from avq.core.modules import ConvGeometry, IntPair, QuantizedLayer
+from avq.core.baselines import UniformQuantizedWeight, decode_levels, uniform_name
+from avq.core.modules import AQModule, ConvGeometry, IntPair, QuantizedLayer
+from avq.core.qweight import QuantizedWeight
 
 _BYTE = 8
 
@@ -98,12 +99,12 @@ class UniformModule(QuantizedLayer):
     @property
     def name(self) -> str:
         """The report's name of this representation: `int2`, `int4g128`, ..."""
-        from avq.core.baselines import uniform_name
-
         return uniform_name(self.bits, self.group_size)
 
     def _weight(self) -> torch.Tensor:
-        return self.qweight.dequantize(torch.float32).to(self.packed.device)
+        """The dense float32 weight, decoded on every call (no validation: this is the forward's path)."""
+        codes = unpack_codes(self.packed, self.bits, math.prod(self.shape[1:]))  # [out, K]
+        return decode_levels(codes, self.scales, self.zeros, self.group_size).reshape(self.shape)
 
     def _bits_repr(self) -> str:
         return f"{self.name}, total_bits={self.total_bits:.3g}, bias={self.bias is not None}"
@@ -163,3 +164,12 @@ class UniformConv2d(ConvGeometry, UniformModule):
     def _from_layer(cls, layer: nn.Module, qweight: UniformQuantizedWeight, dtype) -> UniformConv2d:
         cls._check_layer(layer)
         return cls(qweight, layer.bias, layer.stride, layer.padding, layer.dilation, dtype=dtype)
+
+
+def quantized_module(
+    layer: nn.Linear | nn.Conv2d, result: QuantizedWeight | UniformQuantizedWeight
+) -> QuantizedLayer:
+    """The drop-in replacement of `layer` for a solved weight: AQ, or packed uniform (RTN / GPTQ)."""
+    if isinstance(result, UniformQuantizedWeight):
+        return UniformModule.from_layer(layer, result)
+    return AQModule.from_layer(layer, result)

@@ -37,10 +37,10 @@ from avq.calibration.sampler import SamplerStep, run_sampler
 from avq.core.aq import SolverOptions, quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq
 from avq.core.bits import FP16_BITS
-from avq.core.modules import AQModule, replace_module
+from avq.core.modules import replace_module
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec, UniformSpec
-from avq.core.uniform_modules import UniformModule
+from avq.core.uniform_modules import quantized_module
 
 FP = "fp"
 # a QuantSpec (AQ), a UniformSpec (a GPTQ grid), or FP ("fp": keep the layer in full precision)
@@ -67,13 +67,6 @@ def solve_option(
     if isinstance(option, UniformSpec):
         return quantize_weight_gptq(weight, hessian, option.bits, group_size=option.group_size, name=name)
     return quantize_weight(weight, hessian, option, name=name, **solver)
-
-
-def module_for(layer: nn.Module, result: QuantizedWeight | UniformQuantizedWeight) -> nn.Module:
-    """The quantized module that replaces `layer` for a solved candidate."""
-    if isinstance(result, UniformQuantizedWeight):
-        return UniformModule.from_layer(layer, result)
-    return AQModule.from_layer(layer, result)
 
 
 # ============================================================================ probe
@@ -305,7 +298,7 @@ def measure_sensitivity(
         table.probed[name] = sorted(solved) if probe_all else [cheapest]
         for key in table.probed[name]:
             start = time.perf_counter()
-            replace_module(model, name, module_for(layer, solved[key]))
+            replace_module(model, name, quantized_module(layer, solved[key]))
             try:
                 table.errors.setdefault(name, {})[key] = probe.error(model)
             finally:

@@ -49,9 +49,9 @@ from avq.core import baselines
 from avq.core.aq import quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
 from avq.core.bits import FP16_BITS, total_bits
-from avq.core.modules import AQModule, replace_module
+from avq.core.modules import replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
-from avq.core.uniform_modules import UniformModule
+from avq.core.uniform_modules import quantized_module
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs, plan_model
 from avq.planning.presets import QuantizeConfig
@@ -136,11 +136,7 @@ def _rebuild(plan: LayerPlan, tensors: dict[str, torch.Tensor]) -> QuantizedWeig
 
 
 def _apply(model: nn.Module, plan: LayerPlan, result: QuantizedWeight | UniformQuantizedWeight) -> None:
-    layer = model.get_submodule(plan.name)
-    if isinstance(result, QuantizedWeight):
-        replace_module(model, plan.name, AQModule.from_layer(layer, result))
-    else:  # RTN / GPTQ: the packed levels and grids, as saved
-        replace_module(model, plan.name, UniformModule.from_layer(layer, result))
+    replace_module(model, plan.name, quantized_module(model.get_submodule(plan.name), result))
 
 
 def as_source(calibration: Any, conditioning: torch.Tensor | None = None) -> CalibrationSource | None:
