@@ -14,7 +14,7 @@ from avq.pipelines import load_pipeline, quantize_pipeline, save_pipeline
 from avq.planning.presets import QuantizeConfig, preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
-from avq.storage.diffusers_backend import register as _register_diffusers_backend
+from avq.storage.diffusers_registry import register as _register_diffusers_backend
 from avq.storage.serialization import load_quantized, save_quantized
 
 __version__ = "0.1.0"
@@ -49,4 +49,4 @@ __all__ = [
     "__version__",
 ]
 
-_register_diffusers_backend()  # diffusers' from_pretrained loads avq folders (avq.storage.diffusers_backend)
+_register_diffusers_backend()  # diffusers' from_pretrained loads avq folders (avq.storage.diffusers_registry)

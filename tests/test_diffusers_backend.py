@@ -43,6 +43,7 @@ from avq import QuantSpec
 from avq.calibration.activations import ActQuantizer, attach_input_quantizer, channel_dim_of, in_channels_of
 from avq.core.modules import AQModule, replace_module
 from avq.storage import diffusers_backend as backend
+from avq.storage import diffusers_registry as registry
 from avq.storage.atomic import sha256_file
 from avq.storage.format import (
     DIFFUSERS_WEIGHTS_NAME,
@@ -220,7 +221,7 @@ def test_diffusers_internals_the_backend_relies_on() -> None:
     assert isinstance(diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, dict)
     assert diffusers_auto.AUTO_QUANTIZER_MAPPING["avq"] is backend.AvqDiffusersQuantizer
     assert diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["avq"] is backend.AvqConfig
-    assert backend.is_registered()
+    assert registry.is_registered()
     assert issubclass(backend.AvqConfig, QuantizationConfigMixin)
     assert issubclass(backend.AvqDiffusersQuantizer, DiffusersQuantizer)
     assert not inspect.isabstract(backend.AvqDiffusersQuantizer)
@@ -275,9 +276,9 @@ def test_register_is_idempotent_and_lazy() -> None:
     adds nothing."""
     code = (
         "import sys, avq\n"
-        "from avq.storage import diffusers_backend as b\n"
+        "from avq.storage import diffusers_backend as b, diffusers_registry as r\n"
         "assert 'diffusers' not in sys.modules\n"
-        "b.register(); b.register()\n"
+        "r.register(); r.register()\n"
         "hooks = [f for f in sys.meta_path if type(f).__name__ == '_RegisterOnImport']\n"
         "assert len(hooks) == 1, hooks\n"
         "from diffusers import UNet2DModel\n"
@@ -291,7 +292,7 @@ def test_register_is_idempotent_and_lazy() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
     before = (dict(diffusers_auto.AUTO_QUANTIZER_MAPPING), len(sys.meta_path))
-    backend.register()  # diffusers imported here: registers directly
+    registry.register()  # diffusers imported here: registers directly
     assert (dict(diffusers_auto.AUTO_QUANTIZER_MAPPING), len(sys.meta_path)) == before
 
 
