@@ -233,6 +233,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             fcntl.flock(lock, fcntl.LOCK_EX)
             saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings}
             others = saved.get("rows", []) if saved["settings"] == settings and not args.fresh else []
+            if not args.allow_stale:  # a stale row still in the file must not count as done
+                others = [r for r in others if r not in stale_rows(others, STARTED_AT)]
             rows[:] = [r for r in others if (r["model"], r["config"]) not in mine] + computed
             write_json_atomic(partial, {"settings": settings, "rows": rows}, indent=1)
 
