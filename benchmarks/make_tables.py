@@ -411,7 +411,9 @@ def scale_table(data: dict) -> str:
             f"LAQ measuring (`--bits-budget {laq['bits_budget']:g}`, {laq['laq_measure_rounds']} solver "
             "rounds per candidate, "
             + ("every candidate" if laq.get("laq_probe_all", True) else "one candidate per layer")
-            + f" probed, candidates dominated within {laq['dominated_bits']} bits dropped): "
+            + " probed"
+            + (" on its block (one whole-model probe per block)" if laq.get("laq_probe") == "block" else "")
+            + f", candidates dominated within {laq['dominated_bits']} bits dropped): "
             f"{laq['layers_measured']} of {laq['layers_total']} layers measured"
             + (" (complete)" if laq["measuring_complete"] else " (stopped at its time limit)")
             + f"; on the {laq['layers_compared']} layers both runs finished it took "
@@ -441,7 +443,8 @@ def laq_measure_table(data: dict) -> str:
             )
         else:
             notes.append(
-                f"{r['model']}: Spearman {r['spearman']:.3f} over {r['pairs']} (layer, candidate) errors; "
+                f"{r['model']}, {r.get('against', 'laq-default')}: "
+                f"Spearman {r['spearman']:.3f} over {r['pairs']} (layer, candidate) errors; "
                 f"scaled estimates within a median factor {r['median_factor_scaled_vs_probed']:.2f} (largest "
                 f"{r['max_factor_scaled_vs_probed']:.1f}) of the whole-model table's probes; "
                 f"{r['same_choice']:.0%} of layers given the same choice; measuring "

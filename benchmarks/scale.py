@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         help="LAQ: measure the sensitivities (in a work folder of their own), stop when measuring is done, "
         "and compare each layer's measuring with the plain run's solve of it",
     )
+    parser.add_argument(
+        "--laq-probe", choices=("block", "model"), default="block", help="with --bits-budget: LAQ's probe"
+    )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     args.blocks = args.blocks or list(DEFAULT_BLOCKS[args.model])
@@ -177,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     names = quantizable_layers(model)
     wanted = set(names) if args.blocks == ["all"] else {n for n in names if block_of(n) in args.blocks}
     keep = DEFAULT_KEEP_FP + tuple((n, "not in the measured blocks") for n in names if n not in wanted)
-    config = avq.preset_config(args.preset, keep_fp=keep, bits_budget=args.bits_budget)
+    config = avq.preset_config(
+        args.preset, keep_fp=keep, bits_budget=args.bits_budget, laq_probe=args.laq_probe
+    )
     calibration = avq.CalibrationConfig(
         num_samples=args.num_samples,
         batch_size=args.num_samples,
@@ -347,6 +352,7 @@ def _laq_summary(work: Path, plain_work: Path, todo, layers, shapes, complete, s
         "dominated_bits": DOMINATED_BITS,
         "laq_measure_rounds": avq.preset_config(args.preset).laq_measure_rounds,
         "laq_probe_all": avq.preset_config(args.preset).laq_probe_all,
+        "laq_probe": args.laq_probe,
         "seconds_this_run": seconds,
         "peak_rss_gib": peak_rss_gib(),
         "layer_rows": layer_rows,

@@ -52,11 +52,16 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     ]
 
 
+# The ModuleLists of top-level blocks in diffusers' denoisers (UNets; DiT/PixArt/SD3; Flux).
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
+
 def block_of(name: str) -> str:
-    """The top-level block of a layer: `down_blocks.1`, `up_blocks.0`, `transformer_blocks.3`, or the
-    first name component (`conv_in`, `mid_block`, `time_embedding`, ...)."""
+    """The top-level block of a layer: `down_blocks.1`, `up_blocks.0`, `transformer_blocks.3`,
+    `single_transformer_blocks.5`, or the first name component (`conv_in`, `mid_block`, `time_embedding`,
+    ...)."""
     parts = name.split(".")
-    if len(parts) > 1 and parts[0] in ("down_blocks", "up_blocks", "transformer_blocks"):
+    if len(parts) > 1 and parts[0] in BLOCK_LISTS:
         return ".".join(parts[:2])
     return parts[0]
 

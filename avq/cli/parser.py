@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated, e.g. int4,int4g128",
     )
     q.add_argument(
+        "--laq-probe",
+        choices=("block", "model"),
+        default="block",
+        help="with --bits-budget: measure each layer's effect on its top-level block, scaled by one "
+        "whole-model probe per block (block, the default), or on the whole model for every layer (model)",
+    )
+    q.add_argument(
         "--sensitivity",
         metavar="JSON",
         default=None,

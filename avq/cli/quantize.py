@@ -53,6 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         group_size=args.group_size,
         laq_uniform=args.laq_uniform,
+        laq_probe=args.laq_probe,
     )
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     pipeline = is_pipeline_folder(args.model)

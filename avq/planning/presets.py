@@ -91,6 +91,9 @@ class QuantizeConfig:
     than for its cheapest one only, the others scaled by their Hessian-weighted layer errors
     (`avq.planning.sensitivity`); one probe per layer is what keeps measuring a 300-layer model within the
     cost of quantizing it (`benchmarks/laq_measure.py` compares the two).
+    `laq_probe`: where a probed candidate's effect is measured: `"block"`, on the layer's top-level block
+    with one whole-model probe per block for its gain (`avq.planning.block_probe`), or `"model"`, on the
+    whole model for every layer.
     `laq_uniform`: uniform (GPTQ) grids LAQ may choose for a layer besides the AQ specs and FP, e.g.
     `(UniformSpec(4), UniformSpec(4, 128))`, each at its true total bits (on small layers a uniform grid
     can beat AQ, whose codebooks cost many bits per weight there). Default: none.
@@ -111,6 +114,7 @@ class QuantizeConfig:
     sequential: bool = False
     laq_measure_rounds: int | None = 0
     laq_probe_all: bool = False
+    laq_probe: str = "block"
     laq_uniform: tuple[UniformSpec, ...] = ()
 
     @property
@@ -141,6 +145,8 @@ class QuantizeConfig:
             raise PresetError("laq_uniform are LAQ candidates: they need a bits_budget")
         if not all(isinstance(s, UniformSpec) for s in self.laq_uniform):
             raise PresetError(f"laq_uniform must be UniformSpecs, got {self.laq_uniform!r}")
+        if self.laq_probe not in ("block", "model"):
+            raise PresetError(f"laq_probe must be 'block' or 'model', got {self.laq_probe!r}")
         if self.laq_measure_rounds is not None and self.laq_measure_rounds < 0:
             raise PresetError(f"laq_measure_rounds must be >= 0 or None, got {self.laq_measure_rounds!r}")
         if self.max_overhead_bits is not None and not self.max_overhead_bits >= 0:

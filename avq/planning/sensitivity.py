@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,9 @@ from avq.core.modules import replace_module
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec, UniformSpec
 from avq.core.uniform_modules import quantized_module
+
+if TYPE_CHECKING:
+    from avq.planning.block_probe import BlockProbe
 
 FP = "fp"
 # a QuantSpec (AQ), a UniformSpec (a GPTQ grid), or FP ("fp": keep the layer in full precision)
@@ -99,6 +103,15 @@ class Probe:
     def error(self, model: nn.Module) -> float:
         """Relative MSE of `model`'s outputs against the FP reference (`relative_mse`)."""
         return relative_mse(self.outputs(model), self.reference)
+
+    def layer_error(self, model: nn.Module, name: str, module: nn.Module) -> float:
+        """`error` with layer `name` replaced by `module` (restored after)."""
+        layer = model.get_submodule(name)
+        replace_module(model, name, module)
+        try:
+            return self.error(model)
+        finally:
+            replace_module(model, name, layer)
 
 
 def relative_mse(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
@@ -241,7 +254,7 @@ def measure_sensitivity(
     model: nn.Module,
     layer_names: Sequence[str],
     candidates: Mapping[str, Sequence[Option]],
-    probe: Probe,
+    probe: Probe | BlockProbe,
     hessians: Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
     *,
     solver: SolverOptions | None = None,
@@ -298,11 +311,8 @@ def measure_sensitivity(
         table.probed[name] = sorted(solved) if probe_all else [cheapest]
         for key in table.probed[name]:
             start = time.perf_counter()
-            replace_module(model, name, quantized_module(layer, solved[key]))
-            try:
-                table.errors.setdefault(name, {})[key] = probe.error(model)
-            finally:
-                replace_module(model, name, layer)
+            error = probe.layer_error(model, name, quantized_module(layer, solved[key]))
+            table.errors.setdefault(name, {})[key] = error
             table.seconds[name][key] += time.perf_counter() - start
         layer_errors = table.layer_errors[name]
         # The output error per unit of layer error: how much the rest of the model amplifies this layer's.

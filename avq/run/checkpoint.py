@@ -44,6 +44,8 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
         options = {k: v for k, v in options.items() if not k.startswith("laq_")}
     if not options.get("laq_uniform"):  # the default: runs from before the option keep their fingerprint
         options.pop("laq_uniform", None)
+    if options.get("laq_probe") == "model":  # how runs from before the option measured
+        options.pop("laq_probe")
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     if isinstance(calibration, CalibrationConfig):
         calibration = calibration.to_dict()
@@ -154,13 +156,16 @@ class QuantizeCheckpoint:
     def load_layer(self, name: str) -> dict[str, torch.Tensor]:
         return self.store.load_tensors(f"layers/{name}.safetensors")
 
-    def save_laq_measured(self, table: dict, seconds: float) -> None:
-        """LAQ's sensitivity rows measured so far (`SensitivityTable.to_dict()` form) and the wall time spent
-        on them: a resume measures only the rest."""
+    def save_laq_measured(self, table: dict, seconds: float, block_gains: dict | None = None) -> None:
+        """LAQ's sensitivity rows measured so far (`SensitivityTable.to_dict()` form), the wall time spent
+        on them and the block probe's gains (`BlockProbe.gains`): a resume measures only the rest, the same
+        way."""
         if not self.writable:
             return
         self.manifest["laq_measured"] = table
         self.manifest["laq_measure_seconds"] = seconds
+        if block_gains is not None:
+            self.manifest["laq_block_gains"] = block_gains
         self.commit()
 
     def save_laq(self, budget: dict) -> None:

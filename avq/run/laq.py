@@ -32,6 +32,7 @@ from avq.calibration.source import CalibrationSource
 from avq.core.bits import FP16_BITS, total_bits
 from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec, UniformSpec
+from avq.planning.block_probe import BlockProbe
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs
 from avq.planning.presets import QuantizeConfig
@@ -104,6 +105,9 @@ def laq_plans(
             report.budget["measured_with"] = {
                 "rounds": config.laq_measure_rounds,
                 "probe": "every candidate" if config.laq_probe_all else "cheapest candidate per layer",
+                "probed_on": "the layer's block (one whole-model probe per block)"
+                if config.laq_probe == "block"
+                else "the whole model",
             }
         solved = {  # only kept when measured with the full solver; otherwise solved again below
             name: table.results[name][key]
@@ -161,6 +165,7 @@ def _measure_streamed(
     table = SensitivityTable.from_dict(measured, {n: candidates[n] for n in measured}, sizes)
     seconds = float(ckpt.manifest.get("laq_measure_seconds", 0.0)) if ckpt is not None else 0.0
     probe = None
+    gains = dict(ckpt.manifest.get("laq_block_gains", {})) if ckpt is not None else {}
     wanted = {p.name for p in quantized}
     for names in passes:
         names = [n for n in names if n in wanted and n not in measured]
@@ -172,6 +177,8 @@ def _measure_streamed(
             probe = source.probe(model)
         elif probe is None:  # ready Hessians come without a sampler: the reference sampler's default probe
             probe = make_probe(model, None, conditioning=conditioning)
+        if config.laq_probe == "block" and not isinstance(probe, BlockProbe):
+            probe = BlockProbe(probe, gains=gains)  # a resume goes on with the gains measured before
         for name in names:  # a layer at a time, each checkpointed: large layers take minutes each
             if hessians[name][1] == 0:
                 candidates[name], forced[name] = [FP], NO_INPUT
@@ -194,7 +201,7 @@ def _measure_streamed(
             seconds += time.perf_counter() - start
             start = time.perf_counter()
             if ckpt is not None:
-                ckpt.save_laq_measured(measured, seconds)
+                ckpt.save_laq_measured(measured, seconds, getattr(probe, "gains", None))
         del hessians
     return table, seconds
 
