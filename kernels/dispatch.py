@@ -155,6 +155,10 @@ def _books_f32(module) -> torch.Tensor:
     return cached(module, "books_f32", (module.codebooks,), lambda b: b.detach().float().contiguous())
 
 
+def _scales_f32(module) -> torch.Tensor:
+    return cached(module, "scales_f32", (module.scales,), lambda s: s.detach().float().contiguous())
+
+
 def _lut_index(module) -> torch.Tensor:
     C = module.spec.codebook_size
     return cached(module, "lut_index", (module.codes,), lambda c: lut.lut_index(c, C))
@@ -190,7 +194,7 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
     """
     N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
     out = _workspace(N * K, module.codes.device, dtype).view(N, K)
-    return lut.dequantize(module.codes, _books_f32(module), module.scales.detach(), out=out)
+    return lut.dequantize(module.codes, _books_f32(module), _scales_f32(module), out=out)
 
 
 # ----------------------------------------------------------------------------- forwards
@@ -226,7 +230,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dense_weight(module, x.dtype), module._bias(x.dtype))
     if kernel == "dequant":  # CPU: decode and multiply block by block (see kernels/lut.py)
         y = lut.dequant_matmul(
-            x.reshape(rows, K), module.codes, _books_f32(module), module.scales.detach(), bias
+            x.reshape(rows, K), module.codes, _books_f32(module), _scales_f32(module), bias
         )
     else:
         y = _fused_matmul(kernel, module, x.reshape(rows, K), bias)

@@ -160,8 +160,18 @@ def test_lut_matmul_matches_dequant(case, block_target: int) -> None:
 @pytest.mark.parametrize(
     "spec", [QuantSpec(1, 8, 4), QuantSpec(3, 8, 9), QuantSpec(4, 4, 16), QuantSpec(2, 16, 8)]
 )
-def test_fast_dequantize_is_bit_identical_to_decode(monkeypatch, spec: QuantSpec) -> None:
+@pytest.mark.parametrize("path", ["compiled", "compiled-parallel", "torch"])
+def test_fast_dequantize_is_bit_identical_to_decode(monkeypatch, spec: QuantSpec, path: str) -> None:
+    """Each decode path (the compiled kernel on one thread or several, the embedding_bag fallback) gives
+    exactly `decode`'s weights, into fresh memory, into a half workspace, and block by block in the GEMM."""
+    if path.startswith("compiled") and not lut.numba_available():
+        pytest.skip("numba is not installed")
     monkeypatch.setattr(lut, "DEQUANT_BLOCK_BYTES", 64)  # several row blocks (16 rows each) + a tail
+    if path == "torch":
+        monkeypatch.setattr(lut, "decode_into", lambda *a: False)
+    if path == "compiled-parallel":
+        monkeypatch.setattr(lut, "DECODE_PARALLEL_MIN", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     qw = random_qweight((37, 4 * spec.group_size), spec, seed=5)
     ref = decode(qw.codes, qw.codebooks, qw.scales)
     assert torch.equal(lut.dequantize(qw.codes, qw.codebooks, qw.scales), ref)
