@@ -15,7 +15,9 @@ the `[4096, 4096]` acceptance shape, for `rows` in 1, 16, 256, 4096. Methods:
 - `dequant_gemm`: decode the weight from codes on every call (`avq.kernels.dispatch.dense_weight`), then GEMM;
 - `fused`: the fused kernel; Triton VQ-GEMM on CUDA (autotuned; first call excluded), the LUT GEMM on CPU
   (never the Triton interpreter);
-- `auto`: what `AQLinear` picks with `AVQ_KERNEL` unset (the row names the kernel it chose);
+- `auto`: what `AQLinear` picks with `AVQ_KERNEL` unset (the row names the kernel it chose; on CPU up to
+  64 rows that choice is measured on the first call, `"kernel_choice": "measured"`, in a choice cache of
+  this run: `avq.kernels.autotune`);
 - `aqlm_numba` (CPU; its only CPU kernel, `numba_gemm_lut`: codebooks of 256 entries, any M and g, fp32):
   called with aqlm's own CPU layout (codes transposed to `[K/g, N, M]` int8) and numba's default threads;
   its `prange` over input groups races on the shared output vector when numba runs more than one thread
@@ -40,8 +42,10 @@ recorded with `"skipped"` and the reason instead of a latency.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import dispatch
+from avq.kernels import autotune, dispatch
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -257,7 +261,7 @@ def linear_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         row = {**common, "rows": R, "method": method, "spec": None}
                     else:
                         row = {**common, **quant, "rows": R, "method": method}
-                    if method == "auto":
+                    if method == "auto":  # the rule's guess; replaced by the measured choice after timing
                         row["kernel"] = dispatch.choose_linear_kernel(device, dense_dtype, R, spec, N)
                     reason = None
                     uses_lut = kernel == "lut" or row.get("kernel") == "lut"
@@ -277,6 +281,11 @@ def linear_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         out.append({**row, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})
                         continue
                     y = timing.pop("out")
+                    if method == "auto":
+                        key = dispatch.measured_key(layer, x, R)
+                        if key is not None:
+                            row["kernel"] = autotune.chosen(key) or row["kernel"]
+                            row["kernel_choice"] = "measured"
                     if "latency_ms" in timing:
                         timing["tflops"] = 2 * R * N * K / (timing["latency_ms"] * 1e-3) / 1e12
                     timing["rel_err"] = rel_err(y, ref)
@@ -368,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-lut-mib", type=float, default=256.0, help="skip larger LUTs (CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    # `auto` measures its CPU kernels on its first call of each shape, as in a fresh process on this host
+    # (excluded from the timing, like compiles): a choice cache of this run, not the user's.
+    os.environ["AVQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="avq-kernels-bench-")
+    autotune.forget()
     if args.quick:
         args.max_seconds = min(args.max_seconds, 45.0)
     budget = Budget(args.max_seconds)

@@ -17,10 +17,12 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
 2. CUDA and x in fp16/bf16/fp32: Linear -> "triton" if `M_rows <= TRITON_MAX_ROWS`, else "dequant"
    (decode once, then cuBLAS: at large M_rows the GEMM dominates and cuBLAS wins). Conv2d -> per
    `conv.choose_conv_strategy`.
-3. CPU: Linear -> "lut" if `use_lut(M_rows, spec, out_features)`: B <= 8 and either M_rows == 1, or
-   M_rows <= LUT_MAX_ROWS and `M_rows * M * 2^B <= out_features` (the LUT build, `M_rows*K*M*2^B`
-   multiply-adds, must stay below the decode it replaces, ~`out*K`); else "dequant" (blocked decode +
-   GEMM). Conv2d -> "dequant" (`conv.choose_conv_strategy`).
+3. CPU: Linear with B <= 8 and M_rows <= MEASURE_MAX_ROWS (64): measured (`kernels/autotune.py`): the
+   first call of each (dtype, shape, spec, M_rows bucket, threads) on this host times "lut" and "dequant"
+   and the faster serves from then on, remembered on disk for later processes. Other Linears:
+   "dequant" (blocked decode + GEMM). Conv2d -> "dequant" (`conv.choose_conv_strategy`). The fixed
+   rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and `M_rows * M * 2^B <=
+   out_features`) is what `choose_linear_kernel` reports; it held on an AMD EPYC and not on an Intel Xeon.
 4. Anything else (other devices, fp64 on CUDA): "dequant".
 The thresholds are measured by `benchmarks/kernels.py` (CPU figures in its results file; the GPU ones
 are first guesses until it runs on a GPU).
@@ -48,12 +50,13 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import conv, lut
+from . import autotune, conv, lut
 
 KERNELS = ("triton", "lut", "dequant")
 TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
 LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
+MEASURE_MAX_ROWS = 64  # CPU: LUT and dequantize + GEMM are timed up to here; above, the decode amortises
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -107,12 +110,24 @@ def use_lut(rows: int, spec, out_features: int) -> bool:
 
 
 def choose_linear_kernel(device: torch.device, dtype: torch.dtype, rows: int, spec, out_features: int) -> str:
-    """The automatic choice for a Linear GEMM (rule steps 2-4)."""
+    """The fixed-rule choice for a Linear GEMM (rule steps 2-4; on CPU only where nothing is measured)."""
     if device.type == "cuda" and dtype in _TRITON_DTYPES:
         return "triton" if rows <= TRITON_MAX_ROWS else "dequant"
     if device.type == "cpu" and use_lut(rows, spec, out_features):
         return "lut"
     return "dequant"
+
+
+def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
+    """The autotuning key of a CPU Linear call whose kernel is measured (rule step 3), else None: rows
+    are bucketed to the next power of two; the LUT is a candidate up to `MEASURE_MAX_ROWS` rows only."""
+    if x.device.type != "cpu" or rows > MEASURE_MAX_ROWS or module.spec.nbits > LUT_MAX_NBITS:
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    bucket = 1 << max(0, rows - 1).bit_length()
+    N, K = module.shape[0], module.shape[1]
+    return f"linear|cpu|{x.dtype}|{N}x{K}|{module.spec.name}|rows<={bucket}|threads={torch.get_num_threads()}"
 
 
 # ----------------------------------------------------------------------------- cache
@@ -224,7 +239,19 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
-    kernel = forced or choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+    key = None if forced else measured_key(module, x, rows)
+    if key is not None:
+        kernel = autotune.chosen(key)
+        if kernel is None:  # first call of its kind on this host: time the candidates, keep the fastest
+            candidates = {k: (lambda k=k: _linear_with(k, module, x, rows)) for k in ("lut", "dequant")}
+            return autotune.measure(key, candidates)[1]
+    else:
+        kernel = forced or choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+    return _linear_with(kernel, module, x, rows)
+
+
+def _linear_with(kernel: str, module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    K, N = module.shape[1], module.shape[0]
     bias = None if module.bias is None else module.bias.detach()
     if kernel == "dequant" and x.device.type != "cpu":
         return F.linear(x, dense_weight(module, x.dtype), module._bias(x.dtype))

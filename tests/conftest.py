@@ -14,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_choice_cache(tmp_path_factory):
+    """Measured kernel choices (`avq.kernels.autotune`) go to a folder of this run, not the user's cache."""
+    old = os.environ.get("AVQ_CACHE_DIR")
+    os.environ["AVQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("avq-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AVQ_CACHE_DIR", None)
+    else:
+        os.environ["AVQ_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Whole tiny diffusers models run faster on one thread; on a loaded 2-core machine much faster."""

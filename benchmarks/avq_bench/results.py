@@ -103,21 +103,9 @@ def device_name(device: str | torch.device | None = None) -> str:
     device = torch.device(device) if device is not None else None
     if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
         return torch.cuda.get_device_name(device)
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        import platform
+    from avq.kernels.autotune import cpu_model, usable_cores
 
-        model = platform.processor() or model
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    model, cores = cpu_model(), usable_cores()
     return f"{model}, {cores} cores"
 
 

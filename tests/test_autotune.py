@@ -1,0 +1,101 @@
+"""Measured CPU kernel choice: timed once per key and host, the faster kept, remembered across processes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kernels import random_qweight
+
+from avq import AQLinear, QuantSpec
+from avq.kernels import autotune, dispatch, lut
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = QuantSpec(2, 8, 8)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("AVQ_KERNEL", raising=False)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def _layer(seed: int = 0, shape=(96, 64)) -> AQLinear:
+    return AQLinear(random_qweight(shape, SPEC, seed=seed), bias=torch.randn(shape[0])).eval()
+
+
+def _slow(monkeypatch, target, name: str) -> None:
+    """Make `target.name` 200 ms slower per call (far above either kernel's time on this tiny layer, even
+    on a loaded machine)."""
+    original = getattr(target, name)
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, slowed)
+
+
+@pytest.mark.parametrize("slow", ["lut", "dequant"])
+@torch.no_grad()
+def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, slow):
+    layer, x = _layer(), torch.randn(1, 64)
+    ref = F.linear(x, dispatch.dense_weight(layer, torch.float32).clone(), layer.bias)
+    if slow == "lut":
+        _slow(monkeypatch, dispatch, "_fused_matmul")
+    else:
+        _slow(monkeypatch, lut, "dequant_matmul")
+    y = layer(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    key = dispatch.measured_key(layer, x, 1)
+    faster = "dequant" if slow == "lut" else "lut"
+    assert autotune.chosen(key) == faster
+    saved = json.loads(autotune.cache_file().read_text())
+    assert saved["host"] == autotune.host() and saved["choices"][key]["kernel"] == faster
+    assert saved["choices"][key]["ms"][slow] > saved["choices"][key]["ms"][faster]
+
+    # later calls (and a new process, which reads the file) use it without measuring
+    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
+    autotune.forget()
+    used = []
+    run = dispatch._linear_with
+    monkeypatch.setattr(dispatch, "_linear_with", lambda k, *a: used.append(k) or run(k, *a))
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert used == [faster]
+
+
+@torch.no_grad()
+def test_forced_kernel_and_large_calls_are_not_measured(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured"))
+    layer = _layer()
+    monkeypatch.setenv("AVQ_KERNEL", "lut")
+    layer(torch.randn(1, 64))
+    monkeypatch.delenv("AVQ_KERNEL")
+    assert dispatch.measured_key(layer, torch.randn(65, 64), 65) is None  # above MEASURE_MAX_ROWS
+    layer(torch.randn(65, 64))
+    assert not autotune.cache_file().exists()
+
+
+@torch.no_grad()
+def test_keys_bucket_rows_and_name_the_shape(cache):
+    layer = _layer()
+    keys = {r: dispatch.measured_key(layer, torch.randn(r, 64), r) for r in (1, 2, 3, 4, 5, 64)}
+    assert keys[3] == keys[4] != keys[2] != keys[1] and keys[5] != keys[4]
+    assert "96x64" in keys[1] and SPEC.name in keys[1] and "rows<=64" in keys[64]
+
+
+@torch.no_grad()
+def test_an_unreadable_cache_file_is_replaced(cache):
+    autotune.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    autotune.cache_file().write_text("{not json")
+    layer = _layer()
+    layer(torch.randn(1, 64))
+    data = json.loads(autotune.cache_file().read_text())
+    assert len(data["choices"]) == 1
