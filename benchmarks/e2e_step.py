@@ -12,7 +12,9 @@ exists, else a row with
 ImageNet (latent 64x64x3, model_channels 192, mult 1-2-3-5, 2 res blocks per level, self-attention at the
 32/16/8 resolutions with 32-channel heads, 1001 classes). Its UNet2DModel attention blocks are plain
 self-attention (no feed-forward / cross-attention of LDM's SpatialTransformer), so it has ~264 M parameters,
-not LDM-4's ~400 M; each row carries the measured count.
+not LDM-4's ~400 M; each row carries the measured count. `sd1.5`: a randomly initialised
+`UNet2DConditionModel` with Stable Diffusion 1.5's published config (`avq_bench.real_configs.SD15_UNET`,
+860 M parameters), latent `--sd-sample-size` (64 = 512 px), random 77x768 prompt embeddings.
 
 Quantization: every layer that `avq.quantize(model, preset_config("w2a16"), ...)` would quantize (the
 `plan_model` FP-keep rule and spec choice, restricted to `quantizable_layers`; rule 5, "no calibration
@@ -66,7 +68,8 @@ from avq.planning.plan import LayerPlan, plan_model
 from avq.planning.presets import preset_config
 from avq_bench.results import write_results
 
-MODELS = ("digits-unet-mini", "digits-unet", "ldm4-imagenet")
+MODELS = ("digits-unet-mini", "digits-unet", "ldm4-imagenet", "sd1.5")
+TEXT_TOKENS = 77  # SD 1.5's prompt length (CLIP), the cross-attention context of the `sd1.5` rows
 VARIANTS = ("fp", "auto", "dequant")
 PRESET = "w2a16"
 FP16_BYTES = 2
@@ -91,7 +94,7 @@ def ldm4_config(channels: int = 192, sample_size: int = 64) -> dict:
 
 def model_available(name: str) -> str | None:
     """None if `name` can be built here, else the reason it is skipped."""
-    if name == "ldm4-imagenet":
+    if name in ("ldm4-imagenet", "sd1.5"):
         return None
     from avq_bench.reference import ASSETS
 
@@ -102,11 +105,16 @@ def model_available(name: str) -> str | None:
 
 def build_model(name: str, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> nn.Module:
     """The FP model in eval mode, in `dtype` on `device` (random init for `ldm4-imagenet`, seeded)."""
-    if name == "ldm4-imagenet":
-        from diffusers import UNet2DModel
+    if name in ("ldm4-imagenet", "sd1.5"):
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        from avq_bench.real_configs import SD15_UNET
 
         torch.manual_seed(0)
-        model = UNet2DModel(**ldm4_config(args.ldm_channels, args.ldm_sample_size))
+        if name == "sd1.5":
+            model = UNet2DConditionModel(**{**SD15_UNET, "sample_size": args.sd_sample_size})
+        else:
+            model = UNet2DModel(**ldm4_config(args.ldm_channels, args.ldm_sample_size))
         if dtype != torch.float32:  # a no-op `.to(float32)` still makes diffusers warn
             model = model.to(dtype=dtype)
     else:
@@ -127,6 +135,9 @@ def model_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torc
     }
     if getattr(cfg, "num_class_embeds", None):
         kwargs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (batch,), generator=gen).to(device)
+    if getattr(cfg, "cross_attention_dim", None):  # text conditioning: random prompt embeddings
+        context = torch.randn(batch, TEXT_TOKENS, cfg.cross_attention_dim, generator=gen)
+        kwargs["encoder_hidden_states"] = context.to(device, dtype)
     return kwargs
 
 
@@ -280,6 +291,8 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
     }
     if name == "ldm4-imagenet":
         common["ldm_channels"], common["sample_size"] = args.ldm_channels, args.ldm_sample_size
+    if name == "sd1.5":
+        common["sample_size"], common["text_tokens"] = args.sd_sample_size, TEXT_TOKENS
     rows: list[dict] = []
     if variant == "auto":
         specs = sorted({p.spec.name for p in plans})
@@ -335,6 +348,7 @@ def run_subprocess(name: str, variant: str, args: argparse.Namespace) -> list[di
         "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--target-s", str(args.target_s),
         *(["--threads", str(args.threads)] if args.threads else []),
         "--ldm-channels", str(args.ldm_channels), "--ldm-sample-size", str(args.ldm_sample_size),
+        "--sd-sample-size", str(args.sd_sample_size),
     ]  # fmt: skip
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.worker_timeout)
     if proc.returncode != 0:
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-s", type=float, default=3.0, help="add repeats (<= 20) up to this time")
     parser.add_argument("--ldm-channels", type=int, default=192, help="LDM-4 model_channels (192 = real)")
     parser.add_argument("--ldm-sample-size", type=int, default=64, help="LDM-4 latent size (64 = real)")
+    parser.add_argument("--sd-sample-size", type=int, default=64, help="SD 1.5 latent size (64 = 512 px)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--in-process", action="store_true", help="no worker subprocesses (peaks may mix)")
     parser.add_argument("--worker-timeout", type=float, default=3600.0)
