@@ -34,6 +34,10 @@ keyed by module and invalidated when a source tensor is replaced or edited in pl
 when PV-Tuning updates codes. Edits that bypass the version counter (`tensor.data[...] = ...`, or
 in-place ops on inference-mode tensors) are not seen: call `invalidate(module)` after those.
 
+Opt-in dense cache (`AVQ_DENSE_CACHE_MIB`, default 0): modules keep their decoded weight across calls while
+all kept weights fit that many MiB (first come, first served), and run `F.linear`/`F.conv2d` on it: the
+dense model's speed for that much memory. It is checked before the automatic choice; `AVQ_KERNEL` bypasses it.
+
 The "dequant" path decodes into one workspace per (thread, device, dtype), shared by all layers (so it
 holds one dense weight, not a dense copy of the model); CUDA work on one stream is ordered, so reuse is
 safe there, but layers run concurrently on several CUDA streams would need their own workspaces.
@@ -212,6 +216,53 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
     return lut.dequantize(module.codes, _books_f32(module), _scales_f32(module), out=out)
 
 
+# ----------------------------------------------------------------------------- dense cache (opt-in)
+_DENSE_HELD = [0]  # bytes of decoded weights counted for live modules (`dense_cached`)
+_DENSE_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {dtype: bytes counted}
+
+
+def dense_cache_budget() -> int:
+    """Bytes of decoded weights the user lets AQ modules keep (`AVQ_DENSE_CACHE_MIB`; default 0: none)."""
+    value = os.environ.get("AVQ_DENSE_CACHE_MIB", "").strip()
+    if not value:
+        return 0
+    try:
+        mib = float(value)
+    except ValueError:
+        raise ValueError(f"AVQ_DENSE_CACHE_MIB={value!r} is not a number of MiB") from None
+    if mib < 0:
+        raise ValueError(f"AVQ_DENSE_CACHE_MIB must be >= 0, got {value!r}")
+    return int(mib * 2**20)
+
+
+def dense_cached(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The module's decoded `[out, K]` weight kept across calls (rebuilt when codes, codebooks or scales
+    change), while all modules' kept weights fit `dense_cache_budget()`; None when it does not fit.
+
+    Trades memory for the per-call decode: a model under a large enough budget runs at its dense speed and
+    holds a dense copy of the weights it caches (first come, first served).
+    """
+    owned = _DENSE_OWNERS.get(module)
+    if owned is None or dtype not in owned:
+        need = module.shape[0] * module.codes.shape[1] * module.codebooks.shape[-1] * dtype.itemsize
+        if _DENSE_HELD[0] + need > dense_cache_budget():
+            return None
+        if owned is None:
+            owned = _DENSE_OWNERS[module] = {}
+            weakref.finalize(module, _release, owned)  # counted bytes are returned when the module dies
+        owned[dtype] = need
+        _DENSE_HELD[0] += need
+
+    def decode(codes, books, scales) -> torch.Tensor:
+        return lut.dequantize(codes, books.float(), scales.float()).to(dtype)
+
+    return cached(module, f"dense_{dtype}", (module.codes, module.codebooks, module.scales), decode)
+
+
+def _release(owned: dict) -> None:
+    _DENSE_HELD[0] -= sum(owned.values())
+
+
 # ----------------------------------------------------------------------------- forwards
 def _fused_matmul(kernel: str, module, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x2d [R, K] -> [R, N]` through the fused `kernel` ("triton" or "lut")."""
@@ -239,6 +290,9 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
+    dense = None if forced else dense_cached(module, x.dtype)
+    if dense is not None:
+        return F.linear(x, dense, module._bias(x.dtype))
     key = None if forced else measured_key(module, x, rows)
     if key is not None:
         kernel = autotune.chosen(key)
@@ -270,6 +324,10 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
     geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
     if needs_autograd(module, x):
         weight = module._weight().to(x.dtype)
+        return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+    dense = None if forced else dense_cached(module, x.dtype)
+    if dense is not None:
+        weight = dense.view(module.shape)
         return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
     if forced is not None:
         strategy = "dequant" if forced == "dequant" else "implicit"

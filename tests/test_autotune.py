@@ -99,3 +99,33 @@ def test_an_unreadable_cache_file_is_replaced(cache):
     layer(torch.randn(1, 64))
     data = json.loads(autotune.cache_file().read_text())
     assert len(data["choices"]) == 1
+
+
+@torch.no_grad()
+def test_dense_cache_keeps_decoded_weights_within_the_budget(cache, monkeypatch):
+    """`AVQ_DENSE_CACHE_MIB`: decoded once and kept (rebuilt after a code edit), first come first served
+    within the budget, the budget given back when a module dies; a bad value is refused by name."""
+    first, second = _layer(1), _layer(2)  # 96x64 fp32: 24 KiB each
+    monkeypatch.setenv("AVQ_DENSE_CACHE_MIB", str(30 / 1024))  # room for one
+    decodes = []
+    real = lut.dequantize
+    monkeypatch.setattr(lut, "dequantize", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    x = torch.randn(3, 64)
+    for layer in (first, second, first, second):
+        ref = F.linear(x, layer.qweight.dequantize(), layer.bias)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert dispatch._DENSE_HELD[0] == 96 * 64 * 4 and first in dispatch._DENSE_OWNERS
+    assert second not in dispatch._DENSE_OWNERS and len(decodes) == 1  # decoded once for two calls
+    first.codes[0, 0, 0] = (int(first.codes[0, 0, 0]) + 1) % 256  # an edit (PV-Tuning): decoded again
+    torch.testing.assert_close(
+        first(x), F.linear(x, first.qweight.dequantize(), first.bias), rtol=1e-5, atol=1e-5
+    )
+    del first
+    import gc
+
+    gc.collect()
+    assert dispatch._DENSE_HELD[0] == 0
+    assert second(x) is not None and second in dispatch._DENSE_OWNERS  # the freed room is used
+    monkeypatch.setenv("AVQ_DENSE_CACHE_MIB", "lots")
+    with pytest.raises(ValueError, match="AVQ_DENSE_CACHE_MIB"):
+        _layer(3)(x)
