@@ -131,7 +131,15 @@ def e2e_table(data: dict) -> str:
 
 
 def _source(data: dict) -> str:
-    return f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}."
+    text = f"From `{data['command']}` at commit `{data['commit'][:12]}` on {data['device']}, {data['date']}."
+    if "rows_commit" in data:  # a recompute pinned to one commit (`quality.py --collect --at`)
+        changed = data["changed_since_rows_commit"]
+        text += f" Every row was computed at commit `{data['rows_commit'][:12]}`; " + (
+            f"**the code that computes them has changed since**: {', '.join(f'`{p}`' for p in changed)}."
+            if changed
+            else "the code that computes them is unchanged since."
+        )
+    return text
 
 
 def reference_fp_table(data: dict) -> str:

@@ -39,7 +39,11 @@ command, the calibration seed and the whole config (`quantize_config` / `finetun
 another commit than the current one, or of a dirty tree, is stale: a continued run computes it again
 instead of reusing it, and the results file (`--collect` included) is refused while it holds one, so the
 published table is of one commit; `--allow-stale` writes them anyway, marked `"stale": true` (and in the
-README table).
+README table). The whole table takes about 14 hours on 2 CPU cores, longer than a working session, so it
+can be pinned to one commit: run it in a worktree of that commit (`git worktree add ../avq-quality C`, its
+`runs/` linked to this one's), continue it there after an interruption, and publish from the current
+tree with `--collect --at C`: the rows must all be of C, and the results file names C and the files under
+`RESULT_PATHS` changed since (none: the current code computes the same table).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import argparse
 import fcntl
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -351,10 +356,26 @@ def stale_rows(rows: list[dict], head: str) -> list[dict]:
     return [r for r in rows if r.get("commit") != current or r.get("dirty", True)]
 
 
-def checked_rows(rows: list[dict], head: str, allow_stale: bool) -> list[dict]:
+# What the table's figures depend on: rows of a pinned commit are compared with HEAD on these paths.
+RESULT_PATHS = ("avq", "kernels", "finetune", "benchmarks/quality.py", "benchmarks/sample_sets.py",
+                "benchmarks/avq_bench")  # fmt: skip
+
+
+def changed_since(commit: str) -> list[str]:
+    """The files under `RESULT_PATHS` that differ between `commit` and the working tree (tracked files)."""
+    out = subprocess.run(
+        ["git", "diff", "--name-only", commit, "--", *RESULT_PATHS],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return sorted(out.stdout.split())
+
+
+def checked_rows(rows: list[dict], head: str, allow_stale: bool, at: str | None = None) -> list[dict]:
     """`rows` for the results file: refused (`SystemExit`, naming them) while any is stale, unless
-    `allow_stale`, which marks them `"stale": true` instead."""
-    stale = stale_rows(rows, head)
+    `allow_stale`, which marks them `"stale": true` instead. `at`: the commit the table was pinned to (a
+    recompute run in a worktree of that commit, e.g. across sessions), which the rows must be of instead
+    of `head`."""
+    stale = stale_rows(rows, at or head)
     if stale and not allow_stale:
         names = ", ".join(f"{r['model']} {r['config']} ({str(r.get('commit'))[:12]})" for r in stale[:8])
         raise SystemExit(
@@ -363,6 +384,15 @@ def checked_rows(rows: list[dict], head: str, allow_stale: bool) -> list[dict]:
             "current rows), or pass --allow-stale to publish them marked stale."
         )
     return [{**r, "stale": True} if r in stale else r for r in rows]
+
+
+def _full_commit(rev: str) -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"quality: --at {rev!r} is not a commit of this repository")
+    return out.stdout.strip()
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -443,8 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="reuse and publish rows of another commit or a dirty tree, marked stale",
     )
+    parser.add_argument(
+        "--at",
+        metavar="COMMIT",
+        default=None,
+        help="with --collect: the rows are of this commit (a recompute pinned to it, run in a worktree of "
+        "it) rather than the current one; the results file names it and the files changed since",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.at and not args.collect:
+        parser.error("--at goes with --collect (a run computes rows at the commit it runs from)")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = default_results_dir()
@@ -461,8 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
         rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
         rows = sorted(rows, key=lambda r: (rank[r["model"]], order.index(r["config"])))
-        rows = checked_rows(rows, STARTED_AT, args.allow_stale)
+        at = _full_commit(args.at) if args.at else None
+        rows = checked_rows(rows, STARTED_AT, args.allow_stale, at)
         path = write_results(args.name, rows)
+        if at is not None:  # the file says which commit its rows are of, and what changed since
+            data = json.loads(path.read_text())
+            data.update(rows_commit=at, changed_since_rows_commit=changed_since(at))
+            write_json_atomic(path, data)
         print(f"wrote {path}")
     plot(rows, results / f"{args.name}.png")
     return 0

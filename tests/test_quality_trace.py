@@ -52,6 +52,32 @@ def test_stale_rows_are_refused_or_marked():
     assert "‡" not in make_tables.quality_table({**data, "rows": [current]})
 
 
+def test_a_table_pinned_to_one_commit_names_it_and_what_changed_since():
+    """`--collect --at C`: rows of C are accepted (others refused); the source line names C and whether the
+    code that computes the rows changed since (a real diff of this repository)."""
+    import subprocess
+
+    quality = _load("quality")
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.split()[0]  # fmt: skip
+    pinned = {**ROW, "commit": first, "dirty": False}
+    assert quality.checked_rows([pinned], "c" * 40, allow_stale=False, at=first) == [pinned]
+    with pytest.raises(SystemExit, match="not of the current commit"):
+        quality.checked_rows([{**ROW, "commit": head, "dirty": False}], head, allow_stale=False, at=first)
+    changed = quality.changed_since(first)
+    assert changed and all(p.startswith(quality.RESULT_PATHS) for p in changed)
+    make_tables = _load("make_tables")
+    data = {"command": "python benchmarks/quality.py --collect --at X", "commit": head, "device": "cpu",
+            "date": "today", "rows": [pinned], "rows_commit": first}  # fmt: skip
+    moved = make_tables.quality_table({**data, "changed_since_rows_commit": changed})
+    assert f"computed at commit `{first[:12]}`" in moved and "has changed since" in moved
+    same = make_tables.quality_table({**data, "changed_since_rows_commit": []})
+    assert "unchanged since" in same
+
+
 def test_grouped_uniform_configs_parse():
     quality = _load("quality")
     assert quality._uniform_groups("gptq-g128") == ("gptq", 128)
