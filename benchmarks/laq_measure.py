@@ -12,16 +12,17 @@ per layer, scaling the others by their Hessian-weighted layer errors (`laq_probe
 - `uniform`: one spec for all layers (the preset's first fitting spec, as `avq quantize --preset w2a8`);
 - `laq-whole-model`: LAQ measured the old way (`laq_probe_all=True`, `laq_measure_rounds=2`), at a budget
   of the uniform run's total bits (equal total bits over all Linear/Conv2d weights);
-- `laq-model-probe`: LAQ with the default short solves and one probe per layer, each probe on the whole
-  model (`laq_probe="model"`, the default before the block probe), same budget;
-- `laq-default`: LAQ with the default measure, same budget: the probe runs on the layer's top-level block
-  only, scaled by the block's gain from one whole-model probe (`laq_probe="block"`,
-  `avq.planning.block_probe`).
+- `laq-default`: LAQ with the default measure (short solves, one probe per layer on the whole model), same
+  budget;
+- `laq-block-probe`: the same with the probe on the layer's top-level block only, scaled by the block's
+  gain from one whole-model probe (`laq_probe="block"`, `avq.planning.block_probe`), same budget.
+(Rows of commit 8f077ea, when the block probe was the default for a run, name them `laq-model-probe` and
+`laq-default`; each row's `config.laq_probe` says which probe it used.)
 
 Each row: total bits, the seconds LAQ spent measuring, and the denoiser's error against FP on held-out
 inputs (the FP sampler's trajectories of another seed than calibration and probe: 16 samples, 5 timesteps,
 relative MSE and its SNR in dB). Each `agreement` row compares a cheaper table (`against`:
-`laq-model-probe` or `laq-default`) with the whole-model one: the Spearman rank correlation of their errors
+`laq-default` or `laq-block-probe`) with the whole-model one: the Spearman rank correlation of their errors
 over every (layer, candidate), the median and largest factor between the estimates and the probed values,
 the share of layers given the same choice, and the measuring time ratio.
 """
@@ -49,8 +50,8 @@ HELD_OUT = CalibrationConfig(num_samples=16, batch_size=16, num_timesteps_kept=5
 RUNS = {  # name: QuantizeConfig overrides (the budget is added for the LAQ runs)
     "uniform": {},
     "laq-whole-model": {"laq_probe_all": True, "laq_measure_rounds": 2, "laq_probe": "model"},
-    "laq-model-probe": {"laq_probe": "model"},
-    "laq-default": {},
+    "laq-default": {"laq_probe": "model"},
+    "laq-block-probe": {"laq_probe": "block"},
 }
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", measuring {row['measure_seconds']:.0f} s" if laq else "")
             )
             write_results("laq_measure", rows, results_dir=args.results_dir)  # kept as each run ends
-        for cheaper in ("laq-model-probe", "laq-default"):
+        for cheaper in ("laq-default", "laq-block-probe"):
             rows.append(
                 {
                     "kind": "agreement",

@@ -437,21 +437,26 @@ def scale_table(data: dict) -> str:
 def laq_measure_table(data: dict) -> str:
     """LAQ's default measure against the whole-model one, and both against one spec for all layers."""
     lines = [
-        "| model | run | total bits | held-out SNR to FP (dB) | measuring (s) | specs chosen |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | run | probe | total bits | held-out SNR to FP (dB) | measuring (s) | specs chosen |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
-    notes = []
+    notes, probes = [], {}
     for r in data["rows"]:
         if r["kind"] == "run":
             chosen = ", ".join(f"{k} {v}" for k, v in r.get("specs_chosen", {}).items()) or "—"
             seconds = f"{r['measure_seconds']:.0f}" if r["measure_seconds"] is not None else "—"
+            config = r.get("config", {})
+            probe = "—" if r["measure_seconds"] is None else config.get("laq_probe", "model")
+            probe += ", every candidate" if config.get("laq_probe_all") and probe != "—" else ""
+            probes[(r["model"], r["run"])] = probe
             lines.append(
-                f"| {r['model']} | {r['run']} | {r['total_bits']:.4f} | {r['held_out_snr_db']:.2f}"
+                f"| {r['model']} | {r['run']} | {probe} | {r['total_bits']:.4f} | {r['held_out_snr_db']:.2f}"
                 f" | {seconds} | {chosen} |"
             )
         else:
+            against = r.get("against", "laq-default")
             notes.append(
-                f"{r['model']}, {r.get('against', 'laq-default')}: "
+                f"{r['model']}, {against} ({probes.get((r['model'], against), '?')} probe): "
                 f"Spearman {r['spearman']:.3f} over {r['pairs']} (layer, candidate) errors; "
                 f"scaled estimates within a median factor {r['median_factor_scaled_vs_probed']:.2f} (largest "
                 f"{r['max_factor_scaled_vs_probed']:.1f}) of the whole-model table's probes; "

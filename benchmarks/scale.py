@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "and compare each layer's measuring with the plain run's solve of it",
     )
     parser.add_argument(
-        "--laq-probe", choices=("block", "model"), default="block", help="with --bits-budget: LAQ's probe"
+        "--laq-probe", choices=("block", "model"), default="model", help="with --bits-budget: LAQ's probe"
     )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)

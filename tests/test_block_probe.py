@@ -86,8 +86,8 @@ def test_measure_sensitivity_with_block_probe_keeps_the_candidate_order():
 
 
 def test_quantize_reports_the_probe_and_refuses_an_unknown_one():
-    config = avq.preset_config("w2a16", solver=FAST, bits_budget=6.0)
-    assert config.laq_probe == "block"
+    assert avq.preset_config("w2a16", bits_budget=6.0).laq_probe == "model"  # measured more accurate
+    config = avq.preset_config("w2a16", solver=FAST, bits_budget=6.0, laq_probe="block")
     report = QuantizeReport()
     quantize(tiny_unet(), config, TINY, progress=False, report=report)
     assert "block" in report.budget["measured_with"]["probed_on"]

@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--laq-probe",
         choices=("block", "model"),
-        default="block",
-        help="with --bits-budget: measure each layer's effect on its top-level block, scaled by one "
-        "whole-model probe per block (block, the default), or on the whole model for every layer (model)",
+        default="model",
+        help="with --bits-budget: measure each layer's effect on the whole model (model, the default) or "
+        "on its top-level block, scaled by one whole-model probe per block (block: fewer whole-model "
+        "forwards, less accurate: see the README)",
     )
     q.add_argument(
         "--sensitivity",
