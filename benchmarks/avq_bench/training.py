@@ -198,19 +198,12 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint belongs to another model or configuration than the run asked to resume it."""
 
 
-def save_checkpoint(
-    ckpt_dir: Path,
-    *,
-    config: TrainConfig,
-    step: int,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    running_loss: float | None,
-    seconds: float,
-) -> Path:
-    """Write a checkpoint of the state after `step` steps (module docstring: layout and atomicity)."""
+def pack_training_state(
+    *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`(tensors, meta)` of a training state, pickle-free: model and EMA weights, AdamW moments
+    (`optim.<param>.<key>`), generator and global RNG state; `meta` holds the optimizer's param groups and
+    non-tensor state (`restore_training_state` inverts it). Shared with `avq_bench.t2i_training`."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("model", model), ("ema", ema)):
         for key, value in module.state_dict().items():
@@ -225,12 +218,28 @@ def save_checkpoint(
                 optim_scalars.setdefault(str(index), {})[key] = value
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    return tensors, {"optimizer_param_groups": optim["param_groups"], "optimizer_scalars": optim_scalars}
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    *,
+    config: TrainConfig,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    running_loss: float | None,
+    seconds: float,
+) -> Path:
+    """Write a checkpoint of the state after `step` steps (module docstring: layout and atomicity)."""
+    tensors, optim_meta = pack_training_state(model=model, ema=ema, optimizer=optimizer, generator=generator)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "model_class": MODEL_CLASSES[config.model],
         "config": config.to_json(),
-        "optimizer_param_groups": optim["param_groups"],
-        "optimizer_scalars": optim_scalars,
+        **optim_meta,
         "running_loss": running_loss,
         "seconds": seconds,
         "torch": torch.__version__,
@@ -264,7 +273,7 @@ def load_checkpoint(ckpt_dir: Path, config: TrainConfig) -> tuple[dict[str, Any]
     return meta, tensors
 
 
-def _restore(
+def restore_training_state(
     meta: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     *,
@@ -273,6 +282,8 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> None:
+    """Load a state written by `pack_training_state` into the modules, optimizer and generator (and the
+    global torch RNG)."""
     for prefix, module in (("model", model), ("ema", ema)):
         head = f"{prefix}."
         module.load_state_dict({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
@@ -327,7 +338,7 @@ def train(
     start_step, running, previous_seconds = 0, None, 0.0
     if resume:
         meta, tensors = load_checkpoint(ckpt, config)
-        _restore(meta, tensors, model=model, ema=ema, optimizer=optimizer, generator=generator)
+        restore_training_state(meta, tensors, model=model, ema=ema, optimizer=optimizer, generator=generator)
         start_step, running, previous_seconds = meta["step"], meta["running_loss"], meta["seconds"]
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
     batch = config.batch_size
@@ -423,7 +434,9 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "model_stats",
+    "pack_training_state",
     "predict_eps",
+    "restore_training_state",
     "save_checkpoint",
     "train",
 ]
