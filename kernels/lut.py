@@ -54,6 +54,7 @@ DEQUANT_BLOCK_BYTES = 4 << 20  # decoded fp32 rows per block of the blocked dequ
 # Weights below which the compiled decode runs on one thread: starting numba's parallel region costs
 # ~50 us, the decode of 256k weights about as much (measured on 2 EPYC cores).
 DECODE_PARALLEL_MIN = 1 << 18
+LUT_PARALLEL_MIN = 1 << 18  # lookups (rows x codes) below which the compiled gather-sum runs on one thread
 
 
 def group_block(groups: int, target: int = LUT_GROUP_BLOCK) -> int:
@@ -141,18 +142,19 @@ def blocked_codes(codes: torch.Tensor, block: int | None = None) -> torch.Tensor
     return codes.reshape(N, G // J, J * M).transpose(0, 1).contiguous()
 
 
-def _gather_sum_kernel(M: int, C: int, J: int) -> Callable:
-    """The numba kernel for one (M, C, J): `lut [R, G*M*C]`, `codes [G/J, N, J*M]` -> `out [R, N]` (+=)."""
-    key = (M, C, J)
+def _gather_sum_kernel(M: int, C: int, J: int, parallel: bool = True) -> Callable:
+    """The numba kernel for one (M, C, J): `lut [R, G*M*C]`, `codes [G/J, N, J*M]` -> `out [R, N]` (+=);
+    `parallel=False`: the same loops on the calling thread."""
+    key = (M, C, J, parallel)
     if key in _COMPILED:
         return _COMPILED[key]
     JM = J * M
 
-    @numba.njit(parallel=True, fastmath=True, cache=False)
+    @numba.njit(parallel=parallel, fastmath=True, cache=False)
     def gather_sum(lut, codes, out):
         R = lut.shape[0]
         GB, N, _ = codes.shape
-        T = numba.get_num_threads()
+        T = numba.get_num_threads() if parallel else 1
         chunk = (N + T - 1) // T
         for t in numba.prange(T):  # each thread owns outputs lo:hi
             lo = t * chunk
@@ -187,8 +189,12 @@ def lut_matmul_codes(
     G = K // g
     lut = (x.float().reshape(R * G, g) @ codebooks.float().reshape(M * C, g).T).reshape(R, G * M * C)
     out = torch.zeros(R, N, dtype=torch.float32)
-    _numba_threads()
-    _gather_sum_kernel(M, C, per_block // M)(lut.numpy(), codes.numpy(), out.numpy())
+    # Threads only where the gather outweighs starting numba's parallel region (~50 us) and the contention
+    # of its workers with torch's OpenMP threads, which spin between the ops of a model's forward.
+    parallel = R * blocks * N * per_block >= LUT_PARALLEL_MIN and torch.get_num_threads() > 1
+    if parallel:
+        _numba_threads()
+    _gather_sum_kernel(M, C, per_block // M, parallel)(lut.numpy(), codes.numpy(), out.numpy())
     y = out.mul_(scales.float())
     if bias is not None:
         y += bias.float()

@@ -319,7 +319,13 @@ def test_automatic_rule() -> None:
 @pytest.mark.parametrize(
     "R, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16), (1, torch.bfloat16)]
 )
-def test_compiled_lut_matches_dequant(spec_text: str, R: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_compiled_lut_matches_dequant(
+    monkeypatch, spec_text: str, R: int, dtype: torch.dtype, threads
+) -> None:
+    if threads == "parallel":  # these small layers run serially by default (LUT_PARALLEL_MIN)
+        monkeypatch.setattr(lut, "LUT_PARALLEL_MIN", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     spec = QuantSpec.parse(spec_text)
     N, K = 40, spec.group_size * 24  # 24 groups: blocks of 8, and N not a multiple of the thread split
     qw, x, bias = make_case(spec, N, K, R, dtype, True, seed=R)
