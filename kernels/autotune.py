@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger("avq")
 
-REPEATS = 3  # timed calls per candidate after its warm-up; the minimum counts (least disturbed by load)
+REPEATS = 5  # timed calls per candidate after its warm-up; the minimum counts (least disturbed by load)
 _LOCK = threading.Lock()
 _CHOICES: dict[str, dict] | None = None  # key -> {"kernel": name, "ms": {candidate: ms}}
 
@@ -55,15 +55,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 0
 
 
+def _kernels_digest() -> str:
+    """A hash of this package's kernel sources: choices measured with other kernels are not reused."""
+    digest = hashlib.sha256()
+    for name in ("lut.py", "dispatch.py", "conv.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+_KERNELS = _kernels_digest()
+
+
 def host() -> str:
-    """What the choices are valid for: CPU model, usable cores, torch and numba versions."""
+    """What the choices are valid for: CPU model, usable cores, torch and numba versions, the kernels."""
     try:
         import numba
 
         numba_version = numba.__version__
     except ImportError:
         numba_version = "none"
-    return f"{cpu_model()}|{usable_cores()} cores|torch {torch.__version__}|numba {numba_version}"
+    return (
+        f"{cpu_model()}|{usable_cores()} cores|torch {torch.__version__}|numba {numba_version}"
+        f"|kernels {_KERNELS}"
+    )
 
 
 def cache_file() -> Path:
@@ -119,18 +133,17 @@ def chosen(key: str) -> str | None:
 
 
 def measure(key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> tuple[str, torch.Tensor]:
-    """Time each candidate (a warm-up call, then `REPEATS` calls, minimum), record the fastest for `key`
-    in memory and on disk, and return its name and its output (each candidate computes the same call)."""
-    timings: dict[str, float] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    for name, run in candidates.items():
-        outputs[name] = run()  # warm-up: compiles, fills the module's caches
-        best = float("inf")
-        for _ in range(REPEATS):
+    """Time each candidate (a warm-up call, then `REPEATS` rounds of one call each, interleaved so that a
+    burst of load hits all alike; minimum), record the fastest for `key` in memory and on disk, and return
+    its name and its output (each candidate computes the same call)."""
+    outputs = {name: run() for name, run in candidates.items()}  # warm-up: compiles, fills caches
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(REPEATS):
+        for name, run in candidates.items():
             start = time.perf_counter()
             outputs[name] = run()
-            best = min(best, time.perf_counter() - start)
-        timings[name] = best * 1e3
+            best[name] = min(best[name], time.perf_counter() - start)
+    timings = {name: seconds * 1e3 for name, seconds in best.items()}
     winner = min(timings, key=timings.__getitem__)
     with _LOCK:
         choices = _load()
