@@ -101,6 +101,11 @@ def kernels_table(data: dict, spec: str = "2x8g8") -> str:
     return "\n".join(lines)
 
 
+def _ms(value: float) -> str:
+    """Milliseconds with 4 significant digits, without an exponent."""
+    return f"{value:.4g}" if value < 1e4 else f"{value:.0f}"
+
+
 def e2e_table(data: dict) -> str:
     """Per model: stored weight bytes vs fp16, and one denoising step FP vs W2 (latency, peak memory)."""
     rows = data["rows"]
@@ -109,18 +114,21 @@ def e2e_table(data: dict) -> str:
         (r["model"], r["variant"], r["batch"]): r for r in rows if r.get("kind") == "step" and "variant" in r
     }
     lines = [
-        "| model | params | W2 layer weights / fp16 | batch | FP ms | W2 ms (auto)"
-        " | FP peak MiB | W2 peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | W2 layer weights / fp16 | batch | FP ms | W2 ms (auto) | W2 / FP"
+        " | W2 ms (decode + GEMM) | FP peak MiB | W2 peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, mem in memory.items():
         for batch in sorted({b for (m, v, b) in steps if m == model}):
             fp, q = steps.get((model, "fp", batch)), steps.get((model, "auto", batch))
             if fp is None or q is None:
                 continue
+            dq = steps.get((model, "dequant", batch))
+            decode = _ms(dq["latency_ms"]) if dq is not None else "—"
+            ratio = q["latency_ms"] / fp["latency_ms"]
             lines.append(
                 f"| {model} | {mem['params'] / 1e6:.1f} M | {mem['layer_ratio']:.3f} | {batch}"
-                f" | {fp['latency_ms']:.4g} | {q['latency_ms']:.4g}"
+                f" | {_ms(fp['latency_ms'])} | {_ms(q['latency_ms'])} | {ratio:.2f}x | {decode}"
                 f" | {fp['peak_mib']:.0f} | {q['peak_mib']:.0f} |"
             )
     lines.append("")
