@@ -509,7 +509,23 @@ def solver_devices_table(data: dict) -> str:
     return "\n".join([*lines, "", cpu + _source(data)])
 
 
+def t2i_fp_table(data: dict) -> str:
+    """`digits-t2i` in FP: prompt alignment and FID per split and guidance (`benchmarks/t2i_fp.py`)."""
+    lines = [
+        "| split | guidance | N | prompt alignment | FID (floor) | sFID | IS | precision | recall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['split']} | {r['guidance']:g} | {r['n_samples']} | {r['prompt_alignment']:.1%}"
+            f" | {r['fid']:.3f} ({r['fid_floor']:.3f}) | {r['sfid']:.2f} | {r['is']:.2f}"
+            f" | {r['precision']:.3f} | {r['recall']:.3f} |"
+        )
+    return "\n".join([*lines, "", _source(data)])
+
+
 TABLES = {
+    "t2i_fp": t2i_fp_table,
     "scale_cpu": scale_table,
     "scale_h200": scale_table,
     "scale_sd3_cpu": scale_table,
