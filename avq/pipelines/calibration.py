@@ -31,7 +31,7 @@ from avq.calibration.statistics import DenoiserCalls, Recorder, collect_statisti
 from avq.evaluation.samples import batch_seed
 from avq.pipelines.folders import check_pipeline, denoiser_name
 from avq.pipelines.prompts import DEFAULT_PROMPTS
-from avq.planning.sensitivity import relative_mse
+from avq.planning.sensitivity import SwapProbe, relative_mse
 
 
 def call_defaults(pipe: Any) -> tuple[int, float]:
@@ -204,7 +204,7 @@ class PipelineSource:
 
 
 @dataclass
-class RecordedProbe:
+class RecordedProbe(SwapProbe):
     """Recorded denoiser calls `(args, kwargs)` and their FP outputs; `error(model)` replays them."""
 
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
@@ -217,6 +217,15 @@ class RecordedProbe:
     def error(self, model: nn.Module) -> float:
         """Relative MSE of `model`'s outputs against the FP reference (conditional and null rows alike)."""
         return relative_mse(self.outputs(model), self.reference)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.calls)
+
+    @torch.no_grad()
+    def forward_input(self, model: nn.Module, i: int) -> None:
+        args, kwargs = self.calls[i]
+        model(*args, **kwargs)
 
 
 def record_probe(source: PipelineSource, config: CalibrationConfig, *, offset: int = 0) -> RecordedProbe:

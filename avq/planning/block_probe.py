@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from avq.calibration.statistics import block_of
 from avq.core.modules import replace_module
-from avq.planning.sensitivity import Probe, relative_mse
+from avq.planning.sensitivity import SwapProbe, relative_mse
 
 
 class _Recorded(Exception):
@@ -54,7 +54,7 @@ class BlockProbe:
     `gains[block]`: the anchor's whole-model error over its block-output error; `anchors[block]`: its layer.
     """
 
-    probe: Probe
+    probe: SwapProbe
     gains: dict[str, float] = field(default_factory=dict)
     anchors: dict[str, str] = field(default_factory=dict)
     _block: str | None = None  # the block whose FP inputs and outputs are recorded
@@ -94,9 +94,9 @@ class BlockProbe:
 
         handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
         try:
-            for x, t, kwargs in self.probe.inputs:
+            for i in range(self.probe.num_inputs):  # one forward per input, stopped right after the block
                 try:
-                    self.probe.adapter.forward(model, x, t, kwargs)
+                    self.probe.forward_input(model, i)
                 except _Recorded:
                     continue
                 raise RuntimeError(f"LAQ block probe: block {block!r} did not run in the model's forward")

@@ -74,8 +74,30 @@ def solve_option(
 
 
 # ============================================================================ probe
+class SwapProbe:
+    """What a probe offers LAQ, given `error(model)` (relative output MSE against FP), `num_inputs` and
+    `forward_input(model, i)` (the model run on probe input `i`: `block_probe` records block inputs so)."""
+
+    num_inputs: int
+
+    def error(self, model: nn.Module) -> float:
+        raise NotImplementedError
+
+    def forward_input(self, model: nn.Module, i: int) -> None:
+        raise NotImplementedError
+
+    def layer_error(self, model: nn.Module, name: str, module: nn.Module) -> float:
+        """`error` with layer `name` replaced by `module` (restored after)."""
+        layer = model.get_submodule(name)
+        replace_module(model, name, module)
+        try:
+            return self.error(model)
+        finally:
+            replace_module(model, name, layer)
+
+
 @dataclass
-class Probe:
+class Probe(SwapProbe):
     """Fixed model inputs and the FP model's outputs on them.
 
     `inputs`: one `(x, t, kwargs)` per kept sampler step, x `[n, C, H, W]` (`[2n, ...]` with guidance:
@@ -104,14 +126,14 @@ class Probe:
         """Relative MSE of `model`'s outputs against the FP reference (`relative_mse`)."""
         return relative_mse(self.outputs(model), self.reference)
 
-    def layer_error(self, model: nn.Module, name: str, module: nn.Module) -> float:
-        """`error` with layer `name` replaced by `module` (restored after)."""
-        layer = model.get_submodule(name)
-        replace_module(model, name, module)
-        try:
-            return self.error(model)
-        finally:
-            replace_module(model, name, layer)
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @torch.no_grad()
+    def forward_input(self, model: nn.Module, i: int) -> None:
+        x, t, kwargs = self.inputs[i]
+        self.adapter.forward(model, x, t, kwargs)
 
 
 def relative_mse(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
@@ -254,7 +276,7 @@ def measure_sensitivity(
     model: nn.Module,
     layer_names: Sequence[str],
     candidates: Mapping[str, Sequence[Option]],
-    probe: Probe | BlockProbe,
+    probe: SwapProbe | BlockProbe,
     hessians: Mapping[str, torch.Tensor | tuple[torch.Tensor, int]],
     *,
     solver: SolverOptions | None = None,
