@@ -122,6 +122,15 @@ def choose_linear_kernel(device: torch.device, dtype: torch.dtype, rows: int, sp
     return "dequant"
 
 
+# module -> {(device, dtype, row bucket, threads): measured kernel}
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bucket(rows: int) -> int:
+    """Rows rounded up to a power of two: calls of one bucket share a measured choice."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
     """The autotuning key of a CPU Linear call whose kernel is measured (rule step 3), else None: rows
     are bucketed to the next power of two; the LUT is a candidate up to `MEASURE_MAX_ROWS` rows only."""
@@ -129,7 +138,7 @@ def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
         return None
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    bucket = 1 << max(0, rows - 1).bit_length()
+    bucket = _bucket(rows)
     N, K = module.shape[0], module.shape[1]
     return f"linear|cpu|{x.dtype}|{N}x{K}|{module.spec.name}|rows<={bucket}|threads={torch.get_num_threads()}"
 
@@ -293,14 +302,24 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     dense = None if forced else dense_cached(module, x.dtype)
     if dense is not None:
         return F.linear(x, dense, module._bias(x.dtype))
-    key = None if forced else measured_key(module, x, rows)
-    if key is not None:
+    if forced:
+        return _linear_with(forced, module, x, rows)
+    # The module's own memo first: the disk-backed choice needs a key string and a lock on every call.
+    memo = _CHOSEN.setdefault(module, {})
+    short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
+    kernel = memo.get(short)
+    if kernel is None:
+        key = measured_key(module, x, rows)
+        if key is None:  # the fixed rule (exact rows), not memoised
+            rule = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+            return _linear_with(rule, module, x, rows)
         kernel = autotune.chosen(key)
         if kernel is None:  # first call of its kind on this host: time the candidates, keep the fastest
             candidates = {k: (lambda k=k: _linear_with(k, module, x, rows)) for k in ("lut", "dequant")}
-            return autotune.measure(key, candidates)[1]
-    else:
-        kernel = forced or choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+            kernel, y = autotune.measure(key, candidates)
+            memo[short] = kernel
+            return y
+        memo[short] = kernel
     return _linear_with(kernel, module, x, rows)
 
 
