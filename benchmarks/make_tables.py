@@ -213,6 +213,13 @@ def quality_table(data: dict) -> str:
         "table its first one measured (`laq_sensitivity` in the JSON; its minutes leave measuring out; here "
         "the `avq-laq` rows). "
         + (
+            "`digits-t2i` (text-to-image): samples of held-out phrasings through the pipeline, calibrated "
+            "on the training phrasings; its class acc is the prompt alignment (the classifier reads the "
+            "prompted digit); `avq-rand`: calibrated on random prompt embeddings (the bare UNet) instead. "
+            if any(r["model"] == "digits-t2i" for r in data["rows"])
+            else ""
+        )
+        + (
             "† simulated: computed before the packed uniform modules, with dense dequantized weights (the "
             "same outputs, no memory saving). "
             if any(r.get("simulated") for r in data["rows"])
@@ -258,12 +265,22 @@ def against_best_uniform(rows: list[dict]) -> list[str]:
             continue
         avq = max(rivals, key=lambda r: r["psnr"])
         fid = "fid_to_fp" in avq and "fid_to_fp" in uniform
-        wins = avq["psnr"] > uniform["psnr"] and (not fid or avq["fid_to_fp"] < uniform["fid_to_fp"])
+        align = "prompt_alignment" in avq and "prompt_alignment" in uniform  # text-to-image rows
+        wins = (
+            avq["psnr"] > uniform["psnr"]
+            and (not fid or avq["fid_to_fp"] < uniform["fid_to_fp"])
+            and (not align or avq["prompt_alignment"] > uniform["prompt_alignment"])
+        )
         lines.append(
             f"- {model} {preset}: `{avq['config']}` ({avq['total_bits']:.3f} bits) against ★ "
             f"`{uniform['config']}` ({uniform['total_bits']:.3f} bits): PSNR to FP {avq['psnr']:.2f} vs "
             f"{uniform['psnr']:.2f} dB"
             + (f", FID to FP {avq['fid_to_fp']:.3f} vs {uniform['fid_to_fp']:.3f}" if fid else "")
+            + (
+                f", prompt alignment {avq['prompt_alignment']:.4f} vs {uniform['prompt_alignment']:.4f}"
+                if align
+                else ""
+            )
             + (" - **AVQ ahead**" if wins else " - **not ahead**")
         )
     if lines:
@@ -524,8 +541,26 @@ def t2i_fp_table(data: dict) -> str:
     return "\n".join([*lines, "", _source(data)])
 
 
+def t2i_grids_table(data: dict) -> str:
+    """`benchmarks/t2i_grids.py`: the commands behind the README's FP and W2A8 `digits-t2i` grids."""
+    r = data["rows"][0]
+    q = r["quantize"]
+    lines = [
+        "```",
+        *(r["commands"][k] for k in ("quantize", "fp", "w2a8")),
+        "```",
+        "",
+        f"W2A8: {q['quantized']} of {q['layers']} layers, {q['code_bits']:g} code bits, "
+        f"{q['total_bits_all']:.3f} total bits, quantized in {q['seconds'] / 60:.1f} min. Prompt alignment "
+        f"of these {len(r['digits'])} samples: FP {r['prompt_alignment_fp']:.1%}, W2A8 "
+        f"{r['prompt_alignment_w2a8']:.1%}.",
+    ]
+    return "\n".join([*lines, "", _source(data)])
+
+
 TABLES = {
     "t2i_fp": t2i_fp_table,
+    "t2i_grids": t2i_grids_table,
     "scale_cpu": scale_table,
     "scale_h200": scale_table,
     "scale_sd3_cpu": scale_table,

@@ -1,4 +1,4 @@
-"""The quality table: FP, RTN, GPTQ and AVQ at W4A8 and W2A8 on the reference models -> quality.json.
+"""The quality table: FP, RTN, GPTQ and AVQ at W4A8 to W1A8 on the reference models -> quality.json.
 
     python benchmarks/quality.py                                   # the whole table: both models, 1,000
                                                                    # samples per row, layer-wise then PV
@@ -30,6 +30,13 @@ the same outputs).
 that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
 
+`digits-t2i` (the text-to-image pipeline, `avq_bench.t2i`) gets the same configs through the pipeline
+(`avq.quantize_pipeline`, calibrated on its training phrasings with its DDIM 20 steps at guidance 2), samples
+of held-out phrasings (sample `i`: digit `i % 10`) and `prompt_alignment` (= `class_accuracy`: the
+classifier reads the prompted digit); of the fine-tuning rows only `avq-pv` (on the FP pipeline's own
+trajectories, `avq.finetune.finetune_pipeline`), and `avq-rand:w2a8`: its bare UNet calibrated on random
+prompt embeddings, beside the real-prompt `avq:w2a8` row (same N, same noise).
+
 Rows are appended to `runs/quality/<name>.partial.json` as they finish, so an interrupted run continues
 where it stopped (`--fresh` to start over); `benchmarks/results/<name>.json` and the Pareto plot
 (`<name>.png`: total bits vs FID, one panel per model) are written at the end.
@@ -55,6 +62,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,12 +75,13 @@ from avq.planning.presets import preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
 from avq.storage.atomic import write_atomic, write_json_atomic
+from avq_bench import t2i
 from avq_bench.data import load_digits_images
 from avq_bench.metrics import evaluate
 from avq_bench.reference import load_reference
 from avq_bench.results import STARTED_AT, default_results_dir, run_stamp, write_results
 
-MODELS = ("digits-unet", "digits-dit")
+MODELS = ("digits-unet", "digits-dit", t2i.NAME)
 CONFIGS = (
     "rtn:w4a8",
     "gptq:w4a8",
@@ -102,6 +111,9 @@ LAQ_UNIFORM = {"avq-laq-u": (UniformSpec(2, 64), UniformSpec(4), UniformSpec(4, 
 # Layer-wise AVQ with sequential calibration (`QuantizeConfig.sequential`: each block calibrated on the
 # outputs of the blocks already quantized): does it help?
 EXTRA_CONFIGS = ("avq-seq:w2a8", "avq-seq:w4a8")
+# `digits-t2i` only: layer-wise AVQ calibrated on random prompt embeddings (the bare UNet, as avq
+# calibrated text-conditioned models before pipelines), beside the `avq` row calibrated on real prompts.
+T2I_CONFIGS = ("avq-rand:w2a8",)
 # SeMI-PV on top of the layer-wise AVQ model of the same preset (`avq-pv`), and the SeMI ablation: the
 # same fine-tuning with no optimizer-state reset (`avq-pv-none`) and a reset of everything (`avq-pv-all`).
 # `avq-p-only`: the same fine-tuning with the V step off (codes fixed): what the V step adds. The W2A8
@@ -137,6 +149,20 @@ FIGURES = (
 )
 
 
+def model_configs(model_name: str, configs: list[str]) -> list[str]:
+    """The requested configs that apply to `model_name`: `T2I_CONFIGS` to `digits-t2i` only, and of the
+    fine-tuning rows only `avq-pv` (seed 0) to `digits-t2i` (the SeMI ablation is the class models')."""
+    if model_name != t2i.NAME:
+        return [c for c in configs if c not in T2I_CONFIGS]
+    methods = [(c, pv_method(c.split(":")[0])) for c in configs]
+    return [c for c, (base, seed) in methods if base not in SEMI or (base, seed) == ("avq-pv", 0)]
+
+
+def _load_fp(model_name: str):
+    """The FP model of a row: a shipped model, or the `digits-t2i` pipeline (its UNet is the denoiser)."""
+    return t2i.load_pipeline() if model_name == t2i.NAME else load_reference(model_name).eval()
+
+
 def _quantized(
     model_name: str,
     method: str,
@@ -145,9 +171,13 @@ def _quantized(
     seed: int,
     sensitivity: dict | None = None,
 ):
-    model = load_reference(model_name)
+    """A fresh FP model quantized for one row (the `digits-t2i` pipeline through `quantize_pipeline`,
+    calibrated on its training phrasings; `avq-rand`: its bare UNet on random prompt embeddings)."""
+    from avq.pipelines.quantize import quantize_pipeline
+
+    model = _load_fp(model_name)
     base, group_size = _uniform_groups(method)
-    base = "avq" if base in LAQ_EXTRA_BITS else base.removesuffix("-seq")
+    base = "avq" if base in LAQ_EXTRA_BITS or base in RANDOM_EMBEDDINGS else base.removesuffix("-seq")
     config = preset_config(
         preset,
         base,
@@ -157,11 +187,24 @@ def _quantized(
         laq_uniform=LAQ_UNIFORM.get(method, ()),
     )
     report = QuantizeReport()
+    options = dict(report=report, progress=True, sensitivity=sensitivity)
     start, cpu = time.perf_counter(), time.process_time()
-    calibration = CalibrationConfig(seed=seed)
-    quantize(model, config, calibration, report=report, progress=True, sensitivity=sensitivity)
+    if model_name != t2i.NAME:
+        calibration = CalibrationConfig(seed=seed)
+        quantize(model, config, calibration, **options)
+        model = model.eval()
+    elif method in RANDOM_EMBEDDINGS:
+        calibration = t2i.calibration_config(seed, random_embeddings=True)
+        quantize(model.unet, config, calibration, **options)
+    else:
+        calibration = t2i.calibration_config(seed)
+        quantize_pipeline(model, config, calibration, **options)
     minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu) / 60
-    return model.eval(), report, minutes, cpu_minutes, config.to_dict()
+    configs = {"quantize_config": config.to_dict(), "calibration_config": calibration.to_dict()}
+    return model, report, minutes, cpu_minutes, configs
+
+
+RANDOM_EMBEDDINGS = ("avq-rand",)  # methods calibrated on random prompt embeddings
 
 
 def _uniform_groups(method: str) -> tuple[str, int | None]:
@@ -179,27 +222,51 @@ def _sensitivity_path(model_name: str, seed: int, method: str = "avq-laq", prese
 
 
 def _layerwise_folder(model_name: str, preset: str) -> Path:
-    """Where the layer-wise AVQ model of a preset is kept for the PV rows (outside git)."""
+    """Where the layer-wise AVQ model of a preset is kept for the PV rows (outside git): an avq save, or
+    for `digits-t2i` a quantized pipeline folder (`avq.pipelines.save_pipeline`)."""
     return REPO / "runs" / "quality" / f"{model_name}-avq-{preset}"
+
+
+def _has_layerwise(model_name: str, preset: str) -> bool:
+    index = "model_index.json" if model_name == t2i.NAME else "config.json"
+    return (_layerwise_folder(model_name, preset) / index).is_file()
+
+
+def _save_layerwise(model, model_name: str, preset: str) -> None:
+    from avq.pipelines.folders import save_pipeline
+
+    folder, extra = _layerwise_folder(model_name, preset), {"model": model_name}
+    if model_name == t2i.NAME:
+        save_pipeline(model, folder, source=t2i.pipeline_folder(), extra_config=extra)
+    else:
+        avq.save_quantized(model, folder, extra_config=extra)
 
 
 def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
     """The saved layer-wise AVQ model fine-tuned with SeMI-PV (mode from `method`); minutes of tuning."""
-    from avq.finetune import FinetuneConfig, finetune
+    from avq.finetune import FinetuneConfig, finetune, finetune_pipeline
+    from avq.pipelines.folders import load_pipeline_folder
 
-    student = avq.load_quantized(_layerwise_folder(model_name, preset))
     base, seed = pv_method(method)
     v_off = {"v_every": 0} if base == "avq-p-only" else {}
     config = FinetuneConfig(semi=SEMI[base], seed=seed, **v_off, **({"steps": steps} if steps else {}))
     start, cpu = time.perf_counter(), time.process_time()
-    student, history = finetune(student, load_reference(model_name).eval(), config, progress=True)
+    if model_name == t2i.NAME:  # on the FP pipeline's own trajectories of the training phrasings
+        student = load_pipeline_folder(_layerwise_folder(model_name, preset))
+        sampling = t2i.calibration_config(seed)
+        teacher = _load_fp(model_name)
+        _, history = finetune_pipeline(student, teacher, config, sampling=sampling, progress=True)
+    else:
+        student = avq.load_quantized(_layerwise_folder(model_name, preset))
+        student, history = finetune(student, _load_fp(model_name), config, progress=True)
+        student = student.eval()
     extra = {
         "cpu_minutes": round((time.process_time() - cpu) / 60, 2),
         "pv_steps": config.steps,
         "codes_changed_total": sum(h.get("codes_changed", 0.0) for h in history),
         "finetune_config": config.to_dict(),
     }
-    return student.eval(), (time.perf_counter() - start) / 60, extra
+    return student, (time.perf_counter() - start) / 60, extra
 
 
 def _done(rows: list[dict], model: str, config: str) -> dict | None:
@@ -252,7 +319,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], keep, test) -> None:
     """The FP row and every requested config of one model (rows already in `rows` are skipped)."""
     kw = dict(guidance=args.guidance, batch_size=args.batch_size)
-    fp_model = load_reference(model_name).eval()
+    if model_name == t2i.NAME:  # sample i: a held-out phrasing of digit i % 10 through the pipeline
+        kw["sample_batch"] = partial(t2i.sample_batch, guidance=args.guidance, steps=t2i.STEPS)
+    fp_model = _load_fp(model_name)
     fp, labels, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=0, **kw)
     floor, _, _ = get_samples(fp_model, f"{model_name}-fp", args.n, seed=1, **kw)
 
@@ -273,7 +342,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "threads": torch.get_num_threads(),  # of the process that quantized / fine-tuned
             "n": args.n,
             **extra,
-            **{k: figures[k] for k in FIGURES if k in figures},
+            **_figures(model_name, figures),
         }
         print(
             f"   FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})  "
@@ -294,16 +363,16 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 "total_bits": 16.0,
                 "quantize_minutes": 0.0,
                 "n": args.n,
-                **{k: figures[k] for k in FIGURES if k in figures},
+                **_figures(model_name, figures),
             }
         )
-    for entry in args.configs:
+    for entry in model_configs(model_name, args.configs):
         method, preset = entry.split(":")
         if _done(rows, model_name, entry):
             continue
         budget = sensitivity = None
         if pv_method(method)[0] in SEMI:
-            if not (_layerwise_folder(model_name, preset) / "config.json").is_file():
+            if not _has_layerwise(model_name, preset):
                 print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
                 continue
             print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[pv_method(method)[0]]})")
@@ -325,16 +394,14 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             # Reused only when measured at this very commit: the table is part of what a row computed.
             sensitivity = saved.get("sensitivity") if saved.get("commit") == STARTED_AT else None
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
-        model, report, minutes, cpu_minutes, quantize_config = _quantized(
+        model, report, minutes, cpu_minutes, configs = _quantized(
             model_name, method, preset, budget, args.seed, sensitivity
         )
         if budget is not None and sensitivity is None:
             table = {"commit": STARTED_AT, "sensitivity": report.budget["sensitivity"]}
             write_json_atomic(table_path, table)
         if method == "avq":  # kept for the PV rows
-            avq.save_quantized(
-                model, _layerwise_folder(model_name, preset), extra_config={"model": model_name}
-            )
+            _save_layerwise(model, model_name, preset)
         summary = report.summary()
         bits = {
             "code_bits": summary["code_bits"],
@@ -342,11 +409,20 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "layers_quantized": summary["quantized"],
             "layers": summary["layers"],
         }
-        extra = {"cpu_minutes": round(cpu_minutes, 2), "quantize_config": quantize_config}
+        extra = {"cpu_minutes": round(cpu_minutes, 2), **configs}
         if budget is not None:  # minutes of a row with a reused table leave out measuring it
             extra.update(bits_budget=budget, laq_sensitivity="reused" if sensitivity else "measured")
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
+
+
+def _figures(model_name: str, figures: dict) -> dict:
+    """The row's figures; `digits-t2i` rows add `prompt_alignment` (the classifier reads the prompted
+    digit: `class_accuracy` of samples whose label is their prompt's digit) on held-out phrasings."""
+    row = {k: figures[k] for k in FIGURES if k in figures}
+    if model_name == t2i.NAME:
+        row.update(prompts="held_out", prompt_alignment=figures["class_accuracy"])
+    return row
 
 
 def stale_rows(rows: list[dict], head: str) -> list[dict]:
@@ -418,6 +494,7 @@ def plot(rows: list[dict], path: Path) -> None:
         "avq-laq": "D",
         "avq-laq+0.5": "P",
         "avq-laq-u": "X",
+        "avq-rand": "d",
         "avq-pv": "^",
     }
     for ax, model in zip(axes[0], models, strict=True):
@@ -450,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "digits-unet-mini"])
-    choices = [*CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
-    parser.add_argument("--configs", nargs="+", default=[*CONFIGS, *PV_CONFIGS], choices=choices)
+    choices = [*CONFIGS, *EXTRA_CONFIGS, *T2I_CONFIGS, *PV_CONFIGS]
+    parser.add_argument(
+        "--configs", nargs="+", default=[*CONFIGS, *T2I_CONFIGS, *PV_CONFIGS], choices=choices
+    )
     parser.add_argument(
         "--pv-steps", type=int, default=None, help="SeMI-PV steps (default: FinetuneConfig's)"
     )
@@ -497,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads(partial.read_text())["rows"]
         else:
             rows = run(args)
-        order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *PV_CONFIGS]
+        order = ["fp", *CONFIGS, *EXTRA_CONFIGS, *T2I_CONFIGS, *PV_CONFIGS]
         rank = {m: i for i, m in enumerate([*MODELS, "digits-unet-mini"])}
         rows = sorted(rows, key=lambda r: (rank[r["model"]], order.index(r["config"])))
         at = _full_commit(args.at) if args.at else None

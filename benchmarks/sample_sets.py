@@ -22,7 +22,15 @@ from avq.evaluation.samples import batch_seed, load_samples, save_samples
 from avq_bench.reference import NUM_CLASSES, sample
 
 REPO = Path(__file__).resolve().parent.parent
+# (model, sample indices [B], seed) -> images [B, 1, 16, 16] in [-1, 1]
+BatchSampler = Callable[[object, torch.Tensor, int], torch.Tensor]
 CACHE = REPO / "runs" / "samples"
+
+
+def _is_loader(model: object) -> bool:
+    """A callable that returns the model, not the model: neither a module nor a pipeline (which is callable
+    too, but has `components`)."""
+    return callable(model) and not isinstance(model, torch.nn.Module) and not hasattr(model, "components")
 
 
 def set_folder(tag: str, seed: int, guidance: float, steps: int, batch_size: int) -> Path:
@@ -30,7 +38,7 @@ def set_folder(tag: str, seed: int, guidance: float, steps: int, batch_size: int
 
 
 def get_samples(
-    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    model: torch.nn.Module | object | Callable[[], object],
     tag: str,
     n: int,
     *,
@@ -39,11 +47,15 @@ def get_samples(
     steps: int = 20,
     batch_size: int = 250,
     progress: bool = True,
+    sample_batch: BatchSampler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`(samples [n, 1, 16, 16], labels [n] = i % 10, sampling seconds per image)`; the time is the one
     measured when each batch was sampled (stored with it), so a cached set reports it too.
 
     `model`: the model, or a callable returning it (called only if a batch is missing).
+    `sample_batch(model, indices, seed)`: how a batch of sample indices is drawn (default: the class-
+    conditional sampler, class `i % 10`; `avq_bench.t2i.sample_batch` for the text-to-image pipeline, the
+    prompt of `i`); `model` is then whatever it takes (a pipeline).
     """
     folder = set_folder(tag, seed, guidance, steps, batch_size)
     labels = torch.arange(n, dtype=torch.int64) % NUM_CLASSES
@@ -55,11 +67,15 @@ def get_samples(
             chunk, _, meta = load_samples(path / "samples.npz")
             seconds += meta["seconds"]
         else:
-            if not isinstance(model, torch.nn.Module):
+            if _is_loader(model):
                 model = model()
-            batch_labels = torch.arange(b * batch_size, (b + 1) * batch_size) % NUM_CLASSES  # full batches
+            indices = torch.arange(b * batch_size, (b + 1) * batch_size)  # full batches
+            batch_labels = indices % NUM_CLASSES
             start = time.perf_counter()
-            chunk = sample(model, batch_labels, steps=steps, guidance=guidance, seed=batch_seed(seed, b))
+            if sample_batch is None:
+                chunk = sample(model, batch_labels, steps=steps, guidance=guidance, seed=batch_seed(seed, b))
+            else:
+                chunk = sample_batch(model, indices, batch_seed(seed, b))
             elapsed = time.perf_counter() - start
             seconds += elapsed
             save_samples(path, chunk, batch_labels, {"tag": tag, "batch": b, "seconds": elapsed}, grid=0)

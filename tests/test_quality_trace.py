@@ -128,3 +128,23 @@ def test_best_uniform_row_is_marked_and_compared():
     assert "`avq-laq:w2a8`" in line and "★ `gptq-g64:w2a8`" in line and "AVQ ahead" in line
     meta = {"command": "c", "commit": "a" * 40, "device": "d", "date": "t"}
     assert "| gptq-g64:w2a8 ★ |" in make_tables.quality_table({"rows": rows, **meta})
+
+
+def test_text_to_image_rows_apply_and_compare_prompt_alignment():
+    """digits-t2i gets the random-embedding row and plain PV only; the class models never get the random-
+    embedding row; against the best uniform row, AVQ must also lead on prompt alignment."""
+    quality = _load("quality")
+    everything = [*quality.CONFIGS, *quality.T2I_CONFIGS, *quality.PV_CONFIGS]
+    t2i_configs = quality.model_configs("digits-t2i", everything)
+    assert "avq-rand:w2a8" in t2i_configs and "avq-pv:w2a8" in t2i_configs and "avq-laq:w2a8" in t2i_configs
+    assert not any(c.startswith(("avq-pv-", "avq-p-only")) for c in t2i_configs)
+    unet_configs = quality.model_configs("digits-unet", everything)
+    assert "avq-rand:w2a8" not in unet_configs and "avq-pv-none-s2:w2a8" in unet_configs
+    make_tables = _load("make_tables")
+    t2i = {**ROW, "model": "digits-t2i", "fid_to_fp": 1.0}
+    uniform = {**t2i, "config": "gptq-g64:w2a8", "method": "gptq-g64", "total_bits": 2.5, "psnr": 20.0,
+               "prompt_alignment": 0.95}  # fmt: skip
+    avq = {**t2i, "total_bits": 2.4, "psnr": 22.0, "fid_to_fp": 0.5, "prompt_alignment": 0.93}
+    line = make_tables.against_best_uniform([uniform, avq])[-1]
+    assert "prompt alignment 0.9300 vs 0.9500" in line and "not ahead" in line
+    assert "AVQ ahead" in make_tables.against_best_uniform([uniform, {**avq, "prompt_alignment": 0.97}])[-1]

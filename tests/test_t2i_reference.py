@@ -133,3 +133,61 @@ def test_shipped_pipeline_is_small_and_reads_its_prompts(one_thread):
     pipe = t2i.load_pipeline()
     figures = t2i.evaluate_prompts(pipe, "held_out", n=40)  # the protocol: DDIM 20, GUIDANCE
     assert figures["prompt_alignment"] >= 0.9  # 0.998 on 500 samples
+
+
+def test_cached_sample_sets_run_the_pipeline_per_batch(tiny_folder, tmp_path, monkeypatch, one_thread):
+    """The quality table's sample sets of digits-t2i: a pipeline is sampled (not called as a loader), sample
+    `i` is the held-out phrasing of digit `i % 10` on the batch's noise, and a second call reads the cache."""
+    import importlib
+    import sys
+    from functools import partial
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        sample_sets = importlib.import_module("sample_sets")
+    finally:
+        sys.path.pop(0)
+    from avq.evaluation.samples import batch_seed
+
+    monkeypatch.setattr(sample_sets, "CACHE", tmp_path / "samples")
+    pipe = t2i.load_pipeline(tiny_folder)
+    draw = partial(t2i.sample_batch, guidance=2.0, steps=2)
+    kw = dict(batch_size=4, progress=False)
+    images, labels, _ = sample_sets.get_samples(pipe, "t2i", 6, **kw, sample_batch=draw)
+    assert images.shape == (6, 1, 16, 16) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+    pairs = t2i.prompt_set("held_out", 8)
+    captions = [c for c, _ in pairs[4:8]]
+    second = t2i.sample_prompts(pipe, captions, guidance=2.0, steps=2, seed=batch_seed(0, 1))
+    assert torch.allclose(images[4:6], second[:2], atol=1e-5)
+
+    def fail(*args):
+        raise AssertionError("sampled again instead of reading the cache")
+
+    again, _, _ = sample_sets.get_samples(pipe, "t2i", 6, **kw, sample_batch=fail)
+    assert torch.equal(again, images)
+
+
+def test_calibration_configs_use_training_phrasings_or_random_embeddings():
+    real, rand = t2i.calibration_config(3), t2i.calibration_config(3, random_embeddings=True)
+    assert (real.num_steps, real.guidance_scale, real.seed) == (t2i.STEPS, t2i.GUIDANCE, 3)
+    assert set(real.prompts) == {c for c, _ in t2i.prompts("train")}
+    assert not set(real.prompts) & {c for c, _ in t2i.prompts("held_out")}
+    assert rand.prompts is None and rand.prompt_tokens == t2i.MAX_TOKENS
+    assert (rand.num_steps, rand.guidance_scale) == (t2i.STEPS, t2i.GUIDANCE)
+
+
+def test_cli_takes_the_shipped_pipeline_by_name(tmp_path, one_thread):
+    """`avq sample --model digits-t2i --prompt ...`: the shipped name stands for its (linked) folder."""
+    from avq.cli import main
+    from avq.evaluation.samples import load_samples
+
+    if not (t2i.ASSETS / t2i.NAME / "model_index.json").is_file():
+        pytest.skip("digits-t2i not trained yet (python benchmarks/train_t2i.py)")
+    out = tmp_path / "s"
+    argv = ["sample", "--model", t2i.NAME, "--prompt", "a scribbled 7", "--prompt", "1 written by hand",
+            "--steps", "2", "--guidance", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    images, _, meta = load_samples(out / "samples.npz")
+    assert images.shape == (2, 1, 16, 16) and meta["prompts"] == ["a scribbled 7", "1 written by hand"]
+    assert main(["sample", "--model", "digits-t2x", "--prompt", "x", "--out", str(tmp_path / "x")]) == 2

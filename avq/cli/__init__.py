@@ -1,6 +1,6 @@
 """The `avq` command line. Each subcommand only parses arguments and calls the Python API.
 
-    avq quantize --model PIPELINE_FOLDER|MODEL_FOLDER|digits-unet|digits-dit|digits-unet-mini
+    avq quantize --model PIPELINE_FOLDER|MODEL_FOLDER|digits-unet|digits-dit|digits-unet-mini|digits-t2i
                  --preset w4a16|w2a16|w4a8|w2a8 [--method avq|gptq|rtn] --out FOLDER [--json PATH] [--resume]
                  [--group-size G (gptq/rtn)]
                  [--prompts FILE] [--num-samples N] [--steps S] [--guidance G] [--height H --width W]
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from avq.calibration.adapters import UnsupportedModelError
-from avq.cli.models import UserError, load_model
+from avq.cli.models import UserError, load_model, resolve_shipped_pipeline
 from avq.cli.parser import build_parser
 from avq.extras import MissingExtraError
 from avq.pipelines.folders import PipelineError
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:
+        for option in ("model", "teacher"):  # a shipped pipeline's name stands for its folder
+            if isinstance(getattr(args, option, None), str):
+                setattr(args, option, resolve_shipped_pipeline(getattr(args, option)))
         return args.func(args)
     except (
         UserError,

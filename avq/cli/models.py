@@ -11,6 +11,7 @@ from avq.extras import require_bench
 from avq.storage.atomic import write_json_atomic
 
 SHIPPED_MODELS = ("digits-unet", "digits-dit", "digits-unet-mini")
+SHIPPED_PIPELINES = ("digits-t2i",)  # text-to-image pipeline folders of avq_bench (`avq_bench.t2i`)
 SUPPORTED_CLASSES = (
     "UNet2DModel",
     "UNet2DConditionModel",
@@ -23,6 +24,17 @@ class UserError(Exception):
     """Bad input from the command line: reported as one line, exit status 2."""
 
 
+def resolve_shipped_pipeline(spec: str | None) -> str | None:
+    """A shipped pipeline's name -> its folder, laid out loadable (`avq_bench.t2i.pipeline_folder` links
+    the text encoder's weights from their installed package); any other value unchanged."""
+    if spec not in SHIPPED_PIPELINES:
+        return spec
+    import importlib
+
+    require_bench(f"the shipped pipeline {spec!r}")
+    return str(importlib.import_module("avq_bench.t2i").pipeline_folder())
+
+
 def load_model(spec: str):
     """A shipped model by name, or a local diffusers model folder, in float32 eval mode (a pipeline
     folder is loaded whole by `avq.pipelines`; here only its `unet/` or `transformer/`)."""
@@ -33,7 +45,8 @@ def load_model(spec: str):
     folder = Path(spec)
     if not folder.exists():
         raise UserError(
-            f"unknown model {spec!r}: not a shipped model ({', '.join(SHIPPED_MODELS)}) and no such folder"
+            f"unknown model {spec!r}: not a shipped model ({', '.join(SHIPPED_MODELS + SHIPPED_PIPELINES)}) "
+            "and no such folder"
         )
     if not folder.is_dir():
         raise UserError(f"{spec}: not a folder (expected a diffusers model folder with config.json)")

@@ -7,7 +7,7 @@ import argparse
 from avq.cli.bench import cmd_bench
 from avq.cli.evaluate import cmd_eval
 from avq.cli.finetune import cmd_finetune
-from avq.cli.models import SHIPPED_MODELS
+from avq.cli.models import SHIPPED_MODELS, SHIPPED_PIPELINES
 from avq.cli.quantize import cmd_quantize
 from avq.cli.sample import cmd_sample
 from avq.planning.presets import METHODS, PRESETS
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help=f"diffusers pipeline folder (model_index.json), diffusers model folder, or a shipped model "
-        f"({', '.join(SHIPPED_MODELS)})",
+        f"({', '.join(SHIPPED_MODELS)}) or pipeline ({', '.join(SHIPPED_PIPELINES)})",
     )
     q.add_argument("--preset", required=True, choices=PRESETS, help="weight/activation bits")
     q.add_argument(
@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(labels i %% classes). Same seed and batch size: same noise.",
     )
     s.add_argument(
-        "--model", default="digits-unet-mini", help="pipeline folder, shipped model or diffusers model folder"
+        "--model",
+        default="digits-unet-mini",
+        help="pipeline folder, shipped model or pipeline (digits-t2i), or diffusers model folder",
     )
     s.add_argument("--quantized", help="quantized pipeline folder or avq save; takes precedence over --model")
     s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")

@@ -177,6 +177,40 @@ def sample_prompts(
     return torch.cat(out)
 
 
+def sample_batch(
+    pipe,
+    indices: torch.Tensor,
+    seed: int,
+    *,
+    split: str = "held_out",
+    guidance: float = GUIDANCE,
+    steps: int = STEPS,
+) -> torch.Tensor:
+    """Images [B, 1, H, W] of the samples `indices` [B] of `prompt_set(split, .)` (sample `i`: digit
+    `i % 10`, as the class-conditional sets), latents from `seed`: the batch sampler of the benchmark's
+    cached sample sets (`sample_sets.get_samples(sample_batch=...)`)."""
+    pairs = prompt_set(split, int(indices.max()) + 1)
+    captions = [pairs[i][0] for i in indices.tolist()]
+    return sample_prompts(pipe, captions, guidance=guidance, steps=steps, seed=seed, batch_size=len(captions))
+
+
+def calibration_config(seed: int = 0, *, random_embeddings: bool = False):
+    """How the quality rows calibrate `digits-t2i`: the sampling protocol (DDIM `STEPS`, guidance
+    `GUIDANCE`) through the pipeline on the training phrasings (never the held-out ones that are scored).
+
+    `random_embeddings`: the calibration of a bare text-conditioned model instead (`avq.quantize` on the
+    UNet alone, no text encoder): N(0, 1) prompt embeddings of `MAX_TOKENS` tokens, zeros as the null
+    input, the same steps and guidance on avq's own DDIM (the same linear-beta schedule; its timesteps sit
+    one below the pipeline's, which has `steps_offset` 1). The row it gives measures what real prompts
+    are worth."""
+    from avq.calibration.config import CalibrationConfig
+
+    protocol = dict(seed=seed, num_steps=STEPS, guidance_scale=GUIDANCE)
+    if random_embeddings:
+        return CalibrationConfig(**protocol, prompt_tokens=MAX_TOKENS)
+    return CalibrationConfig(**protocol, prompts=tuple(c for c, _ in prompts("train")))
+
+
 def evaluate_prompts(
     pipe,
     split: str = "held_out",
@@ -214,6 +248,7 @@ __all__ = [
     "NULL_CAPTION",
     "STEPS",
     "TRAIN_TEMPLATES",
+    "calibration_config",
     "encode_captions",
     "evaluate_prompts",
     "load_pipeline",
@@ -222,5 +257,6 @@ __all__ = [
     "pipeline_folder",
     "prompt_set",
     "prompts",
+    "sample_batch",
     "sample_prompts",
 ]
