@@ -39,7 +39,10 @@ Rows:
   ascending order in one process, so batch 8's delta can reuse memory the allocator kept from batch 1: the
   absolute peak is the robust figure. The last `auto` row has `rel_err_vs_dequant`: max |y_auto - y_dequant|
   / max |y_dequant| of the model output at the first batch size, a check that the fused kernels compute the
-  same step. `--quick` runs on one CPU thread (`--threads`): a tiny model on a shared machine is steadier so.
+  same step. Each `auto` step row also has `side_by_side`: the FP model is built again in the `auto` worker
+after its peaks are taken, and FP and W2 steps are timed in interleaved rounds (`side_by_side`): the W2/FP
+ratio to read, since latencies of separate processes drift on a shared machine. `--quick` runs on one CPU
+thread (`--threads`): a tiny model on a shared machine is steadier so.
 """
 
 from __future__ import annotations
@@ -274,6 +277,32 @@ def time_step(
     }
 
 
+def side_by_side(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int, target_s: float
+) -> dict[str, float]:
+    """Median latency (ms) of each of `fns`, timed in interleaved rounds (one call of each per round) after
+    `warmup` rounds: a slower or busier stretch of the machine hits every function alike, so their ratio
+    holds where latencies from separate processes drift (on 2 shared cores, FP `digits-unet` read 11-14
+    ms across processes). At least `repeats` rounds, more (up to 20) while they fit in `target_s`."""
+
+    def once(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(max(1, warmup)):
+        last = sum(once(fn) for fn in fns.values())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(repeats, min(20, int(target_s / max(last, 1e-6))))):
+        for k, fn in fns.items():
+            times[k].append(once(fn))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
     """Rows of one (model, variant): the memory row (quantized variants) and one step row per batch."""
     device = torch.device(args.device)
@@ -330,6 +359,20 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
             with dispatch.forced_kernel("dequant"):
                 ref = model(**kwargs).sample.float()
         rows[-1]["rel_err_vs_dequant"] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        # The W2/FP ratio side by side: the FP model built again in this process (after the peaks above).
+        fp_model = build_model(name, dtype, device, args)
+        for row in (r for r in rows if r.get("kind") == "step"):
+            kw = model_inputs(model, row["batch"], device, dtype)
+            with torch.no_grad():
+                ms = side_by_side(
+                    {"fp": lambda kw=kw: fp_model(**kw), "auto": lambda kw=kw: model(**kw)},
+                    device, args.warmup, args.repeats, args.target_s,
+                )  # fmt: skip
+            row["side_by_side"] = {"fp_ms": ms["fp"], "auto_ms": ms["auto"], "ratio": ms["auto"] / ms["fp"]}
+            print(
+                f"{name} batch={row['batch']} side by side: W2/FP x{ms['auto'] / ms['fp']:.3f}",
+                file=sys.stderr,
+            )
     return rows
 
 

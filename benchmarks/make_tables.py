@@ -115,8 +115,8 @@ def e2e_table(data: dict) -> str:
     }
     lines = [
         "| model | params | W2 layer weights / fp16 | batch | FP ms | W2 ms (auto) | W2 / FP"
-        " | W2 ms (decode + GEMM) | FP peak MiB | W2 peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | W2 / FP side by side | W2 ms (decode + GEMM) | FP peak MiB | W2 peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, mem in memory.items():
         for batch in sorted({b for (m, v, b) in steps if m == model}):
@@ -126,9 +126,10 @@ def e2e_table(data: dict) -> str:
             dq = steps.get((model, "dequant", batch))
             decode = _ms(dq["latency_ms"]) if dq is not None else "—"
             ratio = q["latency_ms"] / fp["latency_ms"]
+            paired = f"{q['side_by_side']['ratio']:.3f}x" if "side_by_side" in q else "—"
             lines.append(
                 f"| {model} | {mem['params'] / 1e6:.1f} M | {mem['layer_ratio']:.3f} | {batch}"
-                f" | {_ms(fp['latency_ms'])} | {_ms(q['latency_ms'])} | {ratio:.2f}x | {decode}"
+                f" | {_ms(fp['latency_ms'])} | {_ms(q['latency_ms'])} | {ratio:.2f}x | {paired} | {decode}"
                 f" | {fp['peak_mib']:.0f} | {q['peak_mib']:.0f} |"
             )
     lines.append("")

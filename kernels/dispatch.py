@@ -6,7 +6,7 @@ Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped betw
                           `TRITON_INTERPRET=1` set before triton is first imported (tests)
     "lut"                 lookup-table GEMM (`kernels/lut.py`): the compiled (numba) gather-sum on CPU
                           when numba is installed and the compute is fp32, else plain torch
-    "dequant"             decode the dense weight, then `F.linear` / `F.conv2d`
+    "dequant"             decode the dense weight, then `F.linear` / `F.conv2d` (whole)
 Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
 unfolded input (`kernels/conv.py`).
 
@@ -17,12 +17,16 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
 2. CUDA and x in fp16/bf16/fp32: Linear -> "triton" if `M_rows <= TRITON_MAX_ROWS`, else "dequant"
    (decode once, then cuBLAS: at large M_rows the GEMM dominates and cuBLAS wins). Conv2d -> per
    `conv.choose_conv_strategy`.
-3. CPU: Linear with B <= 8 and M_rows <= MEASURE_MAX_ROWS (64): measured (`kernels/autotune.py`): the
-   first call of each (dtype, shape, spec, M_rows bucket, threads) on this host times "lut" and "dequant"
-   and the faster serves from then on, remembered on disk for later processes. Other Linears:
-   "dequant" (blocked decode + GEMM). Conv2d -> "dequant" (`conv.choose_conv_strategy`). The fixed
-   rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and `M_rows * M * 2^B <=
-   out_features`) is what `choose_linear_kernel` reports; it held on an AMD EPYC and not on an Intel Xeon.
+3. CPU, measured (`kernels/autotune.py`): the first call of each (dtype, shape, spec, M_rows bucket,
+   threads) on this host times the candidates and the fastest serves from then on, remembered on disk
+   for later processes. Linear: "lut" (B <= 8 and M_rows <= MEASURE_MAX_ROWS), "dequant" (the whole
+   weight decoded, one GEMM) and "dequant-blocked" (a block of output rows decoded and multiplied while
+   cache-resident). Conv2d whose weight spans more than two decode blocks: "dequant" against
+   "dequant-blocked" (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
+   1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); smaller convs:
+   "dequant". The fixed rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and
+   `M_rows * M * 2^B <= out_features`) is what `choose_linear_kernel` reports where nothing is measured
+   (fp64); it held on an AMD EPYC and not on an Intel Xeon.
 4. Anything else (other devices, fp64 on CUDA): "dequant".
 The thresholds are measured by `benchmarks/kernels.py` (CPU figures in its results file; the GPU ones
 are first guesses until it runs on a GPU).
@@ -46,6 +50,7 @@ safe there, but layers run concurrently on several CUDA streams would need their
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import weakref
@@ -60,7 +65,7 @@ KERNELS = ("triton", "lut", "dequant")
 TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
 LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
-MEASURE_MAX_ROWS = 64  # CPU: LUT and dequantize + GEMM are timed up to here; above, the decode amortises
+MEASURE_MAX_ROWS = 64  # CPU: the LUT is a candidate up to here; above, the decode amortises
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -131,16 +136,56 @@ def _bucket(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
+def linear_candidates(module, rows: int) -> tuple[str, ...]:
+    """The CPU kernels timed for a Linear call of `rows` rows (rule step 3)."""
+    if rows <= MEASURE_MAX_ROWS and module.spec.nbits <= LUT_MAX_NBITS:
+        return ("lut", "dequant", "dequant-blocked")
+    return ("dequant", "dequant-blocked")
+
+
 def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
     """The autotuning key of a CPU Linear call whose kernel is measured (rule step 3), else None: rows
-    are bucketed to the next power of two; the LUT is a candidate up to `MEASURE_MAX_ROWS` rows only."""
-    if x.device.type != "cpu" or rows > MEASURE_MAX_ROWS or module.spec.nbits > LUT_MAX_NBITS:
-        return None
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    are bucketed to the next power of two."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     bucket = _bucket(rows)
     N, K = module.shape[0], module.shape[1]
     return f"linear|cpu|{x.dtype}|{N}x{K}|{module.spec.name}|rows<={bucket}|threads={torch.get_num_threads()}"
+
+
+def conv_measured_key(module, x: torch.Tensor, rows: int) -> str | None:
+    """The autotuning key of a CPU Conv2d call whose decode is measured whole against in blocks (rule step
+    3: weights of more than two blocks, batched input), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if x.dim() != 4 or 4 * math.prod(module.shape) <= 2 * lut.DEQUANT_BLOCK_BYTES:
+        return None
+    shape, geometry = "x".join(map(str, module.shape)), f"s{module.stride}p{module.padding}d{module.dilation}"
+    return (
+        f"conv|cpu|{x.dtype}|{shape}|{geometry}|{module.spec.name}|rows<={_bucket(rows)}"
+        f"|threads={torch.get_num_threads()}"
+    )
+
+
+def _measured(module, x, rows, key_of, candidates, run) -> tuple[str | None, torch.Tensor | None]:
+    """The measured kernel of this call and, on the call that timed the candidates, its output.
+
+    The module's own memo first (the disk-backed choice needs a key string and a lock on every call), then
+    the host's recorded choice for `key_of()`, else the first call of its kind on this host times
+    `run(name)` for each of `candidates` and keeps the fastest. `(None, None)`: not measured (no key)."""
+    memo = _CHOSEN.setdefault(module, {})
+    short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
+    kernel = memo.get(short)
+    if kernel is not None:
+        return kernel, None
+    key = key_of()
+    if key is None:  # the fixed rule (exact rows), not memoised
+        return None, None
+    kernel, y = autotune.chosen(key), None
+    if kernel not in candidates:  # not measured yet on this host (or by other kernels)
+        kernel, y = autotune.measure(key, {k: (lambda k=k: run(k)) for k in candidates})
+    memo[short] = kernel
+    return kernel, y
 
 
 # ----------------------------------------------------------------------------- cache
@@ -304,37 +349,42 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dense, module._bias(x.dtype))
     if forced:
         return _linear_with(forced, module, x, rows)
-    # The module's own memo first: the disk-backed choice needs a key string and a lock on every call.
-    memo = _CHOSEN.setdefault(module, {})
-    short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
-    kernel = memo.get(short)
+    kernel, y = _measured(
+        module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
+        lambda k: _linear_with(k, module, x, rows),
+    )  # fmt: skip
+    if y is not None:
+        return y
     if kernel is None:
-        key = measured_key(module, x, rows)
-        if key is None:  # the fixed rule (exact rows), not memoised
-            rule = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
-            return _linear_with(rule, module, x, rows)
-        kernel = autotune.chosen(key)
-        if kernel is None:  # first call of its kind on this host: time the candidates, keep the fastest
-            candidates = {k: (lambda k=k: _linear_with(k, module, x, rows)) for k in ("lut", "dequant")}
-            kernel, y = autotune.measure(key, candidates)
-            memo[short] = kernel
-            return y
-        memo[short] = kernel
+        kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
     return _linear_with(kernel, module, x, rows)
 
 
 def _linear_with(kernel: str, module, x: torch.Tensor, rows: int) -> torch.Tensor:
     K, N = module.shape[1], module.shape[0]
     bias = None if module.bias is None else module.bias.detach()
-    if kernel == "dequant" and x.device.type != "cpu":
+    if kernel == "dequant" or (kernel == "dequant-blocked" and x.device.type != "cpu"):
         return F.linear(x, dense_weight(module, x.dtype), module._bias(x.dtype))
-    if kernel == "dequant":  # CPU: decode and multiply block by block (see kernels/lut.py)
+    if kernel == "dequant-blocked":  # CPU: decode and multiply block by block (see kernels/lut.py)
         y = lut.dequant_matmul(
             x.reshape(rows, K), module.codes, _books_f32(module), _scales_f32(module), bias
         )
     else:
         y = _fused_matmul(kernel, module, x.reshape(rows, K), bias)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _conv_dequant(kernel: str, module, x: torch.Tensor) -> torch.Tensor:
+    """`AQConv2d` through the decoded weight: whole ("dequant"), or a block of output channels at a time
+    ("dequant-blocked", CPU 4-d input; `lut.dequant_conv2d`)."""
+    if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
+        bias = None if module.bias is None else module.bias.detach()
+        return lut.dequant_conv2d(
+            x, module.codes, _books_f32(module), _scales_f32(module), bias, tuple(module.shape),
+            module.stride, module.padding, module.dilation,
+        )  # fmt: skip
+    weight = dense_weight(module, x.dtype).view(module.shape)
+    return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
 
 
 def conv2d(module, x: torch.Tensor) -> torch.Tensor:
@@ -355,8 +405,13 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
         rows = conv.rows_of(x, *geometry)
         strategy = conv.choose_conv_strategy(x.device, rows, module.shape[0])
         kernel = "triton" if x.device.type == "cuda" else "lut"
+    if strategy == "dequant" and forced is None:  # CPU: whole weight or blocks of it, measured
+        kernel, y = _measured(
+            module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
+            lambda k: _conv_dequant(k, module, x),
+        )  # fmt: skip
+        return y if y is not None else _conv_dequant(kernel or "dequant", module, x)
     if strategy == "dequant" or x.dim() != 4:  # unbatched [C, H, W] input: leave it to F.conv2d
-        weight = dense_weight(module, x.dtype).view(module.shape)
-        return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+        return _conv_dequant("dequant", module, x)
     bias = None if module.bias is None else module.bias.detach()
     return conv.implicit_gemm(x, lambda cols: _fused_matmul(kernel, module, cols, bias), *geometry)

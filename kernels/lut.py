@@ -29,8 +29,8 @@ one thread each: J = 1 (aqlm's loop order) 1.30 ms, J = 8 0.91 ms, aqlm's kernel
 runs it with torch's thread count. Compiled once per (M, C, J, code dtype) in a process (~2 s).
 
 Dequantize (`dequantize`, `dequant_matmul`): a compiled decode (`decode_into`, numba: each group's
-codewords summed and scaled straight into the output rows, one thread below `DECODE_PARALLEL_MIN` weights
-where starting the parallel region would cost more than the decode), bit-identical to
+codewords summed and scaled straight into the output rows, one thread below `DECODE_PARALLEL_MIN` weights:
+in a model the parallel decode was not faster), bit-identical to
 `avq.core.qweight.decode`. On the W2 `digits-unet` (74 layers, 13 M weights, one thread) decoding every
 layer once took 24 ms through the fallback and 8.4 ms compiled. The fallback (no numba, other dtypes or
 devices): the same trick as the LUT with index `m*C + codes[n, j, m]` into the codebooks viewed as
@@ -51,10 +51,13 @@ import torch.nn.functional as F
 LUT_GROUP_BLOCK = 16  # J: groups per LUT block (measured best for R <= 16 on 4096-wide layers)
 NUMBA_GROUP_BLOCK = 8  # J of the compiled gather-sum (measured: 8 and 16 within noise, 1 is 40 % slower)
 DEQUANT_BLOCK_BYTES = 4 << 20  # decoded fp32 rows per block of the blocked dequantize
-# Weights below which the compiled decode runs on one thread: starting numba's parallel region costs
-# ~50 us, the decode of 256k weights about as much (measured on 2 EPYC cores).
-DECODE_PARALLEL_MIN = 1 << 18
-LUT_PARALLEL_MIN = 1 << 18  # lookups (rows x codes) below which the compiled gather-sum runs on one thread
+# Sizes below which the compiled kernels run on one thread. Inside a model forward torch's OpenMP threads
+# spin between ops and numba's workers compete with them for the cores: measured on 2 EPYC cores right
+# after a torch GEMM, the parallel decode was never faster (0.26 M weights: 0.23 ms vs 0.11 serial; 16.8 M:
+# 6.2 vs 6.1 ms, the stores bound it), nor the parallel gather-sum at [4096, 4096] one row (1.04 vs
+# 0.86 ms; 0.68 vs 0.84 ms on idle threads).
+DECODE_PARALLEL_MIN = 1 << 25  # weights (larger than any SD / SDXL layer)
+LUT_PARALLEL_MIN = 1 << 23  # lookups: rows x codes (one row of [4096, 4096] 2x8g8 is 4.2 M)
 
 
 def group_block(groups: int, target: int = LUT_GROUP_BLOCK) -> int:
@@ -297,6 +300,46 @@ def dequantize(
     for lo in rows:
         hi = min(lo + rows.step, N)
         out[lo:hi] = _decode_rows(codes, books2d, scales, lo, hi)
+    return out
+
+
+def dequant_conv2d(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_shape: tuple[int, ...],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """`conv2d(x, W)` (CPU) with `W [out, in, kh, kw]` decoded a block of output channels at a time
+    (`_row_blocks`: ~`DEQUANT_BLOCK_BYTES` of fp32 each), each block convolved while it is cache-resident.
+
+    The whole weight is never written to memory: at low resolution, where a large weight meets few output
+    pixels, decoding 59 MB and convolving it costs more than the decode (measured on 2 EPYC cores, 1280 ->
+    1280 3x3 at 8x8: FP 22.7 ms, whole decode + conv 28.8 ms, blocks 13.5 ms). Same decoded values as
+    `dequantize`; the convolutions run in `x.dtype`.
+    """
+    N, G, M = codes.shape
+    C, g = codebooks.shape[1:]
+    books, scales = codebooks.float().contiguous(), scales.float().contiguous()
+    rows = _row_blocks(N, G * g)
+    block = torch.empty(min(rows.step, N), G * g)  # [rows, K] fp32
+    out = None
+    for lo in rows:
+        hi = min(lo + rows.step, N)
+        w = block[: hi - lo]
+        if not decode_into(codes[lo:hi], books, scales[lo:hi], w):
+            w = _decode_rows(codes, books.reshape(M * C, g), scales, lo, hi)
+        b = None if bias is None else bias[lo:hi].to(x.dtype)
+        y = F.conv2d(x, w.to(x.dtype).view(hi - lo, *weight_shape[1:]), b, stride, padding, dilation)
+        if out is None:  # [B, out, Ho, Wo], in the memory format F.conv2d chose for this input
+            last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+            fmt = torch.channels_last if last else torch.contiguous_format
+            out = torch.empty((y.shape[0], N, *y.shape[2:]), dtype=y.dtype, memory_format=fmt)
+        out[:, lo:hi] = y
     return out
 
 

@@ -43,23 +43,26 @@ def _slow(monkeypatch, target, name: str) -> None:
     monkeypatch.setattr(target, name, slowed)
 
 
-@pytest.mark.parametrize("slow", ["lut", "dequant"])
+SLOW = {"lut": (dispatch, "_fused_matmul"), "dequant": (dispatch, "dense_weight"),
+        "dequant-blocked": (lut, "dequant_matmul")}  # fmt: skip
+
+
+@pytest.mark.parametrize("fast", ["lut", "dequant", "dequant-blocked"])
 @torch.no_grad()
-def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, slow):
+def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, fast):
     layer, x = _layer(), torch.randn(1, 64)
     ref = F.linear(x, dispatch.dense_weight(layer, torch.float32).clone(), layer.bias)
-    if slow == "lut":
-        _slow(monkeypatch, dispatch, "_fused_matmul")
-    else:
-        _slow(monkeypatch, lut, "dequant_matmul")
+    for kernel, (target, name) in SLOW.items():
+        if kernel != fast:
+            _slow(monkeypatch, target, name)
     y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     key = dispatch.measured_key(layer, x, 1)
-    faster = "dequant" if slow == "lut" else "lut"
-    assert autotune.chosen(key) == faster
+    assert autotune.chosen(key) == fast
     saved = json.loads(autotune.cache_file().read_text())
-    assert saved["host"] == autotune.host() and saved["choices"][key]["kernel"] == faster
-    assert saved["choices"][key]["ms"][slow] > saved["choices"][key]["ms"][faster]
+    assert saved["host"] == autotune.host() and saved["choices"][key]["kernel"] == fast
+    timings = saved["choices"][key]["ms"]
+    assert set(timings) == set(SLOW) and min(timings, key=timings.get) == fast
 
     # later calls (and a new process, which reads the file) use it without measuring
     monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
@@ -68,19 +71,53 @@ def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, slow)
     run = dispatch._linear_with
     monkeypatch.setattr(dispatch, "_linear_with", lambda k, *a: used.append(k) or run(k, *a))
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert used == [faster]
+    assert used == [fast]
 
 
 @torch.no_grad()
-def test_forced_kernel_and_large_calls_are_not_measured(cache, monkeypatch):
-    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured"))
+def test_forced_kernels_and_float64_are_not_measured_and_many_rows_skip_the_lut(cache, monkeypatch):
+    measured = []
+    real = autotune.measure
+    monkeypatch.setattr(autotune, "measure", lambda key, c: measured.append(sorted(c)) or real(key, c))
     layer = _layer()
-    monkeypatch.setenv("AVQ_KERNEL", "lut")
-    layer(torch.randn(1, 64))
+    for forced in ("lut", "dequant"):
+        monkeypatch.setenv("AVQ_KERNEL", forced)
+        layer(torch.randn(1, 64))
     monkeypatch.delenv("AVQ_KERNEL")
-    assert dispatch.measured_key(layer, torch.randn(65, 64), 65) is None  # above MEASURE_MAX_ROWS
-    layer(torch.randn(65, 64))
-    assert not autotune.cache_file().exists()
+    assert dispatch.measured_key(layer, torch.randn(1, 64, dtype=torch.float64), 1) is None
+    layer.double()(torch.randn(1, 64, dtype=torch.float64))
+    assert measured == [] and not autotune.cache_file().exists()
+    layer.float()(torch.randn(65, 64))  # above MEASURE_MAX_ROWS: the whole decode against blocks
+    assert measured == [["dequant", "dequant-blocked"]]
+
+
+@torch.no_grad()
+def test_large_convolutions_measure_whole_against_blocked_decode(cache, monkeypatch):
+    """A conv whose weight spans several decode blocks times the whole decode against blocks of output
+    channels (the same outputs); a small one is not measured."""
+    from avq import AQConv2d
+
+    monkeypatch.setattr(lut, "DEQUANT_BLOCK_BYTES", 4 * 16 * 72)  # 16 output channels of K = 8*3*3 a block
+    conv = AQConv2d(random_qweight((40, 8, 3, 3), SPEC, seed=3), bias=torch.randn(40), padding=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    ref = F.conv2d(
+        x, dispatch.dense_weight(conv, torch.float32).view(40, 8, 3, 3).clone(), conv.bias, padding=1
+    )
+    blocked = dispatch._conv_dequant("dequant-blocked", conv, x)
+    torch.testing.assert_close(blocked, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dispatch._conv_dequant("dequant-blocked", conv, x.to(memory_format=torch.channels_last)),
+        ref,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    _slow(monkeypatch, dispatch, "dense_weight")
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+    key = dispatch.conv_measured_key(conv, x, 2 * 36)
+    assert key.startswith("conv|cpu|") and "40x8x3x3" in key
+    assert autotune.chosen(key) == "dequant-blocked"
+    small = AQConv2d(random_qweight((8, 8, 3, 3), SPEC, seed=4), padding=1).eval()
+    assert dispatch.conv_measured_key(small, x, 2 * 36) is None
 
 
 @torch.no_grad()
@@ -107,6 +144,7 @@ def test_dense_cache_keeps_decoded_weights_within_the_budget(cache, monkeypatch)
     within the budget, the budget given back when a module dies; a bad value is refused by name."""
     first, second = _layer(1), _layer(2)  # 96x64 fp32: 24 KiB each
     monkeypatch.setenv("AVQ_DENSE_CACHE_MIB", str(30 / 1024))  # room for one
+    monkeypatch.setattr(autotune, "chosen", lambda key: "dequant-blocked")  # no whole decodes: not counted
     decodes = []
     real = lut.dequantize
     monkeypatch.setattr(lut, "dequantize", lambda *a, **k: decodes.append(1) or real(*a, **k))

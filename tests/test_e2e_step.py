@@ -83,3 +83,7 @@ def test_quick_writes_schema(tmp_path):
         assert "memory_method" in r
     auto = [r for r in steps if r["variant"] == "auto"]
     assert auto[-1]["rel_err_vs_dequant"] < 1e-4
+    for r in auto:  # the FP and W2 steps timed in interleaved rounds in one process
+        paired = r["side_by_side"]
+        assert paired["fp_ms"] > 0 and paired["auto_ms"] > 0
+        assert paired["ratio"] == pytest.approx(paired["auto_ms"] / paired["fp_ms"])
