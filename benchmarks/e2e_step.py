@@ -251,24 +251,26 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     out["before_mib"] = before / MIB
 
 
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of `fn` (CUDA synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_step(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, target_s: float
 ) -> dict:
     """Median latency (ms) after `warmup` calls; at least `repeats` timed calls, more (up to 20) while
     they fit in `target_s` seconds."""
 
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    first = [once() for _ in range(max(1, warmup))]
+    first = [_seconds(fn, device) for _ in range(max(1, warmup))]
     n = max(repeats, min(20, int(target_s / max(first[-1], 1e-6))))
-    times = [once() for _ in range(n)]
+    times = [_seconds(fn, device) for _ in range(n)]
     return {
         "latency_ms": statistics.median(times) * 1e3,
         "latency_min_ms": min(times) * 1e3,
@@ -285,21 +287,12 @@ def side_by_side(
     holds where latencies from separate processes drift (on 2 shared cores, FP `digits-unet` read 11-14
     ms across processes). At least `repeats` rounds, more (up to 20) while they fit in `target_s`."""
 
-    def once(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
     for _ in range(max(1, warmup)):
-        last = sum(once(fn) for fn in fns.values())
+        last = sum(_seconds(fn, device) for fn in fns.values())
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(repeats, min(20, int(target_s / max(last, 1e-6))))):
         for k, fn in fns.items():
-            times[k].append(once(fn))
+            times[k].append(_seconds(fn, device))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 

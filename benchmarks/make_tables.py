@@ -233,7 +233,8 @@ def quality_table(data: dict) -> str:
         )
         + _source(data),
     ]
-    return "\n".join(lines + against_best_uniform(data["rows"]) + ablation_lines(data["rows"]))
+    rows = data["rows"]
+    return "\n".join(lines + against_best_uniform(rows) + calibration_lines(rows) + ablation_lines(rows))
 
 
 def best_uniform(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -292,6 +293,26 @@ def against_best_uniform(rows: list[dict]) -> list[str]:
             *lines,
         ]
     return lines
+
+
+def calibration_lines(rows: list[dict]) -> list[str]:
+    """Text-to-image: each preset's `avq` row (calibrated through the pipeline on real prompts) against its
+    `avq-rand` row (random prompt embeddings, the bare UNet), same N and noise: what real prompts are
+    worth."""
+    lines = []
+    for rand in (r for r in rows if r["method"] == "avq-rand"):
+        real = next(
+            (r for r in rows if (r["model"], r["config"]) == (rand["model"], f"avq:{rand['preset']}")), None
+        )
+        if real is None:
+            continue
+        lines.append(
+            f"- {rand['model']} {rand['preset']}: real prompts `{real['config']}` against random embeddings "
+            f"`{rand['config']}`: PSNR to FP {real['psnr']:.2f} vs {rand['psnr']:.2f} dB, FID to FP "
+            f"{real['fid_to_fp']:.3f} vs {rand['fid_to_fp']:.3f}, prompt alignment "
+            f"{real['prompt_alignment']:.4f} vs {rand['prompt_alignment']:.4f} (N = {real['n']} each)"
+        )
+    return ["", "Calibration of the text-to-image model, same noise:", "", *lines] if lines else []
 
 
 ABLATION = ("avq-pv", "avq-pv-none", "avq-pv-all", "avq-p-only")  # benchmarks/quality.py's

@@ -148,3 +148,8 @@ def test_text_to_image_rows_apply_and_compare_prompt_alignment():
     line = make_tables.against_best_uniform([uniform, avq])[-1]
     assert "prompt alignment 0.9300 vs 0.9500" in line and "not ahead" in line
     assert "AVQ ahead" in make_tables.against_best_uniform([uniform, {**avq, "prompt_alignment": 0.97}])[-1]
+    real = {**avq, "config": "avq:w2a8", "method": "avq", "n": 10}
+    rand = {**real, "config": "avq-rand:w2a8", "method": "avq-rand", "psnr": 21.0, "prompt_alignment": 0.9}
+    lines = make_tables.calibration_lines([uniform, real, rand])
+    assert "PSNR to FP 22.00 vs 21.00 dB" in lines[-1] and "prompt alignment 0.9300 vs 0.9000" in lines[-1]
+    assert make_tables.calibration_lines([uniform, real]) == []
