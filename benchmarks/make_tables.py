@@ -207,7 +207,9 @@ def quality_table(data: dict) -> str:
     lines += [
         "",
         f"N = {n} samples per row, identical noise for every row of a model. Minutes: the whole quantization "
-        "(calibration included); for `avq-pv*` rows, the SeMI-PV fine-tuning on top of the `avq` row of the "
+        "(calibration included; wall minutes also count any time the run was paused, e.g. while timing "
+        "benchmarks ran on the same cores: CPU minutes are the load-independent figure); for `avq-pv*` rows, "
+        "the SeMI-PV fine-tuning on top of the `avq` row of the "
         "preset (`-none` / `-all`: the SeMI ablation). `avq-laq`: AVQ with LAQ budgets at the total bits of "
         "the GPTQ row of the preset (equal total bits); `avq-laq+0.5`: half a bit more (LAQ may spend it on "
         "4-bit specs or FP for the layers that matter most). A model's second LAQ row reuses the sensitivity "
