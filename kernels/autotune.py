@@ -55,6 +55,28 @@ def usable_cores() -> int:
         return os.cpu_count() or 0
 
 
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def hyperthreaded_cores() -> int:
+    """Usable CPUs that share a physical core with another usable CPU (SMT siblings, from sysfs; 0 where
+    unknown). A "2-core" VM can be one core's two hyperthreads: then two threads of compute do not double
+    its throughput, and parallel kernels fight over one core."""
+    usable = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    shared = 0
+    for cpu in usable:
+        try:
+            text = (SYSFS_CPU / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+        except OSError:
+            return 0
+        siblings: set[int] = set()
+        for part in text.strip().split(","):
+            lo, _, hi = part.partition("-")
+            siblings.update(range(int(lo), int(hi or lo) + 1))
+        shared += bool((siblings - {cpu}) & usable)
+    return shared
+
+
 def _kernels_digest() -> str:
     """A hash of this package's kernel sources: choices measured with other kernels are not reused."""
     digest = hashlib.sha256()

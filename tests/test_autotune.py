@@ -167,3 +167,18 @@ def test_dense_cache_keeps_decoded_weights_within_the_budget(cache, monkeypatch)
     monkeypatch.setenv("AVQ_DENSE_CACHE_MIB", "lots")
     with pytest.raises(ValueError, match="AVQ_DENSE_CACHE_MIB"):
         _layer(3)(x)
+
+
+def test_hyperthread_siblings_are_counted_among_usable_cpus(tmp_path, monkeypatch):
+    """Two usable CPUs that are one core's two threads count 2; siblings outside the affinity do not."""
+    for cpu, siblings in {0: "0,2", 1: "1-1", 2: "0,2"}.items():
+        folder = tmp_path / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "thread_siblings_list").write_text(siblings + "\n")
+    monkeypatch.setattr(autotune, "SYSFS_CPU", tmp_path)
+    monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: {0, 2}, raising=False)
+    assert autotune.hyperthreaded_cores() == 2
+    monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert autotune.hyperthreaded_cores() == 0
+    monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: {0, 7}, raising=False)  # no sysfs entry
+    assert autotune.hyperthreaded_cores() == 0

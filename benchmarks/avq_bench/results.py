@@ -99,14 +99,14 @@ def run_stamp() -> dict:
 
 def device_name(device: str | torch.device | None = None) -> str:
     """The CUDA device name for a CUDA `device` (default: CUDA if available), else the CPU model and
-    the number of cores this process may use."""
+    the number of cores this process may use (and how many of them are hyperthreads of one core)."""
     device = torch.device(device) if device is not None else None
     if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
         return torch.cuda.get_device_name(device)
-    from avq.kernels.autotune import cpu_model, usable_cores
+    from avq.kernels.autotune import cpu_model, hyperthreaded_cores, usable_cores
 
-    model, cores = cpu_model(), usable_cores()
-    return f"{model}, {cores} cores"
+    model, cores, smt = cpu_model(), usable_cores(), hyperthreaded_cores()
+    return f"{model}, {cores} cores" + (f" ({smt} of them hyperthread siblings)" if smt else "")
 
 
 def _version(package: str) -> str | None:
