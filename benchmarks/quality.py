@@ -213,36 +213,46 @@ def _uniform_groups(method: str) -> tuple[str, int | None]:
     return (base, int(group)) if group.isdigit() else (method, None)
 
 
-def _sensitivity_path(model_name: str, seed: int, method: str = "avq-laq", preset: str = "w2a8") -> Path:
+def _artifacts(name: str) -> Path:
+    """Where a run keeps what its rows share (layer-wise models, LAQ tables), outside git: `runs/quality/`
+    for the table itself, a folder of its own for any other `--name`, so that a side run (a smoke test)
+    never hands its models or tables to the table's rows."""
+    root = REPO / "runs" / "quality"
+    return root if name == "quality" else root / name
+
+
+def _sensitivity_path(
+    name: str, model_name: str, seed: int, method: str = "avq-laq", preset: str = "w2a8"
+) -> Path:
     """The LAQ sensitivity table of a model (the same for every budget and preset: LAQ's candidates and the
     calibration do not depend on them), kept so that the other LAQ rows choose from it without measuring."""
     # a table per candidate set: uniform grids added, or the sub-2-bit presets' specs
     candidates = ("-u" if method in LAQ_UNIFORM else "") + ("-low" if preset in NOMINAL_BITS else "")
-    return REPO / "runs" / "quality" / f"{model_name}-laq{candidates}-seed{seed}.sensitivity.json"
+    return _artifacts(name) / f"{model_name}-laq{candidates}-seed{seed}.sensitivity.json"
 
 
-def _layerwise_folder(model_name: str, preset: str) -> Path:
+def _layerwise_folder(name: str, model_name: str, preset: str) -> Path:
     """Where the layer-wise AVQ model of a preset is kept for the PV rows (outside git): an avq save, or
     for `digits-t2i` a quantized pipeline folder (`avq.pipelines.save_pipeline`)."""
-    return REPO / "runs" / "quality" / f"{model_name}-avq-{preset}"
+    return _artifacts(name) / f"{model_name}-avq-{preset}"
 
 
-def _has_layerwise(model_name: str, preset: str) -> bool:
+def _has_layerwise(name: str, model_name: str, preset: str) -> bool:
     index = "model_index.json" if model_name == t2i.NAME else "config.json"
-    return (_layerwise_folder(model_name, preset) / index).is_file()
+    return (_layerwise_folder(name, model_name, preset) / index).is_file()
 
 
-def _save_layerwise(model, model_name: str, preset: str) -> None:
+def _save_layerwise(name: str, model, model_name: str, preset: str) -> None:
     from avq.pipelines.folders import save_pipeline
 
-    folder, extra = _layerwise_folder(model_name, preset), {"model": model_name}
+    folder, extra = _layerwise_folder(name, model_name, preset), {"model": model_name}
     if model_name == t2i.NAME:
         save_pipeline(model, folder, source=t2i.pipeline_folder(), extra_config=extra)
     else:
         avq.save_quantized(model, folder, extra_config=extra)
 
 
-def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
+def _finetuned(name: str, model_name: str, method: str, preset: str, steps: int | None):
     """The saved layer-wise AVQ model fine-tuned with SeMI-PV (mode from `method`); minutes of tuning."""
     from avq.finetune import FinetuneConfig, finetune, finetune_pipeline
     from avq.pipelines.folders import load_pipeline_folder
@@ -252,12 +262,12 @@ def _finetuned(model_name: str, method: str, preset: str, steps: int | None):
     config = FinetuneConfig(semi=SEMI[base], seed=seed, **v_off, **({"steps": steps} if steps else {}))
     start, cpu = time.perf_counter(), time.process_time()
     if model_name == t2i.NAME:  # on the FP pipeline's own trajectories of the training phrasings
-        student = load_pipeline_folder(_layerwise_folder(model_name, preset))
+        student = load_pipeline_folder(_layerwise_folder(name, model_name, preset))
         sampling = t2i.calibration_config(seed)
         teacher = _load_fp(model_name)
         _, history = finetune_pipeline(student, teacher, config, sampling=sampling, progress=True)
     else:
-        student = avq.load_quantized(_layerwise_folder(model_name, preset))
+        student = avq.load_quantized(_layerwise_folder(name, model_name, preset))
         student, history = finetune(student, _load_fp(model_name), config, progress=True)
         student = student.eval()
     extra = {
@@ -372,11 +382,11 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             continue
         budget = sensitivity = None
         if pv_method(method)[0] in SEMI:
-            if not _has_layerwise(model_name, preset):
+            if not _has_layerwise(args.name, model_name, preset):
                 print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
                 continue
             print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[pv_method(method)[0]]})")
-            model, minutes, extra = _finetuned(model_name, method, preset, args.pv_steps)
+            model, minutes, extra = _finetuned(args.name, model_name, method, preset, args.pv_steps)
             base = _done(rows, model_name, f"avq:{preset}")
             bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
             keep(evaluated(model, entry, bits, minutes, extra))
@@ -389,7 +399,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
-            table_path = _sensitivity_path(model_name, args.seed, method, preset)
+            table_path = _sensitivity_path(args.name, model_name, args.seed, method, preset)
             saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
             # Reused only when measured at this very commit: the table is part of what a row computed.
             sensitivity = saved.get("sensitivity") if saved.get("commit") == STARTED_AT else None
@@ -401,7 +411,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             table = {"commit": STARTED_AT, "sensitivity": report.budget["sensitivity"]}
             write_json_atomic(table_path, table)
         if method == "avq":  # kept for the PV rows
-            _save_layerwise(model, model_name, preset)
+            _save_layerwise(args.name, model, model_name, preset)
         summary = report.summary()
         bits = {
             "code_bits": summary["code_bits"],

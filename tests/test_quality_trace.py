@@ -153,3 +153,16 @@ def test_text_to_image_rows_apply_and_compare_prompt_alignment():
     lines = make_tables.calibration_lines([uniform, real, rand])
     assert "PSNR to FP 22.00 vs 21.00 dB" in lines[-1] and "prompt alignment 0.9300 vs 0.9000" in lines[-1]
     assert make_tables.calibration_lines([uniform, real]) == []
+
+
+def test_side_runs_keep_their_models_and_tables_apart():
+    """A run under another `--name` (a smoke test) never shares layer-wise models or LAQ tables with the
+    table's own rows."""
+    quality = _load("quality")
+    table, smoke = quality._artifacts("quality"), quality._artifacts("smoke")
+    assert table == ROOT / "runs" / "quality" and smoke == table / "smoke"
+    assert quality._layerwise_folder("smoke", "digits-t2i", "w2a8").parent == smoke
+    assert quality._sensitivity_path("quality", "digits-unet", 0).parent == table
+    assert quality._sensitivity_path("smoke", "digits-unet", 0) != quality._sensitivity_path(
+        "quality", "digits-unet", 0
+    )
