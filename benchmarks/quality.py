@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,8 @@ CONFIGS = (
     "avq:w1a8",
     "avq-laq:w1a8",
 )
-# Below 2 bits there is no uniform row to take a budget from: LAQ gets the preset's nominal bits.
+# Below 2 bits there is no uniform row to take a budget from: LAQ gets the preset's nominal bits, or the
+# least the model can reach where its FP-kept layers put them out of reach (`bits_budget_nominal` then).
 NOMINAL_BITS = {"w1.5a8": 1.5, "w1a8": 1.0}
 # LAQ rows: budget = the GPTQ row's total bits + this many.
 LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5, "avq-laq-u": 0.0}
@@ -205,6 +207,17 @@ def _quantized(
 
 
 RANDOM_EMBEDDINGS = ("avq-rand",)  # methods calibrated on random prompt embeddings
+
+
+def _least_budget(model_name: str, method: str, preset: str, budget: float) -> float:
+    """The fewest total bits LAQ can reach on the model with the row's candidates (its FP-kept layers stay
+    at 16 bits), rounded up to 1/1000 of a bit."""
+    from avq.run.quantize import minimum_total_bits
+
+    model = _load_fp(model_name)
+    denoiser = model.unet if model_name == t2i.NAME else model
+    config = preset_config(preset, "avq", bits_budget=budget, laq_uniform=LAQ_UNIFORM.get(method, ()))
+    return math.ceil(minimum_total_bits(denoiser, config) * 1000) / 1000
 
 
 def _uniform_groups(method: str) -> tuple[str, int | None]:
@@ -380,7 +393,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
         method, preset = entry.split(":")
         if _done(rows, model_name, entry):
             continue
-        budget = sensitivity = None
+        budget = sensitivity = nominal = None
         if pv_method(method)[0] in SEMI:
             if not _has_layerwise(args.name, model_name, preset):
                 print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
@@ -393,6 +406,11 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             continue
         if method in LAQ_EXTRA_BITS and preset in NOMINAL_BITS:
             budget = NOMINAL_BITS[preset] + LAQ_EXTRA_BITS[method]
+            # FP-kept layers can put the nominal bits out of reach: then the least the model can reach.
+            least = _least_budget(model_name, method, preset, budget)
+            if least > budget:
+                print(f"{entry}: {budget:g} total bits is out of reach, the least reachable is {least:.3f}")
+                budget, nominal = least, budget
         elif method in LAQ_EXTRA_BITS:
             gptq = _done(rows, model_name, f"gptq:{preset}")
             if gptq is None:
@@ -422,6 +440,8 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
         extra = {"cpu_minutes": round(cpu_minutes, 2), **configs}
         if budget is not None:  # minutes of a row with a reused table leave out measuring it
             extra.update(bits_budget=budget, laq_sensitivity="reused" if sensitivity else "measured")
+            if nominal is not None:
+                extra.update(bits_budget_nominal=nominal)
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
 

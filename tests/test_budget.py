@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -236,6 +237,27 @@ def test_quantize_bits_budget_infeasible(monkeypatch):
     )
     with pytest.raises(BudgetError, match="minimum achievable budget"):
         quantize(tiny_unet(), preset_config("w2a16", solver=FAST, bits_budget=1.0), TINY, progress=False)
+
+
+def test_minimum_total_bits_is_where_the_budget_check_draws_the_line(monkeypatch):
+    """`minimum_total_bits`: a budget just below it is refused before calibrating, one at it is not."""
+    from avq.run.quantize import minimum_total_bits
+
+    config = preset_config("w2a16", solver=FAST, bits_budget=1.0)
+    least = minimum_total_bits(tiny_unet(), config)
+    assert 1.0 < least < 16.0
+    calibrated = []
+
+    def stop(*a, **k):
+        calibrated.append(1)
+        raise RuntimeError("calibration reached")
+
+    monkeypatch.setattr("avq.calibration.source.calibrate", stop)
+    with pytest.raises(BudgetError, match="minimum achievable budget"):
+        quantize(tiny_unet(), replace(config, bits_budget=least - 1e-3), TINY, progress=False)
+    with pytest.raises(RuntimeError, match="calibration reached"):
+        quantize(tiny_unet(), replace(config, bits_budget=least + 1e-6), TINY, progress=False)
+    assert calibrated == [1]
 
 
 def test_budget_candidates_span_presets():
