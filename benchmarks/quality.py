@@ -212,7 +212,7 @@ RANDOM_EMBEDDINGS = ("avq-rand",)  # methods calibrated on random prompt embeddi
 def _least_budget(model_name: str, method: str, preset: str, budget: float) -> float:
     """The fewest total bits LAQ can reach on the model with the row's candidates (its FP-kept layers stay
     at 16 bits), rounded up to 1/1000 of a bit."""
-    from avq.run.quantize import minimum_total_bits
+    from avq.planning.reach import minimum_total_bits
 
     model = _load_fp(model_name)
     denoiser = model.unet if model_name == t2i.NAME else model

@@ -241,7 +241,7 @@ def test_quantize_bits_budget_infeasible(monkeypatch):
 
 def test_minimum_total_bits_is_where_the_budget_check_draws_the_line(monkeypatch):
     """`minimum_total_bits`: a budget just below it is refused before calibrating, one at it is not."""
-    from avq.run.quantize import minimum_total_bits
+    from avq.planning.reach import minimum_total_bits
 
     config = preset_config("w2a16", solver=FAST, bits_budget=1.0)
     least = minimum_total_bits(tiny_unet(), config)

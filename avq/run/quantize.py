@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +43,17 @@ from avq.calibration.statistics import (
     group_by_block,
     hessian_passes,
     layer_fan_in,
-    quantizable_layers,
 )
 from avq.core import baselines
 from avq.core.aq import quantize_weight
 from avq.core.baselines import UniformQuantizedWeight, quantize_weight_gptq, quantize_weight_rtn
-from avq.core.bits import FP16_BITS, total_bits
 from avq.core.modules import replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.uniform_modules import quantized_module
 from avq.planning.budget import choose_specs
-from avq.planning.plan import LayerPlan, fitting_specs, plan_model
+from avq.planning.plan import LayerPlan
 from avq.planning.presets import QuantizeConfig
-from avq.planning.sensitivity import FP
+from avq.planning.reach import cheapest_choices, layer_plans
 from avq.run.checkpoint import QuantizeCheckpoint, fingerprint
 from avq.run.laq import laq_plans
 from avq.run.report import QuantizeReport
@@ -169,50 +167,6 @@ def _solve(
     return quantize_weight_rtn(weight, plan.bits, hessian, group_size=plan.group_size, name=plan.name)
 
 
-def _plans(model: nn.Module, config: QuantizeConfig) -> list[LayerPlan]:
-    """The layer plans `quantize` works from; with LAQ, rule 4 (overhead) is left to the budget, so those
-    layers are candidates too."""
-    plans = plan_model(
-        model, config if config.bits_budget is None else replace(config, max_overhead_bits=None)
-    )
-    quantizable = set(quantizable_layers(model))
-    return [
-        p if p.name in quantizable or not p.quantized else replace(p, reason="not a quantizable layer")
-        for p in plans
-    ]
-
-
-def _cheapest(plans: list[LayerPlan], config: QuantizeConfig) -> dict[str, dict[str, tuple[float, float]]]:
-    """Each layer's cheapest LAQ choice as a one-option table `{layer: {option: (error, total bits)}}`:
-    its fewest-bits candidate spec (uniform grids included), or FP16 where it is kept in FP."""
-    return {
-        p.name: {
-            "min": (
-                0.0,
-                min(
-                    [total_bits(p.shape, s) for s in fitting_specs(p.kind, p.shape, config)[1]]
-                    + [total_bits(p.shape, s) for s in config.laq_uniform]
-                    + [FP16_BITS]
-                ),
-            )
-        }
-        if p.quantized
-        else {FP: (0.0, float(FP16_BITS))}
-        for p in plans
-    }
-
-
-def minimum_total_bits(model: nn.Module, config: QuantizeConfig) -> float:
-    """The fewest total bits per weight an LAQ budget can reach on `model` with `config`'s candidates:
-    every quantized layer at its cheapest candidate, the FP-kept layers at 16 bits. A `bits_budget` below
-    it is refused (`BudgetError`) before calibrating."""
-    config = replace(config, bits_budget=config.bits_budget or float(FP16_BITS))  # LAQ's plans and candidates
-    plans = _plans(model, config)
-    sizes = {p.name: math.prod(p.shape) for p in plans}
-    cheapest = _cheapest(plans, config)
-    return sum(next(iter(cheapest[n].values()))[1] * sizes[n] for n in sizes) / max(sum(sizes.values()), 1)
-
-
 def quantize(
     model: nn.Module,
     config: QuantizeConfig,
@@ -257,11 +211,11 @@ def quantize(
             model, config, calibration, report=report, sensitivity=sensitivity, **options
         )
 
-    plans = _plans(model, config)
+    plans = layer_plans(model, config)
     todo = [p for p in plans if p.quantized]
     if config.bits_budget is not None:  # fail before calibrating when even the cheapest choice is over
         choose_specs(
-            _cheapest(plans, config), {p.name: math.prod(p.shape) for p in plans}, config.bits_budget
+            cheapest_choices(plans, config), {p.name: math.prod(p.shape) for p in plans}, config.bits_budget
         )
     source = as_source(calibration, conditioning)
     ctx = distributed.current(next(model.parameters()).device)
