@@ -42,6 +42,12 @@ Opt-in dense cache (`AVQ_DENSE_CACHE_MIB`, default 0): modules keep their decode
 all kept weights fit that many MiB (first come, first served), and run `F.linear`/`F.conv2d` on it: the
 dense model's speed for that much memory. It is checked before the automatic choice; `AVQ_KERNEL` bypasses it.
 
+Prepared forwards (`kernels/routes.py`): the choice above and the inputs of the chosen kernel are worked out
+on a module's first call of a kind and kept as a route, served again while the input shape, dtype, device,
+thread count and settings, and the module's codes, codebooks, scales and bias are unchanged; on the W2
+`digits-unet` this took a denoising step from 1.39x to 1.21x FP's time (batch 1, 2 EPYC cores), before the
+vectorised decode (`kernels/lut.py`) took it to 1.10x.
+
 The "dequant" path decodes into one workspace per (thread, device, dtype), shared by all layers (so it
 holds one dense weight, not a dense copy of the model); CUDA work on one stream is ordered, so reuse is
 safe there, but layers run concurrently on several CUDA streams would need their own workspaces.
@@ -59,7 +65,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import autotune, conv, lut
+from . import autotune, conv, lut, routes
 
 KERNELS = ("triton", "lut", "dequant")
 TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
@@ -218,6 +224,7 @@ def cached(module: torch.nn.Module, name: str, sources: tuple[torch.Tensor, ...]
 
 def invalidate(module: torch.nn.Module | None = None) -> None:
     """Drop cached kernel data of `module` (or of every module)."""
+    routes.forget(module)
     if module is None:
         _CACHE.clear()
     else:
@@ -260,14 +267,30 @@ def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     return buf[:numel]
 
 
+def _decoder(module, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A function returning the module's decoded `[out, K]` weight in `dtype`, in the shared workspace
+    (valid until the next decode on this thread); its inputs are gathered once, here."""
+    N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
+    codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
+    device = codes.device
+    compiled = lut.decoder(codes, books, scales) if dtype == torch.float32 else None
+    if compiled is None:
+        return lambda: lut.dequantize(codes, books, scales, out=_workspace(N * K, device, dtype).view(N, K))
+
+    def decode() -> torch.Tensor:
+        out = _workspace(N * K, device, dtype).view(N, K)
+        compiled(out)
+        return out
+
+    return decode
+
+
 def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
     """Decoded `[out, K]` weight in `dtype` without autograd; bit-identical to `module._weight().to(dtype)`.
 
     Valid until the next call on this thread (it lives in the shared workspace).
     """
-    N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
-    out = _workspace(N * K, module.codes.device, dtype).view(N, K)
-    return lut.dequantize(module.codes, _books_f32(module), _scales_f32(module), out=out)
+    return _decoder(module, dtype)()
 
 
 # ----------------------------------------------------------------------------- dense cache (opt-in)
@@ -315,103 +338,137 @@ def dense_cached(module, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _release(owned: dict) -> None:
     _DENSE_HELD[0] -= sum(owned.values())
+    routes.expire_all()  # the freed room may now go to a module that had to decode
 
 
 # ----------------------------------------------------------------------------- forwards
-def _fused_matmul(kernel: str, module, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x2d [R, K] -> [R, N]` through the fused `kernel` ("triton" or "lut")."""
+# Each forward is prepared once per (module, kind of call) as a `routes.Route`; the functions below build
+# the runners, `linear` / `conv2d` choose which and keep it.
+def _fused_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x2d [R, K] -> [R, N]` (bias added) through the fused `kernel` ("triton" or "lut")."""
+    bias = None if module.bias is None else module.bias.detach()
+    scales = module.scales.detach()
     if kernel == "triton":
         from . import triton_vqgemm  # imported lazily: CPU users never need triton
 
-        if x2d.device.type != "cuda" and not triton_vqgemm.INTERPRET:
+        if x.device.type != "cuda" and not triton_vqgemm.INTERPRET:
             raise RuntimeError(
                 "AVQ_KERNEL=triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
-                f"imported, for testing); got a {x2d.device.type} input"
+                f"imported, for testing); got a {x.device.type} input"
             )
-        return triton_vqgemm.vq_matmul(x2d, module.codes, _books_f32(module), module.scales.detach(), bias)
-    if x2d.dtype != torch.float64 and x2d.device.type == "cpu" and lut.numba_available():
-        return lut.lut_matmul_codes(
-            x2d, _blocked_codes(module), _books_f32(module), module.scales.detach(), bias
-        )
-    books = _books_f32(module) if x2d.dtype != torch.float64 else module.codebooks.detach().double()
-    return lut.lut_matmul(x2d, _lut_index(module), books, module.scales.detach(), bias)
+        codes, books = module.codes, _books_f32(module)
+        return lambda x2d: triton_vqgemm.vq_matmul(x2d, codes, books, scales, bias)
+    if x.dtype != torch.float64 and x.device.type == "cpu" and lut.numba_available():
+        blocked, books = _blocked_codes(module), _books_f32(module)
+        return lambda x2d: lut.lut_matmul_codes(x2d, blocked, books, scales, bias)
+    index = _lut_index(module)
+    books = _books_f32(module) if x.dtype != torch.float64 else module.codebooks.detach().double()
+    return lambda x2d: lut.lut_matmul(x2d, index, books, scales, bias)
+
+
+def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`AQLinear`'s forward through `kernel`, its inputs prepared for calls like `x`."""
+    K, N = module.shape[1], module.shape[0]
+    if kernel == "dequant" or (kernel == "dequant-blocked" and x.device.type != "cpu"):
+        decode, bias = _decoder(module, x.dtype), module._bias(x.dtype)
+        return lambda x: F.linear(x, decode(), bias)
+    if kernel == "dequant-blocked":  # CPU: decode and multiply block by block (see kernels/lut.py)
+        codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
+        bias = None if module.bias is None else module.bias.detach()
+
+        def blocked(x: torch.Tensor) -> torch.Tensor:
+            y = lut.dequant_matmul(x.reshape(x.numel() // K, K), codes, books, scales, bias)
+            return y.reshape(*x.shape[:-1], N)
+
+        return blocked
+    fused = _fused_runner(kernel, module, x)
+    return lambda x: fused(x.reshape(x.numel() // K, K)).reshape(*x.shape[:-1], N)
+
+
+def _linear_with(kernel: str, module, x: torch.Tensor) -> torch.Tensor:
+    return _linear_runner(kernel, module, x)(x)
+
+
+def _dense_runner(module, dense: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward on the module's kept dense weight (`dense_cached`)."""
+    bias = module._bias(x.dtype)
+    if len(module.shape) == 2:
+        return lambda x: F.linear(x, dense, bias)
+    weight, geometry = dense.view(module.shape), (module.stride, module.padding, module.dilation)
+    return lambda x: F.conv2d(x, weight, bias, *geometry)
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """Forward of `AQLinear`."""
+    key = routes.call_key(x)
+    if not needs_autograd(module, x) and (route := routes.lookup(module, key)) is not None:
+        return route.run(x)
     forced = kernel_override()
     if needs_autograd(module, x):
         return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
     dense = None if forced else dense_cached(module, x.dtype)
+    kernel, y = forced, None
     if dense is not None:
-        return F.linear(x, dense, module._bias(x.dtype))
-    if forced:
-        return _linear_with(forced, module, x, rows)
-    kernel, y = _measured(
-        module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
-        lambda k: _linear_with(k, module, x, rows),
-    )  # fmt: skip
-    if y is not None:
-        return y
-    if kernel is None:
-        kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
-    return _linear_with(kernel, module, x, rows)
+        kernel = "dense-cached"
+    elif not forced:
+        kernel, y = _measured(
+            module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
+            lambda k: _linear_with(k, module, x),
+        )  # fmt: skip
+        if kernel is None:
+            kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
+    run = _dense_runner(module, dense, x) if dense is not None else _linear_runner(kernel, module, x)
+    routes.remember(module, key, kernel, run)
+    return y if y is not None else run(x)
 
 
-def _linear_with(kernel: str, module, x: torch.Tensor, rows: int) -> torch.Tensor:
-    K, N = module.shape[1], module.shape[0]
-    bias = None if module.bias is None else module.bias.detach()
-    if kernel == "dequant" or (kernel == "dequant-blocked" and x.device.type != "cpu"):
-        return F.linear(x, dense_weight(module, x.dtype), module._bias(x.dtype))
-    if kernel == "dequant-blocked":  # CPU: decode and multiply block by block (see kernels/lut.py)
-        y = lut.dequant_matmul(
-            x.reshape(rows, K), module.codes, _books_f32(module), _scales_f32(module), bias
-        )
-    else:
-        y = _fused_matmul(kernel, module, x.reshape(rows, K), bias)
-    return y.reshape(*x.shape[:-1], N)
+def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`AQConv2d`'s forward through `kernel`, its inputs prepared for calls like `x`: the decoded weight
+    whole ("dequant"), a block of output channels at a time ("dequant-blocked", CPU 4-d input;
+    `lut.dequant_conv2d`), or an implicit GEMM through a fused kernel ("lut", "triton")."""
+    geometry = (module.stride, module.padding, module.dilation)
+    shape = module.shape
+    if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
+        codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
+        bias = None if module.bias is None else module.bias.detach()
+        return lambda x: lut.dequant_conv2d(x, codes, books, scales, bias, shape, *geometry)
+    if kernel in ("dequant", "dequant-blocked") or x.dim() != 4:  # unbatched [C, H, W]: F.conv2d
+        decode, bias = _decoder(module, x.dtype), module._bias(x.dtype)
+        return lambda x: F.conv2d(x, decode().view(shape), bias, *geometry)
+    fused, kernel_size = _fused_runner(kernel, module, x), module.kernel_size
+    return lambda x: conv.implicit_gemm(x, fused, kernel_size, *geometry)
 
 
 def _conv_dequant(kernel: str, module, x: torch.Tensor) -> torch.Tensor:
-    """`AQConv2d` through the decoded weight: whole ("dequant"), or a block of output channels at a time
-    ("dequant-blocked", CPU 4-d input; `lut.dequant_conv2d`)."""
-    if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
-        bias = None if module.bias is None else module.bias.detach()
-        return lut.dequant_conv2d(
-            x, module.codes, _books_f32(module), _scales_f32(module), bias, tuple(module.shape),
-            module.stride, module.padding, module.dilation,
-        )  # fmt: skip
-    weight = dense_weight(module, x.dtype).view(module.shape)
-    return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+    return _conv_runner(kernel, module, x)(x)
 
 
 def conv2d(module, x: torch.Tensor) -> torch.Tensor:
     """Forward of `AQConv2d`."""
+    key = routes.call_key(x)
+    if not needs_autograd(module, x) and (route := routes.lookup(module, key)) is not None:
+        return route.run(x)
     forced = kernel_override()
-    geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
     if needs_autograd(module, x):
         weight = module._weight().to(x.dtype)
         return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
     dense = None if forced else dense_cached(module, x.dtype)
+    kernel, y = forced, None
     if dense is not None:
-        weight = dense.view(module.shape)
-        return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
-    if forced is not None:
-        strategy = "dequant" if forced == "dequant" else "implicit"
-        kernel = forced
-    else:
+        kernel = "dense-cached"
+    elif not forced:
+        geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
         rows = conv.rows_of(x, *geometry)
-        strategy = conv.choose_conv_strategy(x.device, rows, module.shape[0])
-        kernel = "triton" if x.device.type == "cuda" else "lut"
-    if strategy == "dequant" and forced is None:  # CPU: whole weight or blocks of it, measured
-        kernel, y = _measured(
-            module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
-            lambda k: _conv_dequant(k, module, x),
-        )  # fmt: skip
-        return y if y is not None else _conv_dequant(kernel or "dequant", module, x)
-    if strategy == "dequant" or x.dim() != 4:  # unbatched [C, H, W] input: leave it to F.conv2d
-        return _conv_dequant("dequant", module, x)
-    bias = None if module.bias is None else module.bias.detach()
-    return conv.implicit_gemm(x, lambda cols: _fused_matmul(kernel, module, cols, bias), *geometry)
+        if conv.choose_conv_strategy(x.device, rows, module.shape[0]) == "dequant":
+            kernel, y = _measured(  # CPU: the whole weight or blocks of it, measured
+                module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
+                lambda k: _conv_dequant(k, module, x),
+            )  # fmt: skip
+            kernel = kernel or "dequant"
+        else:
+            kernel = "triton" if x.device.type == "cuda" else "lut"
+    run = _dense_runner(module, dense, x) if dense is not None else _conv_runner(kernel, module, x)
+    routes.remember(module, key, kernel, run)
+    return y if y is not None else run(x)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQLinear, QuantSpec
-from avq.kernels import autotune, dispatch, lut
+from avq.kernels import autotune, dispatch, lut, routes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +43,7 @@ def _slow(monkeypatch, target, name: str) -> None:
     monkeypatch.setattr(target, name, slowed)
 
 
-SLOW = {"lut": (dispatch, "_fused_matmul"), "dequant": (dispatch, "dense_weight"),
+SLOW = {"lut": (dispatch, "_fused_runner"), "dequant": (dispatch, "_decoder"),
         "dequant-blocked": (lut, "dequant_matmul")}  # fmt: skip
 
 
@@ -67,11 +67,9 @@ def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, fast)
     # later calls (and a new process, which reads the file) use it without measuring
     monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
     autotune.forget()
-    used = []
-    run = dispatch._linear_with
-    monkeypatch.setattr(dispatch, "_linear_with", lambda k, *a: used.append(k) or run(k, *a))
+    dispatch.invalidate(layer)  # its prepared forward too
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert used == [fast]
+    assert routes.kernel_of(layer) == fast
 
 
 @torch.no_grad()
@@ -111,7 +109,7 @@ def test_large_convolutions_measure_whole_against_blocked_decode(cache, monkeypa
         rtol=1e-5,
         atol=1e-5,
     )
-    _slow(monkeypatch, dispatch, "dense_weight")
+    _slow(monkeypatch, dispatch, "_decoder")
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
     key = dispatch.conv_measured_key(conv, x, 2 * 36)
     assert key.startswith("conv|cpu|") and "40x8x3x3" in key

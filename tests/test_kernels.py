@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype, decode
-from avq.kernels import conv, dispatch, lut, triton_vqgemm
+from avq.kernels import conv, dispatch, lut, routes, triton_vqgemm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -376,6 +376,52 @@ def test_cache_follows_code_and_codebook_edits(monkeypatch) -> None:
     layer.codes.data[0, 0, 0] ^= 1  # bypasses the version counter: documented, needs invalidate()
     dispatch.invalidate(layer)
     check()
+
+
+@torch.no_grad()
+def test_prepared_forwards_are_reused_until_the_call_or_the_module_changes(monkeypatch) -> None:
+    """A module's forward is prepared once and served while nothing it depends on changes; each change
+    (input shape, kernel setting, an edited or replaced tensor, `invalidate`) prepares it again."""
+    monkeypatch.setenv("AVQ_KERNEL", "dequant")
+    layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(2, 8, 4), seed=5), bias=torch.randn(8), padding=1)
+    built: list[str] = []
+    real = dispatch._conv_runner
+    monkeypatch.setattr(dispatch, "_conv_runner", lambda k, *a: built.append(k) or real(k, *a))
+
+    def check(x: torch.Tensor) -> None:
+        ref = F.conv2d(x, layer.qweight.dequantize(), layer.bias, 1, 1)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+    x = torch.randn(1, 4, 6, 6)
+    check(x)
+    check(x)
+    assert built == ["dequant"] and routes.kernel_of(layer) == "dequant"
+    check(torch.randn(2, 4, 6, 6))  # another input shape
+    layer.codes[0, 0, 0] ^= 1  # in place: the version counter moves
+    check(torch.randn(2, 4, 6, 6))
+    layer.bias.add_(1.0)
+    check(torch.randn(2, 4, 6, 6))
+    layer.codes = layer.codes.clone()  # a replaced buffer
+    check(torch.randn(2, 4, 6, 6))
+    layer.codebooks.data = -layer.codebooks.data  # new data, same version counter (as `.to()` swaps it)
+    check(torch.randn(2, 4, 6, 6))
+    assert len(built) == 6
+    monkeypatch.setenv("AVQ_KERNEL", "lut")
+    check(torch.randn(2, 4, 6, 6))
+    assert built[-1] == "lut" and routes.kernel_of(layer) == "lut"
+    layer.codes.data[0, 0, 0] ^= 1  # bypasses the version counter: documented, needs invalidate()
+    dispatch.invalidate(layer)
+    check(torch.randn(2, 4, 6, 6))
+    assert len(built) == 8
+
+    # a route holds the module's tensors, never the module: it dies with the module
+    import gc
+    import weakref
+
+    dead = weakref.ref(layer)
+    layer = None  # the only reference (check() closes over this name)
+    gc.collect()
+    assert dead() is None
 
 
 def test_dequant_workspace_is_reused_and_correct(monkeypatch) -> None:
