@@ -173,25 +173,31 @@ def conv_measured_key(module, x: torch.Tensor, rows: int) -> str | None:
     )
 
 
-def _measured(module, x, rows, key_of, candidates, run) -> tuple[str | None, torch.Tensor | None]:
-    """The measured kernel of this call and, on the call that timed the candidates, its output.
+def _measured(
+    module, x, rows, key_of, candidates, runner_of
+) -> tuple[str | None, torch.Tensor | None, Callable | None]:
+    """The measured kernel of this call and, on the call that timed the candidates, its output and its
+    prepared runner.
 
     The module's own memo first (the disk-backed choice needs a key string and a lock on every call), then
-    the host's recorded choice for `key_of()`, else the first call of its kind on this host times
-    `run(name)` for each of `candidates` and keeps the fastest. `(None, None)`: not measured (no key)."""
+    the host's recorded choice for `key_of()`, else the first call of its kind on this host prepares
+    `runner_of(name)` for each of `candidates`, times their calls (not their preparation, which a route
+    pays once) and keeps the fastest. `(None, None, None)`: not measured (no key)."""
     memo = _CHOSEN.setdefault(module, {})
     short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
     kernel = memo.get(short)
     if kernel is not None:
-        return kernel, None
+        return kernel, None, None
     key = key_of()
     if key is None:  # the fixed rule (exact rows), not memoised
-        return None, None
-    kernel, y = autotune.chosen(key), None
+        return None, None, None
+    kernel, y, runner = autotune.chosen(key), None, None
     if kernel not in candidates:  # not measured yet on this host (or by other kernels)
-        kernel, y = autotune.measure(key, {k: (lambda k=k: run(k)) for k in candidates})
+        runners = {k: runner_of(k) for k in candidates}
+        kernel, y = autotune.measure(key, {k: (lambda r=r: r(x)) for k, r in runners.items()})
+        runner = runners[kernel]
     memo[short] = kernel
-    return kernel, y
+    return kernel, y, runner
 
 
 # ----------------------------------------------------------------------------- cache
@@ -385,10 +391,6 @@ def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tens
     return lambda x: fused(x.reshape(x.numel() // K, K)).reshape(*x.shape[:-1], N)
 
 
-def _linear_with(kernel: str, module, x: torch.Tensor) -> torch.Tensor:
-    return _linear_runner(kernel, module, x)(x)
-
-
 def _dense_runner(module, dense: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The forward on the module's kept dense weight (`dense_cached`)."""
     bias = module._bias(x.dtype)
@@ -409,17 +411,18 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
     dense = None if forced else dense_cached(module, x.dtype)
-    kernel, y = forced, None
+    kernel, y, run = forced, None, None
     if dense is not None:
         kernel = "dense-cached"
     elif not forced:
-        kernel, y = _measured(
+        kernel, y, run = _measured(
             module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
-            lambda k: _linear_with(k, module, x),
+            lambda k: _linear_runner(k, module, x),
         )  # fmt: skip
         if kernel is None:
             kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
-    run = _dense_runner(module, dense, x) if dense is not None else _linear_runner(kernel, module, x)
+    if run is None:
+        run = _dense_runner(module, dense, x) if dense is not None else _linear_runner(kernel, module, x)
     routes.remember(module, key, kernel, run)
     return y if y is not None else run(x)
 
@@ -441,10 +444,6 @@ def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor
     return lambda x: conv.implicit_gemm(x, fused, kernel_size, *geometry)
 
 
-def _conv_dequant(kernel: str, module, x: torch.Tensor) -> torch.Tensor:
-    return _conv_runner(kernel, module, x)(x)
-
-
 def conv2d(module, x: torch.Tensor) -> torch.Tensor:
     """Forward of `AQConv2d`."""
     key = routes.call_key(x)
@@ -455,20 +454,21 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
         weight = module._weight().to(x.dtype)
         return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
     dense = None if forced else dense_cached(module, x.dtype)
-    kernel, y = forced, None
+    kernel, y, run = forced, None, None
     if dense is not None:
         kernel = "dense-cached"
     elif not forced:
         geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
         rows = conv.rows_of(x, *geometry)
         if conv.choose_conv_strategy(x.device, rows, module.shape[0]) == "dequant":
-            kernel, y = _measured(  # CPU: the whole weight or blocks of it, measured
+            kernel, y, run = _measured(  # CPU: the whole weight or blocks of it, measured
                 module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
-                lambda k: _conv_dequant(k, module, x),
+                lambda k: _conv_runner(k, module, x),
             )  # fmt: skip
             kernel = kernel or "dequant"
         else:
             kernel = "triton" if x.device.type == "cuda" else "lut"
-    run = _dense_runner(module, dense, x) if dense is not None else _conv_runner(kernel, module, x)
+    if run is None:
+        run = _dense_runner(module, dense, x) if dense is not None else _conv_runner(kernel, module, x)
     routes.remember(module, key, kernel, run)
     return y if y is not None else run(x)
