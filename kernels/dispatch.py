@@ -44,9 +44,9 @@ dense model's speed for that much memory. It is checked before the automatic cho
 
 Prepared forwards (`kernels/routes.py`): the choice above and the inputs of the chosen kernel are worked out
 on a module's first call of a kind and kept as a route, served again while the input shape, dtype, device,
-thread count and settings, and the module's codes, codebooks, scales and bias are unchanged; on the W2
-`digits-unet` this took a denoising step from 1.39x to 1.21x FP's time (batch 1, 2 EPYC cores), before the
-vectorised decode (`kernels/lut.py`) took it to 1.10x.
+thread count and settings, and the module's codes, codebooks, scales and bias are unchanged (choosing
+and gathering cost ~25 us of Python a call, which small layers cannot hide). Candidates are timed as
+prepared runners: their preparation is paid once per route, not per call.
 
 The "dequant" path decodes into one workspace per (thread, device, dtype), shared by all layers (so it
 holds one dense weight, not a dense copy of the model); CUDA work on one stream is ordered, so reuse is

@@ -33,7 +33,7 @@ group's codewords summed and scaled straight into the output rows, generated unr
 LLVM's SLP vectoriser turns a group into vector loads, adds and a store; one thread below
 `DECODE_PARALLEL_MIN` weights: in a model the parallel decode was not faster), bit-identical to
 `avq.core.qweight.decode`. On the W2 `digits-unet` (74 layers, 13 M weights, one EPYC core) decoding every
-layer once takes 1.1 ms compiled (8.4 ms before, as a scalar loop) and 11 ms through the fallback. The
+layer once takes 1.1 ms compiled and 11 ms through the fallback. The
 fallback (no numba, other dtypes or
 devices): the same trick as the LUT with index `m*C + codes[n, j, m]` into the codebooks viewed as
 `[M*C, g]`, one fused gather-sum per block of rows. It runs in blocks of output rows: a block is
