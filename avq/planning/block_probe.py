@@ -47,6 +47,29 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
+@torch.no_grad()
+def record_block(model: nn.Module, probe: SwapProbe, block: str) -> list[tuple[tuple, dict, Any]]:
+    """`(args, kwargs, output)` of `block` at each of `probe`'s inputs, as the FP model runs it; each forward
+    stops right after the block, so recording costs the part of a forward up to it."""
+    calls: list[tuple[tuple, dict, Any]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        calls.append((args, kwargs, output))
+        raise _Recorded
+
+    handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
+    try:
+        for i in range(probe.num_inputs):
+            try:
+                probe.forward_input(model, i)
+            except _Recorded:
+                continue
+            raise RuntimeError(f"LAQ probe: block {block!r} did not run in the model's forward")
+    finally:
+        handle.remove()
+    return calls
+
+
 @dataclass
 class BlockProbe:
     """`probe`'s inputs and reference, measured within each layer's block (module docstring).
@@ -81,28 +104,12 @@ class BlockProbe:
         self.gains[block] = whole / local if local > 0 else None  # None: this block is probed whole
         return whole
 
-    @torch.no_grad()
     def _record(self, model: nn.Module, block: str) -> None:
         """The FP block's inputs and outputs at each probe input (the forward stops after the block)."""
-        calls: list[tuple[tuple, dict]] = []
-        reference: list[list[torch.Tensor]] = []
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            calls.append((args, kwargs))
-            reference.append(_tensors(output))
-            raise _Recorded
-
-        handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
-        try:
-            for i in range(self.probe.num_inputs):  # one forward per input, stopped right after the block
-                try:
-                    self.probe.forward_input(model, i)
-                except _Recorded:
-                    continue
-                raise RuntimeError(f"LAQ block probe: block {block!r} did not run in the model's forward")
-        finally:
-            handle.remove()
-        self._block, self._calls, self._reference = block, calls, reference
+        calls = record_block(model, self.probe, block)
+        self._block = block
+        self._calls = [(args, kwargs) for args, kwargs, _ in calls]
+        self._reference = [_tensors(output) for _, _, output in calls]
 
     @torch.no_grad()
     def _block_error(self, block: nn.Module) -> float:

@@ -36,6 +36,7 @@ from avq.planning.block_probe import BlockProbe
 from avq.planning.budget import choose_specs
 from avq.planning.plan import LayerPlan, fitting_specs
 from avq.planning.presets import QuantizeConfig
+from avq.planning.replay_probe import ReplayProbe
 from avq.planning.sensitivity import FP, SensitivityTable, make_probe, measure_sensitivity
 from avq.run.checkpoint import QuantizeCheckpoint
 from avq.run.report import QuantizeReport
@@ -107,7 +108,7 @@ def laq_plans(
                 "probe": "every candidate" if config.laq_probe_all else "cheapest candidate per layer",
                 "probed_on": "the layer's block (one whole-model probe per block)"
                 if config.laq_probe == "block"
-                else "the whole model",
+                else "the whole model (replayed from the layer's block where the blocks form a chain)",
             }
         solved = {  # only kept when measured with the full solver; otherwise solved again below
             name: table.results[name][key]
@@ -179,6 +180,8 @@ def _measure_streamed(
             probe = make_probe(model, None, conditioning=conditioning)
         if config.laq_probe == "block" and not isinstance(probe, BlockProbe):
             probe = BlockProbe(probe, gains=gains)  # a resume goes on with the gains measured before
+        elif config.laq_probe == "model" and not isinstance(probe, ReplayProbe):
+            probe = ReplayProbe(probe)  # the same errors, each forward from the layer's block where it can
         for name in names:  # a layer at a time, each checkpointed: large layers take minutes each
             if hessians[name][1] == 0:
                 candidates[name], forced[name] = [FP], NO_INPUT
