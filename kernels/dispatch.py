@@ -33,14 +33,11 @@ are first guesses until it runs on a GPU).
 
 Per-module derived data (an fp32 copy of the codebooks; the codes in the compiled LUT kernel's blocked
 layout, 1-2 bytes per code, or without numba the int32 LUT index, 4 bytes per code, held only by modules
-that ran the LUT path) is cached in a weak dictionary
-keyed by module and invalidated when a source tensor is replaced or edited in place (`_version`), e.g.
-when PV-Tuning updates codes. Edits that bypass the version counter (`tensor.data[...] = ...`, or
-in-place ops on inference-mode tensors) are not seen: call `invalidate(module)` after those.
+that ran the LUT path) is memoised by `kernels/derived.py` until a source tensor is replaced or edited, e.g.
+when PV-Tuning updates codes; edits that bypass the version counter need `invalidate(module)`.
 
-Opt-in dense cache (`AVQ_DENSE_CACHE_MIB`, default 0): modules keep their decoded weight across calls while
-all kept weights fit that many MiB (first come, first served), and run `F.linear`/`F.conv2d` on it: the
-dense model's speed for that much memory. It is checked before the automatic choice; `AVQ_KERNEL` bypasses it.
+Opt-in dense cache (`AVQ_DENSE_CACHE_MIB`, `kernels/dense_cache.py`): decoded weights kept within a budget,
+checked before the automatic choice; `AVQ_KERNEL` bypasses it.
 
 Prepared forwards (`kernels/routes.py`): the choice above and the inputs of the chosen kernel are worked out
 on a module's first call of a kind and kept as a route, served again while the input shape, dtype, device,
@@ -65,7 +62,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import autotune, conv, lut, routes
+from . import autotune, conv, dense_cache, derived, lut, routes
+from .derived import cached
 
 KERNELS = ("triton", "lut", "dequant")
 TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
@@ -200,41 +198,11 @@ def _measured(
     return kernel, y, runner
 
 
-# ----------------------------------------------------------------------------- cache
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        version = -1
-    return (weakref.ref(t), version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
-
-
-def _same(stamp: tuple, t: torch.Tensor) -> bool:
-    return stamp[0]() is t and stamp[1:] == _stamp(t)[1:]
-
-
-def cached(module: torch.nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable):
-    """`build(*sources)` memoised on `module`, rebuilt when any source tensor changes."""
-    entries = _CACHE.setdefault(module, {})
-    hit = entries.get(name)
-    if hit is not None and len(hit[0]) == len(sources) and all(map(_same, hit[0], sources)):
-        return hit[1]
-    with torch.no_grad():
-        value = build(*sources)
-    entries[name] = (tuple(_stamp(t) for t in sources), value)
-    return value
-
-
+# ----------------------------------------------------------------------------- derived data
 def invalidate(module: torch.nn.Module | None = None) -> None:
-    """Drop cached kernel data of `module` (or of every module)."""
+    """Drop cached kernel data and the prepared forward of `module` (or of every module)."""
     routes.forget(module)
-    if module is None:
-        _CACHE.clear()
-    else:
-        _CACHE.pop(module, None)
+    derived.forget(module)
 
 
 def _books_f32(module) -> torch.Tensor:
@@ -299,54 +267,6 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
     return _decoder(module, dtype)()
 
 
-# ----------------------------------------------------------------------------- dense cache (opt-in)
-_DENSE_HELD = [0]  # bytes of decoded weights counted for live modules (`dense_cached`)
-_DENSE_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {dtype: bytes counted}
-
-
-def dense_cache_budget() -> int:
-    """Bytes of decoded weights the user lets AQ modules keep (`AVQ_DENSE_CACHE_MIB`; default 0: none)."""
-    value = os.environ.get("AVQ_DENSE_CACHE_MIB", "").strip()
-    if not value:
-        return 0
-    try:
-        mib = float(value)
-    except ValueError:
-        raise ValueError(f"AVQ_DENSE_CACHE_MIB={value!r} is not a number of MiB") from None
-    if mib < 0:
-        raise ValueError(f"AVQ_DENSE_CACHE_MIB must be >= 0, got {value!r}")
-    return int(mib * 2**20)
-
-
-def dense_cached(module, dtype: torch.dtype) -> torch.Tensor | None:
-    """The module's decoded `[out, K]` weight kept across calls (rebuilt when codes, codebooks or scales
-    change), while all modules' kept weights fit `dense_cache_budget()`; None when it does not fit.
-
-    Trades memory for the per-call decode: a model under a large enough budget runs at its dense speed and
-    holds a dense copy of the weights it caches (first come, first served).
-    """
-    owned = _DENSE_OWNERS.get(module)
-    if owned is None or dtype not in owned:
-        need = module.shape[0] * module.codes.shape[1] * module.codebooks.shape[-1] * dtype.itemsize
-        if _DENSE_HELD[0] + need > dense_cache_budget():
-            return None
-        if owned is None:
-            owned = _DENSE_OWNERS[module] = {}
-            weakref.finalize(module, _release, owned)  # counted bytes are returned when the module dies
-        owned[dtype] = need
-        _DENSE_HELD[0] += need
-
-    def decode(codes, books, scales) -> torch.Tensor:
-        return lut.dequantize(codes, books.float(), scales.float()).to(dtype)
-
-    return cached(module, f"dense_{dtype}", (module.codes, module.codebooks, module.scales), decode)
-
-
-def _release(owned: dict) -> None:
-    _DENSE_HELD[0] -= sum(owned.values())
-    routes.expire_all()  # the freed room may now go to a module that had to decode
-
-
 # ----------------------------------------------------------------------------- forwards
 # Each forward is prepared once per (module, kind of call) as a `routes.Route`; the functions below build
 # the runners, `linear` / `conv2d` choose which and keep it.
@@ -392,7 +312,7 @@ def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tens
 
 
 def _dense_runner(module, dense: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The forward on the module's kept dense weight (`dense_cached`)."""
+    """The forward on the module's kept dense weight (`dense_cache.kept`)."""
     bias = module._bias(x.dtype)
     if len(module.shape) == 2:
         return lambda x: F.linear(x, dense, bias)
@@ -410,7 +330,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
-    dense = None if forced else dense_cached(module, x.dtype)
+    dense = None if forced else dense_cache.kept(module, x.dtype)
     kernel, y, run = forced, None, None
     if dense is not None:
         kernel = "dense-cached"
@@ -453,7 +373,7 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
     if needs_autograd(module, x):
         weight = module._weight().to(x.dtype)
         return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
-    dense = None if forced else dense_cached(module, x.dtype)
+    dense = None if forced else dense_cache.kept(module, x.dtype)
     kernel, y, run = forced, None, None
     if dense is not None:
         kernel = "dense-cached"

@@ -259,13 +259,22 @@ def _decode_kernel(M: int, C: int, g: int, parallel: bool) -> Callable:
     return decode
 
 
+_SLP_COMPILED: set[tuple] = set()  # (kernel, argument layouts) compiled by `_compile_for`
+_OUT_TYPE = np.empty((0, 0), np.float32)  # stands for any decode output (2-D fp32, C-contiguous) when typing
+
+
 def _compile_for(kernel, *arrays: np.ndarray) -> None:
     """Compile `kernel` for these arguments' types now, with SLP vectorisation (numba would otherwise
-    compile on the first call, without it)."""
+    compile on the first call, without it). Checked on every blocked decode: `numba.typeof` of each
+    argument only the first time a layout is seen."""
+    layouts = (id(kernel), *((a.dtype.str, a.ndim, a.flags.c_contiguous) for a in arrays))
+    if layouts in _SLP_COMPILED:
+        return
     signature = tuple(numba.typeof(a) for a in arrays)
     if signature not in kernel.overloads:
         with _slp_vectorize():
             kernel.compile(signature)
+    _SLP_COMPILED.add(layouts)
 
 
 def _numba_threads() -> None:
@@ -291,7 +300,7 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> C
     parallel = N * G * g >= DECODE_PARALLEL_MIN and torch.get_num_threads() > 1
     kernel = _COMPILED.get(("decode", M, C, g, parallel)) or _decode_kernel(M, C, g, parallel)
     args = (codes.reshape(N, G * M).numpy(), books.reshape(-1).numpy(), scales.numpy())
-    _compile_for(kernel, *args, np.empty((1, G * g), np.float32))  # out: fp32, C-contiguous
+    _compile_for(kernel, *args, _OUT_TYPE)  # out: 2-D fp32, C-contiguous
 
     def decode(out: torch.Tensor) -> None:
         if parallel:

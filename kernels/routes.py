@@ -8,16 +8,16 @@ input shape at every step, so `kernels/dispatch.py` does that work once and keep
 
 - the call looks the same (`call_key`: input shape, dtype and device, torch's thread count, and the
   `AVQ_KERNEL` / `AVQ_DENSE_CACHE_MIB` settings as written), and
-- the module still holds the same codes, codebooks, scales and bias, unedited (identity, data pointer and
-  version counter of each, as the dispatcher's caches check them), and
+- the module still holds the same codes, codebooks, scales and bias, unedited (`kernels/derived.py`: the
+  rule the dispatcher's caches follow), and
 - nothing has freed a shared resource the choice depended on since (`expire_all`: the dense cache's
   budget, when a module holding part of it dies).
 
 Anything else goes back through the dispatcher, which prepares a new route. One route per module (the
 last), so a model called at a few shapes in turn (e.g. CFG on and off) re-prepares, never grows. Edits
 that bypass the version counter (`tensor.data[...] = ...`, in-place ops on inference tensors) are not
-seen: `dispatch.invalidate(module)` drops the route with the caches. Routes hold tensors, never the
-module, so they die with it.
+seen: `dispatch.invalidate(module)` drops the route with the caches. Routes hold prepared tensors, never
+the module, so they die with it.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ from collections.abc import Callable
 
 import torch
 
+from .derived import stamp, unchanged
+
 
 class Route:
     """A prepared forward: `run(x)` for calls matching `key` while `sources` are unchanged."""
 
-    __slots__ = ("key", "sources", "versions", "kernel", "run", "epoch")
+    __slots__ = ("key", "stamps", "kernel", "run", "epoch")
 
     def __init__(self, key: tuple, sources: tuple, kernel: str, run: Callable[[torch.Tensor], torch.Tensor]):
-        self.key, self.sources, self.kernel, self.run = key, sources, kernel, run
-        self.versions = tuple(map(_state, sources))
+        self.key, self.kernel, self.run = key, kernel, run
+        self.stamps = tuple(map(stamp, sources))
         self.epoch = _EPOCH[0]
 
 
@@ -58,22 +60,13 @@ def _sources(module: torch.nn.Module) -> tuple:
     return buffers["codes"], params["codebooks"], params["scales"], params["bias"]
 
 
-def _state(t: torch.Tensor | None) -> tuple[int, int] | None:
-    """Where the tensor's data is and its version: `module.to(...)` / `.half()` swap `.data` without a
-    version bump, in-place edits bump the version without moving the data."""
-    if t is None:
-        return None
-    return t.data_ptr(), -1 if t.is_inference() else t._version  # inference tensors have no version
-
-
 def lookup(module: torch.nn.Module, key: tuple) -> Route | None:
     """The module's route for a call with `key`, if it is still valid."""
     route = _ROUTES.get(module)
     if route is None or route.key != key or route.epoch != _EPOCH[0]:
         return None
-    now = _sources(module)
-    for old, new, version in zip(route.sources, now, route.versions, strict=True):
-        if old is not new or _state(new) != version:
+    for old, new in zip(route.stamps, _sources(module), strict=True):
+        if not unchanged(old, new):
             return None
     return route
 

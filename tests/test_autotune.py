@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQLinear, QuantSpec
-from avq.kernels import autotune, dispatch, lut, routes
+from avq.kernels import autotune, dense_cache, dispatch, lut, routes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,8 +161,8 @@ def test_dense_cache_keeps_decoded_weights_within_the_budget(cache, monkeypatch)
     for layer in (first, second, first, second):
         ref = F.linear(x, layer.qweight.dequantize(), layer.bias)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert dispatch._DENSE_HELD[0] == 96 * 64 * 4 and first in dispatch._DENSE_OWNERS
-    assert second not in dispatch._DENSE_OWNERS and len(decodes) == 1  # decoded once for two calls
+    assert dense_cache.HELD[0] == 96 * 64 * 4 and first in dense_cache.OWNERS
+    assert second not in dense_cache.OWNERS and len(decodes) == 1  # decoded once for two calls
     first.codes[0, 0, 0] = (int(first.codes[0, 0, 0]) + 1) % 256  # an edit (PV-Tuning): decoded again
     torch.testing.assert_close(
         first(x), F.linear(x, first.qweight.dequantize(), first.bias), rtol=1e-5, atol=1e-5
@@ -171,8 +171,8 @@ def test_dense_cache_keeps_decoded_weights_within_the_budget(cache, monkeypatch)
     import gc
 
     gc.collect()
-    assert dispatch._DENSE_HELD[0] == 0
-    assert second(x) is not None and second in dispatch._DENSE_OWNERS  # the freed room is used
+    assert dense_cache.HELD[0] == 0
+    assert second(x) is not None and second in dense_cache.OWNERS  # the freed room is used
     monkeypatch.setenv("AVQ_DENSE_CACHE_MIB", "lots")
     with pytest.raises(ValueError, match="AVQ_DENSE_CACHE_MIB"):
         _layer(3)(x)
