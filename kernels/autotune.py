@@ -17,6 +17,7 @@ of this; `forget()` clears the memory (tests, benchmarks).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -90,11 +91,9 @@ _KERNELS = _kernels_digest()
 
 def host() -> str:
     """What the choices are valid for: CPU model, usable cores, torch and numba versions, the kernels."""
-    try:
-        import numba
-
-        numba_version = numba.__version__
-    except ImportError:
+    try:  # the installed version, without importing numba (kernels/lut.py imports it on first use)
+        numba_version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
         numba_version = "none"
     return (
         f"{cpu_model()}|{usable_cores()} cores|torch {torch.__version__}|numba {numba_version}"

@@ -33,6 +33,12 @@ def unchanged(old: Stamp, t: torch.Tensor | None) -> bool:
     return old[0]() is t and old[1] == t.data_ptr() and old[2] == (-1 if t.is_inference() else t._version)
 
 
+def same(old: tuple, t: torch.Tensor) -> bool:
+    """`unchanged` for a stamp and a tensor that are both present (the prepared-forward check, on every
+    call): a tensor keeps its inference-ness, so the stamp's -1 already says that `t` has no counter."""
+    return old[0]() is t and old[1] == t.data_ptr() and (old[2] < 0 or old[2] == t._version)
+
+
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (stamps, value)}
 
 

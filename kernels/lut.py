@@ -123,22 +123,37 @@ def lut_matmul(
 
 
 # ---------------------------------------------------------------------------------- compiled gather-sum
-try:
-    import numba
-except ImportError:  # optional: without numba the embedding_bag path serves
-    numba = None
-else:
-    # numba's own thread pool, not OpenMP: its "omp" layer shares the OpenMP runtime with torch and resets
-    # torch's thread count (measured: torch.get_num_threads() 1 -> 2 after one call), which changes the
-    # rounding of every later float32 GEMM and oversubscribes the cores. Set before the first parallel call.
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
+# numba is imported on first use, not with this module: importing it costs ~55 MiB resident and ~0.3 s,
+# which `import avq` should not pay where nothing is decoded on the CPU (GPU inference, quantizing,
+# loading a pipeline). `numba` is that module once `_numba()` has run (None: not installed).
+numba = None
+_NUMBA_TRIED = False
+
+
+def _numba():
+    """The numba module, imported on first call (None without numba)."""
+    global numba, _NUMBA_TRIED
+    if not _NUMBA_TRIED:
+        _NUMBA_TRIED = True
+        try:
+            import numba as module
+        except ImportError:  # optional: without numba the embedding_bag path serves
+            return None
+        # numba's own thread pool, not OpenMP: its "omp" layer shares the OpenMP runtime with torch and
+        # resets torch's thread count (measured: torch.get_num_threads() 1 -> 2 after one call), which
+        # changes the rounding of every later float32 GEMM and oversubscribes the cores. Set before the
+        # first parallel call.
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            module.config.THREADING_LAYER = "workqueue"
+        numba = module
+    return numba
+
 
 _COMPILED: dict[tuple, Callable] = {}
 
 
 def numba_available() -> bool:
-    return numba is not None
+    return _numba() is not None
 
 
 def blocked_codes(codes: torch.Tensor, block: int | None = None) -> torch.Tensor:
@@ -187,7 +202,7 @@ def lut_matmul_codes(
 ) -> torch.Tensor:
     """`x [R, K] -> [R, N]` (CPU) through the LUT and the compiled gather-sum over `codes [G/J, N, J*M]`
     from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs numba."""
-    if numba is None:
+    if _numba() is None:
         raise RuntimeError("lut_matmul_codes needs numba (pip install numba); use lut_matmul instead")
     R, K = x.shape
     blocks, N, per_block = codes.shape
@@ -291,7 +306,7 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> C
 
     Preparing once matters in small layers: the checks and tensor-to-array conversions cost ~5 us a call,
     five times the compiled decode of a 16 -> 16 3x3 conv (measured on an EPYC core)."""
-    if numba is None or codes.device.type != "cpu":
+    if codes.device.type != "cpu" or _numba() is None:
         return None
     if books.dtype != torch.float32 or scales.dtype != torch.float32:
         return None

@@ -7,6 +7,9 @@ there the kernel rounds bf16 operands and multiplies in fp32; the native bf16 do
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -418,10 +421,45 @@ def test_prepared_forwards_are_reused_until_the_call_or_the_module_changes(monke
     import gc
     import weakref
 
-    dead = weakref.ref(layer)
+    for _ in range(3):  # invalidate / prepare cycles (as fine-tuning loops do) watch the module once
+        dispatch.invalidate(layer)
+        check(x)
+    assert len([f for f in weakref.finalize._registry.values() if f.args == (id(layer),)]) == 1
+
+    dead, ident = weakref.ref(layer), id(layer)
     layer = None  # the only reference (check() closes over this name)
     gc.collect()
     assert dead() is None
+    assert ident not in routes._ROUTES  # its entry left with it
+
+
+@torch.no_grad()
+def test_a_route_is_never_served_to_another_module() -> None:
+    """Routes are looked up by the module's id, which Python reuses after the module dies: a route must
+    only run for the module it was prepared for."""
+    first = AQLinear(random_qweight((8, 16), QuantSpec(1, 8, 4), seed=1))
+    x = torch.randn(2, 16)
+    first(x)
+    route = routes._ROUTES[id(first)]
+    second = AQLinear(random_qweight((8, 16), QuantSpec(1, 8, 4), seed=2))
+    routes._ROUTES[id(second)] = route  # as if `second` had been allocated at `first`'s address
+    assert routes.lookup(second, routes.call_key(x)) is None
+    assert routes.kernel_of(second) is None
+    torch.testing.assert_close(second(x), F.linear(x, second.qweight.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_importing_avq_loads_neither_numba_nor_faiss() -> None:
+    """numba (~55 MiB resident) and faiss load on first use: loading or running a quantized model on a GPU
+    never needs them, quantizing needs only faiss, a CPU forward only numba."""
+    code = (
+        "import sys, torch, avq, avq.core.modules, avq.kernels.dispatch\n"
+        "loaded = [m for m in ('numba', 'faiss') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "from avq.kernels import lut\n"
+        "if lut.numba_available():\n"
+        "    assert 'numba' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_dequant_workspace_is_reused_and_correct(monkeypatch) -> None:

@@ -30,7 +30,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -167,6 +166,8 @@ def _residual_kmeans(
     Wn: torch.Tensor, spec: QuantSpec, g: int, opts: SolverOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codebook m is k-means (faiss) on what codebooks 0..m-1 left unexplained."""
+    import faiss  # here, not at the top: loading a quantized model never needs it (~18 MiB, ~0.1 s)
+
     out, K = Wn.shape
     M, C = spec.num_codebooks, spec.codebook_size
     residual = np.ascontiguousarray(Wn.reshape(-1, g).cpu().numpy(), dtype=np.float32)  # [out*G, g]
