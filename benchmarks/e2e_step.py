@@ -279,21 +279,36 @@ def time_step(
     }
 
 
+SIDE_BY_SIDE_MIN_ROUNDS = 5  # a ratio from 3 rounds of an 800 ms step moved by 30 % between runs here
+
+
 def side_by_side(
     fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int, target_s: float
-) -> dict[str, float]:
-    """Median latency (ms) of each of `fns`, timed in interleaved rounds (one call of each per round) after
-    `warmup` rounds: a slower or busier stretch of the machine hits every function alike, so their ratio
-    holds where latencies from separate processes drift (on 2 shared cores, FP `digits-unet` read 11-14
-    ms across processes). At least `repeats` rounds, more (up to 20) while they fit in `target_s`."""
+) -> dict[str, dict[str, float] | float]:
+    """Each of `fns` timed in interleaved rounds (one call of each per round, the order reversed every
+    other round) after `warmup` rounds: a slower or busier stretch of the machine hits every function
+    alike, so their ratio holds where latencies from separate processes drift (on 2 shared cores, FP
+    `digits-unet` read 11-14 ms across processes). At least `max(repeats, SIDE_BY_SIDE_MIN_ROUNDS)` rounds,
+    more (up to 20) while they fit in `target_s`. Returns the median latency (ms) of each, and per pair of
+    `fns` (the first as the base) the median, least and greatest of the per-round ratios: their spread is
+    how far one ratio can be trusted."""
 
     for _ in range(max(1, warmup)):
         last = sum(_seconds(fn, device) for fn in fns.values())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(repeats, min(20, int(target_s / max(last, 1e-6))))):
-        for k, fn in fns.items():
-            times[k].append(_seconds(fn, device))
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    rounds = max(repeats, SIDE_BY_SIDE_MIN_ROUNDS, min(20, int(target_s / max(last, 1e-6))))
+    for i in range(rounds):
+        for k in names if i % 2 == 0 else reversed(names):
+            times[k].append(_seconds(fns[k], device))
+    base = names[0]
+    out: dict = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    for k in names[1:]:
+        ratios = [a / b for a, b in zip(times[k], times[base], strict=True)]
+        out[f"{k}/{base}"] = {
+            "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds
+        }  # fmt: skip
+    return out
 
 
 def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
@@ -361,9 +376,14 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
                     {"fp": lambda kw=kw: fp_model(**kw), "auto": lambda kw=kw: model(**kw)},
                     device, args.warmup, args.repeats, args.target_s,
                 )  # fmt: skip
-            row["side_by_side"] = {"fp_ms": ms["fp"], "auto_ms": ms["auto"], "ratio": ms["auto"] / ms["fp"]}
+            paired = ms["auto/fp"]
+            row["side_by_side"] = {
+                "fp_ms": ms["fp"], "auto_ms": ms["auto"], "ratio": paired["ratio"],  # median of the rounds'
+                "ratio_min": paired["min"], "ratio_max": paired["max"], "rounds": paired["rounds"],
+            }  # fmt: skip
             print(
-                f"{name} batch={row['batch']} side by side: W2/FP x{ms['auto'] / ms['fp']:.3f}",
+                f"{name} batch={row['batch']} side by side: W2/FP x{paired['ratio']:.3f}"
+                f" ({paired['min']:.3f}-{paired['max']:.3f} over {paired['rounds']} rounds)",
                 file=sys.stderr,
             )
     return rows

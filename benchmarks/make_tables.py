@@ -106,6 +106,15 @@ def _ms(value: float) -> str:
     return f"{value:.4g}" if value < 1e4 else f"{value:.0f}"
 
 
+def _paired(side: dict | None) -> str:
+    """The side-by-side W2/FP ratio: the median of its rounds, with their range where recorded."""
+    if side is None:
+        return "—"
+    if "ratio_min" not in side:  # rows from before the per-round ratios
+        return f"{side['ratio']:.3f}x"
+    return f"{side['ratio']:.3f}x ({side['ratio_min']:.2f}-{side['ratio_max']:.2f}, {side['rounds']} rounds)"
+
+
 def e2e_table(data: dict) -> str:
     """Per model: stored weight bytes vs fp16, and one denoising step FP vs W2 (latency, peak memory)."""
     rows = data["rows"]
@@ -126,7 +135,7 @@ def e2e_table(data: dict) -> str:
             dq = steps.get((model, "dequant", batch))
             decode = _ms(dq["latency_ms"]) if dq is not None else "—"
             ratio = q["latency_ms"] / fp["latency_ms"]
-            paired = f"{q['side_by_side']['ratio']:.3f}x" if "side_by_side" in q else "—"
+            paired = _paired(q.get("side_by_side"))
             lines.append(
                 f"| {model} | {mem['params'] / 1e6:.1f} M | {mem['layer_ratio']:.3f} | {batch}"
                 f" | {_ms(fp['latency_ms'])} | {_ms(q['latency_ms'])} | {ratio:.2f}x | {paired} | {decode}"

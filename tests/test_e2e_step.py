@@ -86,4 +86,5 @@ def test_quick_writes_schema(tmp_path):
     for r in auto:  # the FP and W2 steps timed in interleaved rounds in one process
         paired = r["side_by_side"]
         assert paired["fp_ms"] > 0 and paired["auto_ms"] > 0
-        assert paired["ratio"] == pytest.approx(paired["auto_ms"] / paired["fp_ms"])
+        assert paired["rounds"] >= e2e.SIDE_BY_SIDE_MIN_ROUNDS
+        assert 0 < paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
