@@ -30,7 +30,9 @@ Rows:
   (every parameter at fp16, vs the quantized model's parameters at fp16 with codes as above).
 - `"kind": "step"` (per model, variant, batch): `variant` = `fp` (dense model), `auto` (quantized, automatic
   kernel dispatch), `dequant` (quantized, `AVQ_KERNEL=dequant`); median latency over repeats after warm-up
-  under `torch.no_grad()`, with class labels; peak memory. Each (model, variant) runs in a fresh subprocess
+  under `torch.no_grad()`, with class labels; peak memory; `first_call_ms`, the first forward of the batch
+  size, with the CPU kernel choices `auto` measures on it (in a choice cache of the run, not the user's, so
+  every run starts as on a new host). Each (model, variant) runs in a fresh subprocess
   (`--in-process` to disable) so allocator state and peaks of one never leak into another. Peak memory: on
   CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (absolute, weights included, and
   the delta over what was allocated before the step); on CPU the process's peak resident set `VmHWM` from
@@ -52,9 +54,12 @@ import contextlib
 import gc
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,7 +71,7 @@ from avq.calibration.statistics import quantizable_layers
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
-from avq.kernels import dispatch
+from avq.kernels import autotune, dispatch
 from avq.planning.plan import LayerPlan, plan_model
 from avq.planning.presets import preset_config
 from avq_bench.results import write_results
@@ -439,10 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    user_cache = os.environ.get("AVQ_CACHE_DIR")
+    if args.worker is None:
+        # `auto` measures its CPU kernels on its first forward of each batch size, as on a new host
+        # (`first_call_ms` includes it), whatever earlier runs left in the user's cache: a choice cache of
+        # this run, which its workers inherit.
+        os.environ["AVQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="avq-e2e-bench-")
+        autotune.forget()
     try:
         return _run(args, parser)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+    finally:  # main() may be called in-process (tests)
+        torch.set_num_threads(threads)
+        if args.worker is None:
+            shutil.rmtree(os.environ["AVQ_CACHE_DIR"], ignore_errors=True)
+            if user_cache is None:
+                os.environ.pop("AVQ_CACHE_DIR", None)
+            else:
+                os.environ["AVQ_CACHE_DIR"] = user_cache
+            autotune.forget()
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,9 +69,13 @@ def test_quantize_random_follows_plan_and_matches_dequant(one_thread, monkeypatc
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-def test_quick_writes_schema(tmp_path):
-    """`--quick --in-process` on digits-unet-mini (the subprocess path is the same `measure`)."""
+def test_quick_writes_schema(tmp_path, monkeypatch):
+    """`--quick --in-process` on digits-unet-mini (the subprocess path is the same `measure`); its kernel
+    choices are measured in a cache of the run, and the user's cache is neither read nor written."""
+    user_cache = tmp_path / "user-cache"
+    monkeypatch.setenv("AVQ_CACHE_DIR", str(user_cache))
     assert e2e.main(["--quick", "--in-process", "--batches", "1,2", "--results-dir", str(tmp_path)]) == 0
+    assert os.environ["AVQ_CACHE_DIR"] == str(user_cache) and not user_cache.exists()
     data = json.loads((tmp_path / "e2e_step_cpu_quick.json").read_text())
     assert {"command", "commit", "device", "date", "torch", "rows"} <= set(data)
     memory = [r for r in data["rows"] if r["kind"] == "memory"]
