@@ -85,7 +85,7 @@ def remember(module: torch.nn.Module, key: tuple, kernel: str, run: Callable) ->
     """Keep `run` (which chose `kernel`) as the module's route for calls with `key`."""
     if module not in _WATCHED:  # its entry leaves with it
         _WATCHED.add(module)
-        weakref.finalize(module, _drop, id(module))
+        weakref.finalize(module, _drop, id(module)).atexit = False  # nothing to drop at exit
     route = _ROUTES[id(module)] = Route(module, key, kernel, run)
     return route
 
