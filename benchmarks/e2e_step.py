@@ -54,12 +54,9 @@ import contextlib
 import gc
 import json
 import math
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -288,32 +285,33 @@ SIDE_BY_SIDE_MIN_ROUNDS = 5  # a ratio from 3 rounds of an 800 ms step moved by 
 
 
 def side_by_side(
-    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int, target_s: float
-) -> dict[str, dict[str, float] | float]:
-    """Each of `fns` timed in interleaved rounds (one call of each per round, the order reversed every
-    other round) after `warmup` rounds: a slower or busier stretch of the machine hits every function
-    alike, so their ratio holds where latencies from separate processes drift (on 2 shared cores, FP
-    `digits-unet` read 11-14 ms across processes). At least `max(repeats, SIDE_BY_SIDE_MIN_ROUNDS)` rounds,
-    more (up to 20) while they fit in `target_s`. Returns the median latency (ms) of each, and per pair of
-    `fns` (the first as the base) the median, least and greatest of the per-round ratios: their spread is
-    how far one ratio can be trusted."""
+    fp: Callable[[], object], auto: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+    target_s: float,
+) -> dict[str, float | int]:  # fmt: skip
+    """FP and W2 steps timed in interleaved rounds (one call of each per round, the order reversed every
+    other round) after `warmup` rounds: a slower or busier stretch of the machine hits both alike, so their
+    ratio holds where latencies from separate processes drift (on 2 shared cores, FP `digits-unet` read 11-14
+    ms across processes). At least `max(repeats, SIDE_BY_SIDE_MIN_ROUNDS)` rounds, more (up to 20) while they
+    fit in `target_s`. Median latencies (ms), and the median, least and greatest of the per-round W2/FP
+    ratios: their spread is how far the ratio can be trusted."""
 
     for _ in range(max(1, warmup)):
-        last = sum(_seconds(fn, device) for fn in fns.values())
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
+        last = _seconds(fp, device) + _seconds(auto, device)
     rounds = max(repeats, SIDE_BY_SIDE_MIN_ROUNDS, min(20, int(target_s / max(last, 1e-6))))
+    fp_s, auto_s = [], []
     for i in range(rounds):
-        for k in names if i % 2 == 0 else reversed(names):
-            times[k].append(_seconds(fns[k], device))
-    base = names[0]
-    out: dict = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    for k in names[1:]:
-        ratios = [a / b for a, b in zip(times[k], times[base], strict=True)]
-        out[f"{k}/{base}"] = {
-            "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds
-        }  # fmt: skip
-    return out
+        if i % 2 == 0:
+            fp_s.append(_seconds(fp, device))
+            auto_s.append(_seconds(auto, device))
+        else:
+            auto_s.append(_seconds(auto, device))
+            fp_s.append(_seconds(fp, device))
+    ratios = [a / f for a, f in zip(auto_s, fp_s, strict=True)]
+    return {
+        "fp_ms": statistics.median(fp_s) * 1e3, "auto_ms": statistics.median(auto_s) * 1e3,
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "rounds": rounds,
+    }  # fmt: skip
 
 
 def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
@@ -377,18 +375,14 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
         for row in (r for r in rows if r.get("kind") == "step"):
             kw = model_inputs(model, row["batch"], device, dtype)
             with torch.no_grad():
-                ms = side_by_side(
-                    {"fp": lambda kw=kw: fp_model(**kw), "auto": lambda kw=kw: model(**kw)},
+                paired = side_by_side(
+                    lambda kw=kw: fp_model(**kw), lambda kw=kw: model(**kw),
                     device, args.warmup, args.repeats, args.target_s,
                 )  # fmt: skip
-            paired = ms["auto/fp"]
-            row["side_by_side"] = {
-                "fp_ms": ms["fp"], "auto_ms": ms["auto"], "ratio": paired["ratio"],  # median of the rounds'
-                "ratio_min": paired["min"], "ratio_max": paired["max"], "rounds": paired["rounds"],
-            }  # fmt: skip
+            row["side_by_side"] = paired
             print(
                 f"{name} batch={row['batch']} side by side: W2/FP x{paired['ratio']:.3f}"
-                f" ({paired['min']:.3f}-{paired['max']:.3f} over {paired['rounds']} rounds)",
+                f" ({paired['ratio_min']:.3f}-{paired['ratio_max']:.3f} over {paired['rounds']} rounds)",
                 file=sys.stderr,
             )
     return rows
@@ -444,24 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    user_cache = os.environ.get("AVQ_CACHE_DIR")
-    if args.worker is None:
-        # `auto` measures its CPU kernels on its first forward of each batch size, as on a new host
-        # (`first_call_ms` includes it), whatever earlier runs left in the user's cache: a choice cache of
-        # this run, which its workers inherit.
-        os.environ["AVQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="avq-e2e-bench-")
-        autotune.forget()
+    # `auto` measures its CPU kernels on its first forward of each batch size, as on a new host
+    # (`first_call_ms` includes it), whatever earlier runs left in the user's cache: a choice cache of this
+    # run, which its workers inherit.
+    cache = autotune.fresh_cache("avq-e2e-bench-") if args.worker is None else contextlib.nullcontext()
     try:
-        return _run(args, parser)
-    finally:  # main() may be called in-process (tests)
-        torch.set_num_threads(threads)
-        if args.worker is None:
-            shutil.rmtree(os.environ["AVQ_CACHE_DIR"], ignore_errors=True)
-            if user_cache is None:
-                os.environ.pop("AVQ_CACHE_DIR", None)
-            else:
-                os.environ["AVQ_CACHE_DIR"] = user_cache
-            autotune.forget()
+        with cache:
+            return _run(args, parser)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

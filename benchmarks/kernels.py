@@ -42,10 +42,8 @@ recorded with `"skipped"` and the reason instead of a latency.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -377,16 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-lut-mib", type=float, default=256.0, help="skip larger LUTs (CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # `auto` measures its CPU kernels on its first call of each shape, as in a fresh process on this host
-    # (excluded from the timing, like compiles): a choice cache of this run, not the user's.
-    os.environ["AVQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="avq-kernels-bench-")
-    autotune.forget()
     if args.quick:
         args.max_seconds = min(args.max_seconds, 45.0)
     budget = Budget(args.max_seconds)
-    rows = linear_rows(args, device, budget)
-    if not args.no_conv:
-        rows += conv_rows(args, device, budget)
+    # `auto` measures its CPU kernels on its first call of each shape, as in a fresh process on this host
+    # (excluded from the timing, like compiles): a choice cache of this run, not the user's.
+    with autotune.fresh_cache("avq-kernels-bench-"):
+        rows = linear_rows(args, device, budget)
+        if not args.no_conv:
+            rows += conv_rows(args, device, budget)
     for row in rows:
         row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     name = f"kernels_{device.type}" + ("_quick" if args.quick else "")

@@ -16,14 +16,17 @@ of this; `forget()` clears the memory (tests, benchmarks).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -144,6 +147,26 @@ def forget() -> None:
     global _CHOICES
     with _LOCK:
         _CHOICES = None
+
+
+@contextlib.contextmanager
+def fresh_cache(prefix: str = "avq-kernels-") -> Iterator[Path]:
+    """Choices measured anew, in an empty cache folder (`AVQ_CACHE_DIR`, which subprocesses inherit), as
+    on a new host; the folder is removed and the user's cache restored after. For benchmarks: a run must
+    not read choices that earlier runs measured under other conditions."""
+    user = os.environ.get("AVQ_CACHE_DIR")
+    folder = tempfile.mkdtemp(prefix=prefix)
+    os.environ["AVQ_CACHE_DIR"] = folder
+    forget()
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if user is None:
+            os.environ.pop("AVQ_CACHE_DIR", None)
+        else:
+            os.environ["AVQ_CACHE_DIR"] = user
+        forget()
 
 
 def chosen(key: str) -> str | None:
