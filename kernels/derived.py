@@ -26,17 +26,18 @@ def stamp(t: torch.Tensor | None) -> Stamp:
     return weakref.ref(t), t.data_ptr(), -1 if t.is_inference() else t._version  # inference: no counter
 
 
+def same(old: tuple, t: torch.Tensor) -> bool:
+    """`unchanged` for a stamp and a tensor that are both present (the prepared-forward check runs it on
+    every call): once `t` is the stamped object, its inference-ness is known, so the stamp's -1 already
+    says that `t` has no counter."""
+    return old[0]() is t and old[1] == t.data_ptr() and (old[2] < 0 or old[2] == t._version)
+
+
 def unchanged(old: Stamp, t: torch.Tensor | None) -> bool:
-    """Whether `t` is still the tensor `old` stamped, unedited."""
+    """Whether `t` is still the tensor `old` stamped, unedited (None stamps None)."""
     if old is None or t is None:
         return old is None and t is None
-    return old[0]() is t and old[1] == t.data_ptr() and old[2] == (-1 if t.is_inference() else t._version)
-
-
-def same(old: tuple, t: torch.Tensor) -> bool:
-    """`unchanged` for a stamp and a tensor that are both present (the prepared-forward check, on every
-    call): a tensor keeps its inference-ness, so the stamp's -1 already says that `t` has no counter."""
-    return old[0]() is t and old[1] == t.data_ptr() and (old[2] < 0 or old[2] == t._version)
+    return same(old, t)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (stamps, value)}
