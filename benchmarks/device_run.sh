@@ -15,6 +15,7 @@
 # STAGES picks and orders them (default: tiny tests solver scale). The kernel session's stages:
 #   kernels_cpu2  kernels.py --quick on the host CPU pinned to 2 cores (the CI machines' size): another
 #                 CPU vendor's figures for the LUT path (aqlm's CUDA extension compiles meanwhile on the rest)
+#   lut_variants  lut_variants.py pinned to 2 cores: the CPU LUT path's parts and variants on that host
 #   kernels_tests the kernel tests compiled on the GPU (fp16, bf16, fp32)
 #   kernels_gpu   kernels.py --quick on CUDA: cuBLAS fp16, dequantize + GEMM, the fused kernel, aqlm's
 #   e2e_gpu       e2e_step.py --models sd1.5 on CUDA: one W2 step of the SD 1.5-shaped UNet vs FP16
@@ -53,6 +54,9 @@ run_stage() {
     (taskset -c 2-$(($(nproc) - 1)) python3 -c "import aqlm.inference_kernels.cuda_kernel" > "$OUT/aqlm_build.log" 2>&1 &)
     stage kernels_cpu2 100 env OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 taskset -c 0,1 python3 benchmarks/kernels.py --quick --device cpu
     cp benchmarks/results/kernels_cpu_quick.json "$OUT/kernels_cpu2_quick.json" 2>/dev/null ;;
+  lut_variants)
+    stage lut_variants 150 env OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 taskset -c 0,1 python3 benchmarks/lut_variants.py
+    cp benchmarks/results/lut_variants_cpu.json "$OUT/lut_variants_cpu2.json" 2>/dev/null ;;
   kernels_tests) stage kernels_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
   kernels_gpu)
     stage kernels_gpu 130 python3 benchmarks/kernels.py --quick --device cuda
