@@ -55,8 +55,10 @@ run_stage() {
     stage kernels_cpu2 100 env OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 taskset -c 0,1 python3 benchmarks/kernels.py --quick --device cpu
     cp benchmarks/results/kernels_cpu_quick.json "$OUT/kernels_cpu2_quick.json" 2>/dev/null ;;
   lut_variants)
-    stage lut_variants 150 env OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 taskset -c 0,1 python3 benchmarks/lut_variants.py
-    cp benchmarks/results/lut_variants_cpu.json "$OUT/lut_variants_cpu2.json" 2>/dev/null ;;
+    # shellcheck disable=SC2086 # LUT_ARGS: extra arguments, split on purpose
+    stage lut_variants 150 env OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 taskset -c 0,1 python3 benchmarks/lut_variants.py ${LUT_ARGS:-}
+    cp benchmarks/results/lut_variants_cpu.json "$OUT/lut_variants_cpu2_$SECONDS.json" 2>/dev/null
+    cp "$OUT/lut_variants.log" "$OUT/lut_variants_$SECONDS.log" ;;
   kernels_tests) stage kernels_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ;;
   kernels_gpu)
     stage kernels_gpu 130 python3 benchmarks/kernels.py --quick --device cuda

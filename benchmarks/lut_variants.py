@@ -15,7 +15,9 @@ One `[4096, 4096]` `2x8g8` layer (the #21 acceptance shape), one input row, fp32
 - `lut_matmul_codes`: the shipped LUT path end to end (what `AVQ_KERNEL=lut` runs);
 - `embedding_bag`: the fallback LUT path (`lut_matmul` over the cached int32 index);
 - `decode`: the compiled decode of the whole weight into a reused buffer, serial and parallel;
-- `dequant_matmul`: the shipped blocked decode + GEMM.
+- `dequant_matmul`: the shipped blocked decode + GEMM, per decoded block size (`--dequant-block-mib`);
+- `lut_over_dense`: the shipped LUT path per `J` over the dense GEMV, timed in interleaved rounds
+  (`--rounds`): the median and range of the per-round ratios.
 `rel_err` checks each against the dense product. The JSON's `device` names the CPU model and core count.
 """
 
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--blocks", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-unrolled", action="store_true", help="only the shipped gather-sum per J")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of dense vs the LUT path")
+    parser.add_argument(
+        "--dequant-block-mib", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 1, 2, 4, 8]
+    )
     args = parser.parse_args(argv)
     numba = lut._numba()
     if numba is None:
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         blocked = lut.blocked_codes(codes, J).numpy()  # [G/J, N, J*M]
         for parallel in (False, True):
             kernels = {"loop": lut._gather_sum_kernel(M, C, J, parallel)}
-            for unroll in (1, 2, 4):
+            for unroll in () if args.no_unrolled else (1, 2, 4):
                 for tree in (False, True):
                     kernels[f"U{unroll}{'t' if tree else 's'}"] = compile_unrolled(J, unroll, tree, parallel)
             for name, kernel in kernels.items():
@@ -157,11 +164,35 @@ def main(argv: list[str] | None = None) -> int:
             threads=numba.get_num_threads() if parallel else 1,
             gb_per_s=round(N * K * 4 / ms / 1e6, 1),
         )
-    record(
-        "dequant_matmul",
-        median_ms(lambda: lut.dequant_matmul(x, codes, books, scales), args.repeats),
-        lut.dequant_matmul(x, codes, books, scales),
-    )
+    shipped_block = lut.DEQUANT_BLOCK_BYTES
+    for mib in args.dequant_block_mib:  # the decoded block the GEMM reads: which cache level holds it
+        lut.DEQUANT_BLOCK_BYTES = int(mib * 2**20)
+        blocked_gemm = lambda: lut.dequant_matmul(x, codes, books, scales)  # noqa: E731
+        record("dequant_matmul", median_ms(blocked_gemm, args.repeats), blocked_gemm(), block_mib=mib)
+    lut.DEQUANT_BLOCK_BYTES = shipped_block
+    # Interleaved rounds: on a shared or virtual host the same call's time drifts between runs, so the
+    # LUT path is read as a ratio to the dense GEMV timed beside it, round by round.
+    paths = {J: lut.blocked_codes(codes, J) for J in args.blocks}
+    ratios: dict[int, list[float]] = {J: [] for J in args.blocks}
+    for _ in range(args.rounds):
+        dense_ms = median_ms(lambda: x @ weight.T, 10)
+        for J, blocked_J in paths.items():
+            ms = median_ms(lambda c=blocked_J: lut.lut_matmul_codes(x, c, books, scales), 10)
+            ratios[J].append(ms / dense_ms)
+    for J, values in ratios.items():
+        ratio, low, high = statistics.median(values), min(values), max(values)
+        rows.append(
+            {
+                "part": "lut_over_dense",
+                "J": J,
+                "rounds": len(values),
+                "ratio": ratio,
+                "ratio_min": low,
+                "ratio_max": high,
+                "torch_threads": threads,
+            }
+        )
+        print(f"lut_matmul_codes J={J} / dense: x{ratio:.2f} ({low:.2f}-{high:.2f})")
     path = write_results("lut_variants_cpu", rows, device="cpu")
     print(f"wrote {path}")
     return 0
