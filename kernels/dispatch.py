@@ -24,7 +24,11 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    cache-resident). Conv2d whose weight spans more than two decode blocks: "dequant" against
    "dequant-blocked" (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
    1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); smaller convs:
-   "dequant". The fixed rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and
+   "dequant". With more than one torch thread, fp32 input and a weight of at least
+   `THREADED_MIN_WEIGHTS`, each candidate that runs a compiled (numba) kernel is also timed on numba's
+   threads (`<kernel>-mt`): whether a second core pays differs by host (2 Intel Xeon cores decode 2-3x
+   faster on both, 2 EPYC cores no faster inside a model), so it is measured, not a fixed size threshold.
+   The fixed rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and
    `M_rows * M * 2^B <= out_features`) is what `choose_linear_kernel` reports where nothing is measured
    (fp64); it held on an AMD EPYC and not on an Intel Xeon.
 4. Anything else (other devices, fp64 on CUDA): "dequant".
@@ -70,6 +74,8 @@ TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measu
 LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
 MEASURE_MAX_ROWS = 64  # CPU: the LUT is a candidate up to here; above, the decode amortises
+THREADED = "-mt"  # suffix of a measured candidate's variant on numba's threads
+THREADED_MIN_WEIGHTS = 1 << 20  # below, starting numba's parallel region (~50 us) outweighs a second core
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -145,6 +151,24 @@ def linear_candidates(module, rows: int) -> tuple[str, ...]:
     if rows <= MEASURE_MAX_ROWS and module.spec.nbits <= LUT_MAX_NBITS:
         return ("lut", "dequant", "dequant-blocked")
     return ("dequant", "dequant-blocked")
+
+
+def with_threaded(candidates: tuple[str, ...], module, x: torch.Tensor) -> tuple[str, ...]:
+    """`candidates` and, where a second thread might pay, their variants on numba's threads (`-mt`): fp32
+    input (the compiled kernels' dtype), more than one torch thread, at least `THREADED_MIN_WEIGHTS`."""
+    if x.dtype != torch.float32 or torch.get_num_threads() <= 1 or not lut.numba_available():
+        return candidates
+    if math.prod(module.shape) < THREADED_MIN_WEIGHTS:
+        return candidates
+    return candidates + tuple(k + THREADED for k in candidates)
+
+
+def split_threaded(kernel: str) -> tuple[str, bool | None]:
+    """`"dequant-mt"` -> `("dequant", True)`: the kernel and its compiled kernels' threading (None: the
+    default size rule of `kernels/lut.py`)."""
+    if kernel.endswith(THREADED):
+        return kernel.removesuffix(THREADED), True
+    return kernel, None
 
 
 def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
@@ -241,13 +265,14 @@ def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     return buf[:numel]
 
 
-def _decoder(module, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _decoder(module, dtype: torch.dtype, parallel: bool | None = None) -> Callable[[], torch.Tensor]:
     """A function returning the module's decoded `[out, K]` weight in `dtype`, in the shared workspace
-    (valid until the next decode on this thread); its inputs are gathered once, here."""
+    (valid until the next decode on this thread); its inputs are gathered once, here. `parallel`: the
+    compiled decode's threading (`lut.use_threads`)."""
     N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
     codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
     device = codes.device
-    compiled = lut.decoder(codes, books, scales) if dtype == torch.float32 else None
+    compiled = lut.decoder(codes, books, scales, parallel) if dtype == torch.float32 else None
     if compiled is None:
         return lambda: lut.dequantize(codes, books, scales, out=_workspace(N * K, device, dtype).view(N, K))
 
@@ -270,8 +295,11 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- forwards
 # Each forward is prepared once per (module, kind of call) as a `routes.Route`; the functions below build
 # the runners, `linear` / `conv2d` choose which and keep it.
-def _fused_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x2d [R, K] -> [R, N]` (bias added) through the fused `kernel` ("triton" or "lut")."""
+def _fused_runner(
+    kernel: str, module, x: torch.Tensor, parallel: bool | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x2d [R, K] -> [R, N]` (bias added) through the fused `kernel` ("triton" or "lut"; `parallel`: the
+    compiled gather-sum's threading)."""
     bias = None if module.bias is None else module.bias.detach()
     scales = module.scales.detach()
     if kernel == "triton":
@@ -286,28 +314,30 @@ def _fused_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tenso
         return lambda x2d: triton_vqgemm.vq_matmul(x2d, codes, books, scales, bias)
     if x.dtype != torch.float64 and x.device.type == "cpu" and lut.numba_available():
         blocked, books = _blocked_codes(module), _books_f32(module)
-        return lambda x2d: lut.lut_matmul_codes(x2d, blocked, books, scales, bias)
+        return lambda x2d: lut.lut_matmul_codes(x2d, blocked, books, scales, bias, parallel)
     index = _lut_index(module)
     books = _books_f32(module) if x.dtype != torch.float64 else module.codebooks.detach().double()
     return lambda x2d: lut.lut_matmul(x2d, index, books, scales, bias)
 
 
 def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`AQLinear`'s forward through `kernel`, its inputs prepared for calls like `x`."""
+    """`AQLinear`'s forward through `kernel` (a `-mt` name: its compiled kernels on numba's threads), its
+    inputs prepared for calls like `x`."""
     K, N = module.shape[1], module.shape[0]
+    kernel, parallel = split_threaded(kernel)
     if kernel == "dequant" or (kernel == "dequant-blocked" and x.device.type != "cpu"):
-        decode, bias = _decoder(module, x.dtype), module._bias(x.dtype)
+        decode, bias = _decoder(module, x.dtype, parallel), module._bias(x.dtype)
         return lambda x: F.linear(x, decode(), bias)
     if kernel == "dequant-blocked":  # CPU: decode and multiply block by block (see kernels/lut.py)
         codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
         bias = None if module.bias is None else module.bias.detach()
 
         def blocked(x: torch.Tensor) -> torch.Tensor:
-            y = lut.dequant_matmul(x.reshape(x.numel() // K, K), codes, books, scales, bias)
+            y = lut.dequant_matmul(x.reshape(x.numel() // K, K), codes, books, scales, bias, parallel)
             return y.reshape(*x.shape[:-1], N)
 
         return blocked
-    fused = _fused_runner(kernel, module, x)
+    fused = _fused_runner(kernel, module, x, parallel)
     return lambda x: fused(x.reshape(x.numel() // K, K)).reshape(*x.shape[:-1], N)
 
 
@@ -336,8 +366,8 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         kernel = "dense-cached"
     elif not forced:
         kernel, y, run = _measured(
-            module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
-            lambda k: _linear_runner(k, module, x),
+            module, x, rows, lambda: measured_key(module, x, rows),
+            with_threaded(linear_candidates(module, rows), module, x), lambda k: _linear_runner(k, module, x),
         )  # fmt: skip
         if kernel is None:
             kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
@@ -350,15 +380,17 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """`AQConv2d`'s forward through `kernel`, its inputs prepared for calls like `x`: the decoded weight
     whole ("dequant"), a block of output channels at a time ("dequant-blocked", CPU 4-d input;
-    `lut.dequant_conv2d`), or an implicit GEMM through a fused kernel ("lut", "triton")."""
+    `lut.dequant_conv2d`), or an implicit GEMM through a fused kernel ("lut", "triton"); a `-mt` name: the
+    compiled decode on numba's threads."""
     geometry = (module.stride, module.padding, module.dilation)
     shape = module.shape
+    kernel, parallel = split_threaded(kernel)
     if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
         codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
         bias = None if module.bias is None else module.bias.detach()
-        return lambda x: lut.dequant_conv2d(x, codes, books, scales, bias, shape, *geometry)
+        return lambda x: lut.dequant_conv2d(x, codes, books, scales, bias, shape, *geometry, parallel)
     if kernel in ("dequant", "dequant-blocked") or x.dim() != 4:  # unbatched [C, H, W]: F.conv2d
-        decode, bias = _decoder(module, x.dtype), module._bias(x.dtype)
+        decode, bias = _decoder(module, x.dtype, parallel), module._bias(x.dtype)
         return lambda x: F.conv2d(x, decode().view(shape), bias, *geometry)
     fused, kernel_size = _fused_runner(kernel, module, x), module.kernel_size
     return lambda x: conv.implicit_gemm(x, fused, kernel_size, *geometry)
@@ -382,7 +414,8 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
         rows = conv.rows_of(x, *geometry)
         if conv.choose_conv_strategy(x.device, rows, module.shape[0]) == "dequant":
             kernel, y, run = _measured(  # CPU: the whole weight or blocks of it, measured
-                module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
+                module, x, rows, lambda: conv_measured_key(module, x, rows),
+                with_threaded(("dequant", "dequant-blocked"), module, x),
                 lambda k: _conv_runner(k, module, x),
             )  # fmt: skip
             kernel = kernel or "dequant"

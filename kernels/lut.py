@@ -59,8 +59,19 @@ DEQUANT_BLOCK_BYTES = 4 << 20  # decoded fp32 rows per block of the blocked dequ
 # after a torch GEMM, the parallel decode was never faster (0.26 M weights: 0.23 ms vs 0.11 serial; 16.8 M:
 # 6.2 vs 6.1 ms, the stores bound it), nor the parallel gather-sum at [4096, 4096] one row (1.04 vs
 # 0.86 ms; 0.68 vs 0.84 ms on idle threads).
+# On an Intel Xeon (2 cores of a 16-core Emerald Rapids VM) the opposite held for the decode: 2 threads
+# 1.8-2.9 ms vs 3.0-9.0 ms serial for 16.8 M weights. So these are only the defaults; the measured dispatch
+# (`kernels/dispatch.py`) also times each compiled kernel on numba's threads (`parallel=True`) per host.
 DECODE_PARALLEL_MIN = 1 << 25  # weights (larger than any SD / SDXL layer)
 LUT_PARALLEL_MIN = 1 << 23  # lookups: rows x codes (one row of [4096, 4096] 2x8g8 is 4.2 M)
+
+
+def use_threads(size: int, threshold: int, parallel: bool | None) -> bool:
+    """Whether a compiled kernel of `size` runs on numba's threads: as `parallel` says where given (the
+    measured dispatch's threaded candidates), else from `threshold` up; never when torch has one thread."""
+    if torch.get_num_threads() <= 1:
+        return False
+    return size >= threshold if parallel is None else parallel
 
 
 def group_block(groups: int, target: int = LUT_GROUP_BLOCK) -> int:
@@ -199,9 +210,11 @@ def lut_matmul_codes(
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
+    parallel: bool | None = None,
 ) -> torch.Tensor:
     """`x [R, K] -> [R, N]` (CPU) through the LUT and the compiled gather-sum over `codes [G/J, N, J*M]`
-    from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs numba."""
+    from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs numba. `parallel`: on numba's threads
+    or not (`use_threads`; default: from `LUT_PARALLEL_MIN` lookups up)."""
     if _numba() is None:
         raise RuntimeError("lut_matmul_codes needs numba (pip install numba); use lut_matmul instead")
     R, K = x.shape
@@ -212,7 +225,7 @@ def lut_matmul_codes(
     out = torch.zeros(R, N, dtype=torch.float32)
     # Threads only where the gather outweighs starting numba's parallel region (~50 us) and the contention
     # of its workers with torch's OpenMP threads, which spin between the ops of a model's forward.
-    parallel = R * blocks * N * per_block >= LUT_PARALLEL_MIN and torch.get_num_threads() > 1
+    parallel = use_threads(R * blocks * N * per_block, LUT_PARALLEL_MIN, parallel)
     if parallel:
         _numba_threads()
     _gather_sum_kernel(M, C, per_block // M, parallel)(lut.numpy(), codes.numpy(), out.numpy())
@@ -299,20 +312,23 @@ def _numba_threads() -> None:
         numba.set_num_threads(threads)
 
 
-def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> Callable | None:
+def decoder(
+    codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, parallel: bool | None = None
+) -> Callable | None:
     """The compiled decode of these codes `[N, G, M]` (`books [M, C, g]` and `scales [N]` fp32, as the
     dispatcher caches them), prepared once: a function of the contiguous CPU fp32 `out [N, G*g]` that
     writes the decoded weight into it. None where it does not apply (no numba, another device or dtype).
 
     Preparing once matters in small layers: the checks and tensor-to-array conversions cost ~5 us a call,
-    five times the compiled decode of a 16 -> 16 3x3 conv (measured on an EPYC core)."""
+    five times the compiled decode of a 16 -> 16 3x3 conv (measured on an EPYC core). `parallel`: rows
+    split over numba's threads or not (`use_threads`; default: from `DECODE_PARALLEL_MIN` weights up)."""
     if codes.device.type != "cpu" or _numba() is None:
         return None
     if books.dtype != torch.float32 or scales.dtype != torch.float32:
         return None
     N, G, M = codes.shape
     _, C, g = books.shape
-    parallel = N * G * g >= DECODE_PARALLEL_MIN and torch.get_num_threads() > 1
+    parallel = use_threads(N * G * g, DECODE_PARALLEL_MIN, parallel)
     kernel = _COMPILED.get(("decode", M, C, g, parallel)) or _decode_kernel(M, C, g, parallel)
     args = (codes.reshape(N, G * M).numpy(), books.reshape(-1).numpy(), scales.numpy())
     _compile_for(kernel, *args, _OUT_TYPE)  # out: 2-D fp32, C-contiguous
@@ -325,13 +341,19 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> C
     return decode
 
 
-def decode_into(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> bool:
+def decode_into(
+    codes: torch.Tensor,
+    books: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    parallel: bool | None = None,
+) -> bool:
     """Decode codes `[N, G, M]` into the contiguous CPU fp32 `out [N, G*g]` with the compiled kernel
     (`decoder`); False, with nothing written, where it does not apply (no numba, another device or dtype,
     `out` not contiguous fp32 on the CPU): use `_decode_rows` then."""
     if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
         return False
-    decode = decoder(codes, books, scales)
+    decode = decoder(codes, books, scales, parallel)
     if decode is None:
         return False
     decode(out)
@@ -388,6 +410,7 @@ def dequant_conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int] | str,
     dilation: tuple[int, int],
+    parallel: bool | None = None,
 ) -> torch.Tensor:
     """`conv2d(x, W)` (CPU) with `W [out, in, kh, kw]` decoded a block of output channels at a time
     (`_row_blocks`: ~`DEQUANT_BLOCK_BYTES` of fp32 each), each block convolved while it is cache-resident.
@@ -395,7 +418,8 @@ def dequant_conv2d(
     The whole weight is never written to memory: at low resolution, where a large weight meets few output
     pixels, decoding 59 MB and convolving it costs more than the decode (measured on 2 EPYC cores, 1280 ->
     1280 3x3 at 8x8: FP 22.7 ms, whole decode + conv 28.8 ms, blocks 13.5 ms). Same decoded values as
-    `dequantize`; the convolutions run in `x.dtype`.
+    `dequantize`; the convolutions run in `x.dtype`. `parallel`: the compiled decode on numba's threads
+    or not (`use_threads`).
     """
     N, G, M = codes.shape
     C, g = codebooks.shape[1:]
@@ -406,7 +430,7 @@ def dequant_conv2d(
     for lo in rows:
         hi = min(lo + rows.step, N)
         w = block[: hi - lo]
-        if not decode_into(codes[lo:hi], books, scales[lo:hi], w):
+        if not decode_into(codes[lo:hi], books, scales[lo:hi], w, parallel):
             w = _decode_rows(codes, books.reshape(M * C, g), scales, lo, hi)
         b = None if bias is None else bias[lo:hi].to(x.dtype)
         y = F.conv2d(x, w.to(x.dtype).view(hi - lo, *weight_shape[1:]), b, stride, padding, dilation)
@@ -424,11 +448,13 @@ def dequant_matmul(
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
+    parallel: bool | None = None,
 ) -> torch.Tensor:
     """`x [R, K] -> [R, N]`: decode a block of output rows, multiply, next block (CPU).
 
     The full weight is never materialised; each block is still cache-resident when the GEMM reads it.
     Same decoded values as `dequantize`; the GEMM runs in `x.dtype` (fp32 decode cast per block).
+    `parallel`: the compiled decode on numba's threads or not (`use_threads`).
     """
     N, G, M = codes.shape
     C, g = codebooks.shape[1:]
@@ -440,7 +466,7 @@ def dequant_matmul(
     for lo in rows:
         hi = min(lo + rows.step, N)
         w = block[: hi - lo] if block is not None else None
-        if w is None or not decode_into(codes[lo:hi], books, scales[lo:hi], w):
+        if w is None or not decode_into(codes[lo:hi], books, scales[lo:hi], w, parallel):
             w = _decode_rows(codes, books2d, scales, lo, hi)  # [hi-lo, K]
         y[:, lo:hi] = x @ w.to(x.dtype).T
     if bias is not None:

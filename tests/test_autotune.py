@@ -191,3 +191,33 @@ def test_hyperthread_siblings_are_counted_among_usable_cpus(tmp_path, monkeypatc
     assert autotune.hyperthreaded_cores() == 0
     monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: {0, 7}, raising=False)  # no sysfs entry
     assert autotune.hyperthreaded_cores() == 0
+
+
+@torch.no_grad()
+def test_threaded_variants_are_measured_where_a_second_thread_might_pay(cache, monkeypatch):
+    """With two torch threads and fp32 input, each candidate is also timed on numba's threads (`-mt`), and
+    those compute the same outputs as the serial kernels, bit for bit; one thread or a small weight: none."""
+    pytest.importorskip("numba")
+    layer, x = _layer(), torch.randn(1, 64)
+    assert dispatch.with_threaded(("lut", "dequant"), layer, x) == ("lut", "dequant")  # one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert dispatch.with_threaded(("lut", "dequant"), layer, x) == ("lut", "dequant")  # small weight
+        monkeypatch.setattr(dispatch, "THREADED_MIN_WEIGHTS", 96 * 64)
+        assert dispatch.with_threaded(("lut",), layer, x.double()) == ("lut",)  # not the compiled kernels
+        measured = []
+        real = autotune.measure
+        monkeypatch.setattr(autotune, "measure", lambda key, c: measured.append(sorted(c)) or real(key, c))
+        ref = F.linear(x, layer.qweight.dequantize(), layer.bias)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+        names = ["dequant", "dequant-blocked", "lut"]
+        assert measured == [sorted(names + [n + "-mt" for n in names])]
+        assert dispatch.split_threaded("dequant-blocked-mt") == ("dequant-blocked", True)
+        for name in names:
+            serial = dispatch._linear_runner(name, layer, x)(x)
+            threaded = dispatch._linear_runner(name + "-mt", layer, x)(x)
+            assert torch.equal(serial, threaded), name
+        assert ("decode", 2, 256, 8, True) in lut._COMPILED and (2, 256, 8, True) in lut._COMPILED
+    finally:
+        torch.set_num_threads(threads)
