@@ -64,6 +64,45 @@ def layer_solver_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+AQLM_COLUMNS = {
+    "aqlm_numba_1thread": "aqlm numba, 1 thread",
+    "aqlm_triton": "aqlm Triton",
+    "aqlm_cuda": "aqlm CUDA",
+}
+
+
+def lut_variants_table(data: dict) -> str:
+    """The CPU LUT path's parts on one host: the shipped kernels, the fastest gather-sum variants, the
+    decode alone and in blocks, and the LUT path over dense in interleaved rounds."""
+    rows = data["rows"]
+
+    def label(r: dict) -> str:
+        extra = {k: r[k] for k in ("variant", "J", "threads", "block_mib") if k in r}
+        return r["part"] + (" (" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")" if extra else "")
+
+    gathers = sorted((r for r in rows if r["part"] == "gather_sum"), key=lambda r: r["ms"])
+    shown = [r for r in rows if r["part"] not in ("gather_sum", "lut_over_dense")]
+    shipped = [r for r in gathers if r["variant"] == "loop" and r["J"] == 8]
+    best = [r for r in gathers[:3] if r not in shipped]
+    lines = ["| part | ms | relative error |", "|---|---:|---:|"]
+    for r in shown[:2] + shipped + best + shown[2:]:
+        err = "—" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+        lines.append(f"| {label(r)} | {r['ms']:.3g} | {err} |")
+    for r in rows:
+        if r["part"] == "lut_over_dense":
+            lines.append(
+                f"| LUT path / dense (J {r['J']}), {r['rounds']} interleaved rounds | {r['ratio']:.2f}x"
+                f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | |"
+            )
+    lines.append("")
+    lines.append(
+        f"`[4096, 4096]` `2x8g8`, one row; {len(gathers)} gather-sum variants timed: the shipped kernel"
+        f" (`loop`, J 8) on one and two threads, and the fastest others. From `{data['command']}` at commit `{data['commit'][:12]}`"
+        f" on {data['device']}, {data['date']}."
+    )
+    return "\n".join(lines)
+
+
 def kernels_table(data: dict, spec: str = "2x8g8") -> str:
     """Linear layers at one spec: latency of each method per shape and row count, and weight memory."""
     rows = [r for r in data["rows"] if r.get("op") == "linear"]
@@ -78,10 +117,14 @@ def kernels_table(data: dict, spec: str = "2x8g8") -> str:
             return "—"
         return f"{r['latency_ms']:.3g}" if "latency_ms" in r else "skipped"
 
+    # aqlm's kernels that ran on this device: its numba kernel on CPU, its Triton and CUDA kernels on GPUs
+    present = {r["method"] for r in rows}
+    aqlm = [m for m in AQLM_COLUMNS if m in present] or ["aqlm_numba_1thread"]
     lines = [
-        f"| model | N×K | rows | dense | dequant + GEMM | fused | auto (kernel) | aqlm numba, 1 thread"
-        f" | weight MB ({spec}) / fp16 MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | N×K | rows | dense | dequant + GEMM | fused | auto (kernel) | "
+        + " | ".join(AQLM_COLUMNS[m] for m in aqlm)
+        + f" | weight MB ({spec}) / fp16 MB |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(aqlm) + "---|",
     ]
     for (family, N, K, R), methods in by_key.items():
         auto = methods.get("auto")
@@ -90,8 +133,9 @@ def kernels_table(data: dict, spec: str = "2x8g8") -> str:
         memory = f"{quant['weight_bytes'] / 1e6:.3g} / {quant['dense_fp16_bytes'] / 1e6:.3g}"
         lines.append(
             f"| {family} | {N}×{K} | {R} | {ms(dense.get((N, K, R)))} | {ms(methods.get('dequant_gemm'))}"
-            f" | {ms(methods.get('fused'))} | {ms(auto)}{chosen}"
-            f" | {ms(methods.get('aqlm_numba_1thread'))} | {memory} |"
+            f" | {ms(methods.get('fused'))} | {ms(auto)}{chosen} | "
+            + " | ".join(ms(methods.get(m)) for m in aqlm)
+            + f" | {memory} |"
         )
     lines.append("")
     lines.append(
@@ -604,6 +648,10 @@ TABLES = {
     "layer_solver": layer_solver_table,
     "kernels_cpu": kernels_table,
     "kernels_cpu_quick": kernels_table,
+    "kernels_cpu_quick_intel": kernels_table,
+    "kernels_h200_quick": kernels_table,
+    "lut_variants_cpu": lut_variants_table,
+    "lut_variants_cpu_intel": lut_variants_table,
     "e2e_step_cpu": e2e_table,
     "reference_fp": reference_fp_table,
     "quality": quality_table,
