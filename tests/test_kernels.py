@@ -153,16 +153,17 @@ def test_lut_matmul_matches_dequant(case, block_target: int) -> None:
     assert index.dtype == torch.int32 and index.shape == (G // block, N, block * M)
     books = qw.codebooks.double() if dtype == torch.float64 else qw.codebooks.float()
     y = lut.lut_matmul(x, index, books, qw.scales, bias)
-    if dtype in (torch.float16, torch.bfloat16):
-        # Computed in fp32 from the fp32 codebooks, rounded once at the end: against the same product with
-        # the weight decoded in fp32 (`reference` rounds the weight to `dtype`, as the Triton kernel feeds
-        # `tl.dot`: that rounding alone exceeded this tolerance at K = 54 in fp16).
-        w = decode(qw.codes, qw.codebooks.float(), qw.scales.float())  # [N, K] fp32
-        exact = F.linear(x.float(), w) + (0 if bias is None else bias.float())
-        scale = max(1.0, float(exact.abs().max()))
-        torch.testing.assert_close(y.float(), exact, rtol=0, atol=ATOL[dtype] * scale)
-    else:
-        assert_close_scaled(y, reference(x, qw, bias), dtype)
+    # Against the exact product (fp64, the weight decoded from the codebooks the LUT reads): the LUT computes
+    # in fp32 (fp64 for fp64) and rounds once at the end. `reference` rounds the weight to `dtype` as the
+    # Triton kernel feeds `tl.dot`, and computes in fp32: each alone exceeded these tolerances (fp16 at
+    # K = 54; fp64, whose tolerance is below fp32's round-off).
+    idx = qw.codes.long()  # [N, G, M]
+    groups = sum(books.double()[m][idx[..., m]] for m in range(M))  # [N, G, g] fp64
+    w = (groups * qw.scales.double()[:, None, None]).reshape(N, K)  # [N, K] fp64
+    exact = F.linear(x.double(), w) + (0 if bias is None else bias.double())
+    assert y.dtype == dtype and y.shape == exact.shape
+    scale = max(1.0, float(exact.abs().max()))
+    torch.testing.assert_close(y.double(), exact, rtol=0, atol=ATOL[dtype] * scale)
 
 
 @pytest.mark.parametrize(
