@@ -97,8 +97,8 @@ def lut_variants_table(data: dict) -> str:
     lines.append("")
     lines.append(
         f"`[4096, 4096]` `2x8g8`, one row; {len(gathers)} gather-sum variants timed: the shipped kernel"
-        f" (`loop`, J 8) on one and two threads, and the fastest others. From `{data['command']}` at commit `{data['commit'][:12]}`"
-        f" on {data['device']}, {data['date']}."
+        f" (`loop`, J 8) on one and two threads, and the fastest others. From `{data['command']}` at commit"
+        f" `{data['commit'][:12]}` on {data['device']}, {data['date']}."
     )
     return "\n".join(lines)
 
