@@ -32,7 +32,8 @@ Rows:
   kernel dispatch), `dequant` (quantized, `AVQ_KERNEL=dequant`); median latency over repeats after warm-up
   under `torch.no_grad()`, with class labels; peak memory; `first_call_ms`, the first forward of the batch
   size, with the CPU kernel choices `auto` measures on it (in a choice cache of the run, not the user's, so
-  every run starts as on a new host). Each (model, variant) runs in a fresh subprocess
+  every run starts as on a new host), and for `auto` `kernels`, how many AQ layers ran each kernel at that
+  batch (`-mt`: on numba's threads). Each (model, variant) runs in a fresh subprocess
   (`--in-process` to disable) so allocator state and peaks of one never leak into another. Peak memory: on
   CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (absolute, weights included, and
   the delta over what was allocated before the step); on CPU the process's peak resident set `VmHWM` from
@@ -68,7 +69,7 @@ from avq.calibration.statistics import quantizable_layers
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
-from avq.kernels import autotune, dispatch
+from avq.kernels import autotune, dispatch, routes
 from avq.planning.plan import LayerPlan, plan_model
 from avq.planning.presets import preset_config
 from avq_bench.results import write_results
@@ -361,6 +362,9 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
             timing = time_step(
                 lambda kw=kwargs: model(**kw), device, args.warmup, args.repeats, args.target_s
             )
+        if variant == "auto":  # what each AQ layer's forward ran (its route's kernel) at this batch
+            chosen = [routes.kernel_of(m) or "none" for m in model.modules() if isinstance(m, AQModule)]
+            row["kernels"] = {k: chosen.count(k) for k in sorted(set(chosen))}
         rows.append({**row, **timing, **mem})
         print(_line(rows[-1]), file=sys.stderr, flush=True)
     if variant == "auto":  # after the measurements, so it cannot affect their peaks

@@ -25,9 +25,10 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    "dequant-blocked" (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
    1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); smaller convs:
    "dequant". With more than one torch thread, fp32 input and a weight of at least
-   `THREADED_MIN_WEIGHTS`, each candidate that runs a compiled (numba) kernel is also timed on numba's
-   threads (`<kernel>-mt`): whether a second core pays differs by host (2 Intel Xeon cores decode 2-3x
-   faster on both, 2 EPYC cores no faster inside a model), so it is measured, not a fixed size threshold.
+   `THREADED_MIN_WEIGHTS`, the fastest candidate is then timed against itself on numba's threads
+   (`<kernel>-mt`: its compiled kernels parallel): whether a second core pays differs by host (2 Intel
+   Xeon cores decode 2-3x faster than one, 2 EPYC cores no faster inside a model), so it is measured, not
+   a fixed size threshold.
    The fixed rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and
    `M_rows * M * 2^B <= out_features`) is what `choose_linear_kernel` reports where nothing is measured
    (fp64); it held on an AMD EPYC and not on an Intel Xeon.
@@ -153,14 +154,13 @@ def linear_candidates(module, rows: int) -> tuple[str, ...]:
     return ("dequant", "dequant-blocked")
 
 
-def with_threaded(candidates: tuple[str, ...], module, x: torch.Tensor) -> tuple[str, ...]:
-    """`candidates` and, where a second thread might pay, their variants on numba's threads (`-mt`): fp32
-    input (the compiled kernels' dtype), more than one torch thread, at least `THREADED_MIN_WEIGHTS`."""
-    if x.dtype != torch.float32 or torch.get_num_threads() <= 1 or not lut.numba_available():
-        return candidates
-    if math.prod(module.shape) < THREADED_MIN_WEIGHTS:
-        return candidates
-    return candidates + tuple(k + THREADED for k in candidates)
+def threadable(module, x: torch.Tensor) -> bool:
+    """Whether a second thread might pay for this call's compiled kernels, so that the measured winner is
+    also timed on numba's threads (`-mt`): fp32 input (the compiled kernels' dtype), more than one torch
+    thread, at least `THREADED_MIN_WEIGHTS`."""
+    if x.dtype != torch.float32 or torch.get_num_threads() <= 1:
+        return False
+    return math.prod(module.shape) >= THREADED_MIN_WEIGHTS and lut.numba_available()
 
 
 def split_threaded(kernel: str) -> tuple[str, bool | None]:
@@ -204,7 +204,9 @@ def _measured(
     The module's own memo first (the disk-backed choice needs a key string and a lock on every call), then
     the host's recorded choice for `key_of()`, else the first call of its kind on this host prepares
     `runner_of(name)` for each of `candidates`, times their calls (not their preparation, which a route
-    pays once) and keeps the fastest. `(None, None, None)`: not measured (no key)."""
+    pays once) and keeps the fastest; where `threadable`, the winner is then timed against its own variant
+    on numba's threads (one more candidate, not one per kernel: the first forward of a large model times
+    every layer). `(None, None, None)`: not measured (no key)."""
     memo = _CHOSEN.setdefault(module, {})
     short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
     kernel = memo.get(short)
@@ -214,9 +216,13 @@ def _measured(
     if key is None:  # the fixed rule (exact rows), not memoised
         return None, None, None
     kernel, y, runner = autotune.chosen(key), None, None
-    if kernel not in candidates:  # not measured yet on this host (or by other kernels)
+    if split_threaded(kernel or "")[0] not in candidates:  # not measured yet on this host (or other kernels)
         runners = {k: runner_of(k) for k in candidates}
         kernel, y = autotune.measure(key, {k: (lambda r=r: r(x)) for k, r in runners.items()})
+        if threadable(module, x):
+            runners[kernel + THREADED] = runner_of(kernel + THREADED)
+            pair = {k: (lambda r=runners[k]: r(x)) for k in (kernel, kernel + THREADED)}
+            kernel, y = autotune.measure(key, pair)
         runner = runners[kernel]
     memo[short] = kernel
     return kernel, y, runner
@@ -366,8 +372,8 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         kernel = "dense-cached"
     elif not forced:
         kernel, y, run = _measured(
-            module, x, rows, lambda: measured_key(module, x, rows),
-            with_threaded(linear_candidates(module, rows), module, x), lambda k: _linear_runner(k, module, x),
+            module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
+            lambda k: _linear_runner(k, module, x),
         )  # fmt: skip
         if kernel is None:
             kernel = choose_linear_kernel(x.device, x.dtype, rows, module.spec, N)
@@ -414,8 +420,7 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
         rows = conv.rows_of(x, *geometry)
         if conv.choose_conv_strategy(x.device, rows, module.shape[0]) == "dequant":
             kernel, y, run = _measured(  # CPU: the whole weight or blocks of it, measured
-                module, x, rows, lambda: conv_measured_key(module, x, rows),
-                with_threaded(("dequant", "dequant-blocked"), module, x),
+                module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
                 lambda k: _conv_runner(k, module, x),
             )  # fmt: skip
             kernel = kernel or "dequant"

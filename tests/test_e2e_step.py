@@ -88,6 +88,8 @@ def test_quick_writes_schema(tmp_path, monkeypatch):
         assert "memory_method" in r
     auto = [r for r in steps if r["variant"] == "auto"]
     assert auto[-1]["rel_err_vs_dequant"] < 1e-4
+    for r in auto:  # every AQ layer's kernel at that batch, counted (none left without a prepared forward)
+        assert sum(r["kernels"].values()) == memory[0]["quantized_layers"] and "none" not in r["kernels"]
     for r in auto:  # the FP and W2 steps timed in interleaved rounds in one process
         paired = r["side_by_side"]
         assert paired["fp_ms"] > 0 and paired["auto_ms"] > 0
