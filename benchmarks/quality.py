@@ -234,6 +234,14 @@ def _artifacts(name: str) -> Path:
     return root if name == "quality" else root / name
 
 
+def laq_table(name: str, model_name: str, seed: int, method: str, preset: str) -> tuple[Path, dict | None]:
+    """Where a LAQ row's sensitivity table is kept, and the table if one was measured at this very commit
+    (the table is part of what a row computes), else None: measure, then save it there."""
+    path = _sensitivity_path(name, model_name, seed, method, preset)
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return path, saved.get("sensitivity") if saved.get("commit") == STARTED_AT else None
+
+
 def _sensitivity_path(
     name: str, model_name: str, seed: int, method: str = "avq-laq", preset: str = "w2a8"
 ) -> Path:
@@ -417,10 +425,8 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 print(f"skip {entry}: needs the gptq:{preset} row for its budget")
                 continue
             budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
-            table_path = _sensitivity_path(args.name, model_name, args.seed, method, preset)
-            saved = json.loads(table_path.read_text()) if table_path.is_file() else {}
-            # Reused only when measured at this very commit: the table is part of what a row computed.
-            sensitivity = saved.get("sensitivity") if saved.get("commit") == STARTED_AT else None
+        if method in LAQ_EXTRA_BITS:  # every LAQ row, below 2 bits too
+            table_path, sensitivity = laq_table(args.name, model_name, args.seed, method, preset)
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
         model, report, minutes, cpu_minutes, configs = _quantized(
             model_name, method, preset, budget, args.seed, sensitivity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -166,3 +167,20 @@ def test_side_runs_keep_their_models_and_tables_apart():
     assert quality._sensitivity_path("smoke", "digits-unet", 0) != quality._sensitivity_path(
         "quality", "digits-unet", 0
     )
+
+
+def test_every_laq_row_has_its_sensitivity_table(tmp_path, monkeypatch):
+    """Below 2 bits too (the pinned recompute at 43e5ee0 crashed there: the table's path was only set on
+    the 2-bit branch): one table per candidate set, reused only when measured at this commit."""
+    quality = _load("quality")
+    monkeypatch.setattr(quality, "_artifacts", lambda name: tmp_path / name)
+    low = [quality.laq_table("q", "digits-unet", 0, "avq-laq", p) for p in ("w1.5a8", "w1a8")]
+    low_path = low[0][0]
+    assert low[0] == low[1] and low[0][1] is None
+    assert low_path.name.endswith("-laq-low-seed0.sensitivity.json")
+    assert quality.laq_table("q", "digits-unet", 0, "avq-laq", "w2a8")[0] != low_path
+    low_path.parent.mkdir(parents=True)
+    low_path.write_text(json.dumps({"commit": "0" * 40, "sensitivity": {"a": 1}}))
+    assert quality.laq_table("q", "digits-unet", 0, "avq-laq", "w1a8")[1] is None  # another commit's
+    low_path.write_text(json.dumps({"commit": quality.STARTED_AT, "sensitivity": {"a": 1}}))
+    assert quality.laq_table("q", "digits-unet", 0, "avq-laq", "w1a8")[1] == {"a": 1}
