@@ -35,7 +35,7 @@ import torch
 from avq.kernels import lut
 from avq_bench.results import write_results
 
-N = K = 4096
+SIZE = 4096  # N = K: the acceptance shape
 M, C, g = 2, 256, 8
 
 
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--blocks", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size", type=int, default=SIZE, help="N = K of the layer (4096: the acceptance shape)"
+    )
+    parser.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     parser.add_argument("--no-unrolled", action="store_true", help="only the shipped gather-sum per J")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of dense vs the LUT path")
     parser.add_argument(
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if numba is None:
         sys.exit("lut_variants.py needs numba")
     threads = torch.get_num_threads()
+    N = K = args.size
     gen = torch.Generator().manual_seed(args.seed)
     codes = torch.randint(0, C, (N, K // g, M), dtype=torch.uint8, generator=gen)  # [N, G, M]
     books = torch.randn(M, C, g, generator=gen)  # [M, C, g]
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(part: str, ms: float, y: torch.Tensor | None = None, **extra) -> None:
         err = None if y is None else float((y.reshape(ref.shape) - ref).abs().max() / ref.abs().max())
-        row = {"part": part, "ms": round(ms, 4), "rel_err": err, "torch_threads": threads, **extra}
+        row = {"part": part, "ms": round(ms, 4), "rel_err": err, "torch_threads": threads, "size": N, **extra}
         rows.append(row)
         label = " ".join(f"{k}={v}" for k, v in extra.items())
         print(f"{part} {label}: {ms:.3f} ms" + ("" if err is None else f" rel_err={err:.1e}"), flush=True)
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"lut_matmul_codes J={J} / dense: x{ratio:.2f} ({low:.2f}-{high:.2f})")
-    path = write_results("lut_variants_cpu", rows, device="cpu")
+    path = write_results("lut_variants_cpu", rows, device="cpu", results_dir=args.results_dir)
     print(f"wrote {path}")
     return 0
 

@@ -80,6 +80,7 @@ def lut_variants_table(data: dict) -> str:
         extra = {k: r[k] for k in ("variant", "J", "threads", "block_mib") if k in r}
         return r["part"] + (" (" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")" if extra else "")
 
+    size = rows[0].get("size", 4096)  # rows from before `--size` are of the acceptance shape
     gathers = sorted((r for r in rows if r["part"] == "gather_sum"), key=lambda r: r["ms"])
     shown = [r for r in rows if r["part"] not in ("gather_sum", "lut_over_dense")]
     shipped = [r for r in gathers if r["variant"] == "loop" and r["J"] == 8]
@@ -96,7 +97,7 @@ def lut_variants_table(data: dict) -> str:
             )
     lines.append("")
     lines.append(
-        f"`[4096, 4096]` `2x8g8`, one row; {len(gathers)} gather-sum variants timed: the shipped kernel"
+        f"`[{size}, {size}]` `2x8g8`, one row; {len(gathers)} gather-sum variants timed: the shipped kernel"
         f" (`loop`, J 8) on one and two threads, and the fastest others. From `{data['command']}` at commit"
         f" `{data['commit'][:12]}` on {data['device']}, {data['date']}."
     )
