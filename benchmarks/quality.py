@@ -50,7 +50,11 @@ README table). The whole table takes about 14 hours on 2 CPU cores, longer than 
 can be pinned to one commit: run it in a worktree of that commit (`git worktree add ../avq-quality C`, its
 `runs/` linked to this one's), continue it there after an interruption, and publish from the current
 tree with `--collect --at C`: the rows must all be of C, and the results file names C and the files under
-`RESULT_PATHS` changed since (none: the current code computes the same table).
+`RESULT_PATHS` changed since (none: the current code computes the same table). `benchmarks/quality_pinned.sh`
+does all of it (`start C`, `save`, `pause`, `resume`, `status`): a new checkout holds only what git holds, so
+the rows done so far are committed (`benchmarks/results/progress/quality.partial.json`, restored by `start`),
+and an `avq:<preset>` row whose layer-wise model is gone while fine-tuning rows of its preset still wait is
+computed again, model and row, so that those rows start from the model of the row that is published.
 """
 
 from __future__ import annotations
@@ -258,6 +262,21 @@ def _layerwise_folder(name: str, model_name: str, preset: str) -> Path:
     return _artifacts(name) / f"{model_name}-avq-{preset}"
 
 
+def _layerwise_lost(name: str, rows: list[dict], model_name: str, entry: str, entries: list[str]) -> bool:
+    """Whether the done `avq:<preset>` row `entry` must be computed again because the fine-tuning rows of
+    its preset still wait for its model and the model is gone (a new checkout keeps the rows, committed,
+    but not `runs/`): the row is replaced by the one computed with the model, so every PV row starts from
+    the model of the published row."""
+    method, preset = entry.split(":")
+
+    def waiting(e: str) -> bool:  # a fine-tuning row of this preset, not done yet
+        fine_tuning = pv_method(e.split(":")[0])[0] in SEMI
+        return fine_tuning and e.endswith(f":{preset}") and not _done(rows, model_name, e)
+
+    pending = [e for e in entries if waiting(e)]
+    return method == "avq" and bool(pending) and not _has_layerwise(name, model_name, preset)
+
+
 def _has_layerwise(name: str, model_name: str, preset: str) -> bool:
     index = "model_index.json" if model_name == t2i.NAME else "config.json"
     return (_layerwise_folder(name, model_name, preset) / index).is_file()
@@ -397,9 +416,12 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 **_figures(model_name, figures),
             }
         )
-    for entry in model_configs(model_name, args.configs):
+    entries = model_configs(model_name, args.configs)
+    for entry in entries:
         method, preset = entry.split(":")
-        if _done(rows, model_name, entry):
+        if _done(rows, model_name, entry) and not _layerwise_lost(
+            args.name, rows, model_name, entry, entries
+        ):
             continue
         budget = sensitivity = nominal = None
         if pv_method(method)[0] in SEMI:

@@ -184,3 +184,22 @@ def test_every_laq_row_has_its_sensitivity_table(tmp_path, monkeypatch):
     assert quality.laq_table("q", "digits-unet", 0, "avq-laq", "w1a8")[1] is None  # another commit's
     low_path.write_text(json.dumps({"commit": quality.STARTED_AT, "sensitivity": {"a": 1}}))
     assert quality.laq_table("q", "digits-unet", 0, "avq-laq", "w1a8")[1] == {"a": 1}
+
+
+def test_a_done_row_whose_model_is_gone_is_computed_again_while_its_fine_tuning_rows_wait(
+    tmp_path, monkeypatch
+):
+    """A new checkout keeps the committed rows but not `runs/`: the `avq:<preset>` row is computed again
+    (model and row) only while fine-tuning rows of that preset still need its model."""
+    quality = _load("quality")
+    monkeypatch.setattr(quality, "_artifacts", lambda name: tmp_path / name)
+    entries = ["avq:w2a8", "avq:w4a8", "avq-pv:w2a8", "avq-p-only-s1:w2a8"]
+    done = [{**ROW, "config": c} for c in ("avq:w2a8", "avq:w4a8")]
+    lost = [e for e in entries if quality._layerwise_lost("q", done, "digits-unet", e, entries)]
+    assert lost == ["avq:w2a8"]  # w4a8 has no pending fine-tuning row; PV rows themselves never count
+    done += [{**ROW, "config": c} for c in ("avq-pv:w2a8", "avq-p-only-s1:w2a8")]
+    assert not quality._layerwise_lost("q", done, "digits-unet", "avq:w2a8", entries)
+    folder = quality._layerwise_folder("q", "digits-unet", "w2a8")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert not quality._layerwise_lost("q", done[:2], "digits-unet", "avq:w2a8", entries)  # model still here
