@@ -8,7 +8,7 @@ One `[4096, 4096]` `2x8g8` layer (the #21 acceptance shape), one input row, fp32
 - `dense`: `x @ W.T` with the decoded weight (torch's threads);
 - `lut_build`: the LUT of one row (`[G, g] x [g, M*C]`, one small GEMM);
 - `gather_sum`: the compiled gather-sum alone over a prebuilt LUT, per variant: `loop` is the shipped
-  kernel (`avq.kernels.lut._gather_sum_kernel`: a loop over the `J*M` lookups of a block, fastmath);
+  kernel (`avq.kernels.compiled._gather_sum_kernel`: a loop over the `J*M` lookups of a block, fastmath);
   `U<u><s|t>` are unrolled sources generated here (all `J*M` lookups of `u` outputs written out, summed in
   order `s` or as a tree `t`, no fastmath), for `J` groups per block, on one thread or on numba's threads
   (`threads`);
@@ -32,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from avq.kernels import lut
+from avq.kernels import compiled, lut
 from avq_bench.results import write_results
 
 SIZE = 4096  # N = K: the acceptance shape
@@ -85,7 +85,7 @@ def unrolled_source(J: int, unroll: int, tree: bool) -> str:
 
 
 def compile_unrolled(J: int, unroll: int, tree: bool, parallel: bool) -> Callable:
-    numba = lut._numba()
+    numba = compiled._numba()
     scope = {"np": np, "numba": numba}
     exec(compile(unrolled_source(J, unroll, tree), f"<gather_sum J={J} U={unroll}>", "exec"), scope)
     return numba.njit(parallel=parallel, cache=False, error_model="numpy")(scope["gather_sum"])
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dequant-block-mib", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 1, 2, 4, 8]
     )
     args = parser.parse_args(argv)
-    numba = lut._numba()
+    numba = compiled._numba()
     if numba is None:
         sys.exit("lut_variants.py needs numba")
     threads = torch.get_num_threads()
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     table = build().numpy()
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     for J in args.blocks:
-        blocked = lut.blocked_codes(codes, J).numpy()  # [G/J, N, J*M]
+        blocked = compiled.blocked_codes(codes, J).numpy()  # [G/J, N, J*M]
         for parallel in (False, True):
-            kernels = {"loop": lut._gather_sum_kernel(M, C, J, parallel)}
+            kernels = {"loop": compiled._gather_sum_kernel(M, C, J, parallel)}
             for unroll in () if args.no_unrolled else (1, 2, 4):
                 for tree in (False, True):
                     kernels[f"U{unroll}{'t' if tree else 's'}"] = compile_unrolled(J, unroll, tree, parallel)
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 ms = median_ms(lambda k=kernel, o=out, c=blocked: (o.fill(0), k(table, c, o)), args.repeats)
                 threads_used = numba.get_num_threads() if parallel else 1
                 record("gather_sum", ms, y, variant=name, J=J, threads=threads_used)
-    blocked = lut.blocked_codes(codes)
-    shipped = lambda: lut.lut_matmul_codes(x, blocked, books, scales)  # noqa: E731
-    record("lut_matmul_codes", median_ms(shipped, args.repeats), shipped(), J=lut.NUMBA_GROUP_BLOCK)
+    blocked = compiled.blocked_codes(codes)
+    shipped = lambda: compiled.lut_matmul_codes(x, blocked, books, scales)  # noqa: E731
+    record("lut_matmul_codes", median_ms(shipped, args.repeats), shipped(), J=compiled.NUMBA_GROUP_BLOCK)
     index = lut.lut_index(codes, C)
     record(
         "embedding_bag",
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     buffer = torch.empty(N, K)
     flat = (codes.reshape(N, -1).numpy(), books.reshape(-1).numpy(), scales.numpy())
     for parallel in (False, True):
-        kernel = lut._decode_kernel(M, C, g, parallel)
-        lut._compile_for(kernel, *flat, buffer.numpy())
+        kernel = compiled._decode_kernel(M, C, g, parallel)
+        compiled._compile_for(kernel, *flat, buffer.numpy())
         ms = median_ms(lambda k=kernel: k(*flat, buffer.numpy()), args.repeats)
         record(
             "decode",
@@ -177,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     lut.DEQUANT_BLOCK_BYTES = shipped_block
     # Interleaved rounds: on a shared or virtual host the same call's time drifts between runs, so the
     # LUT path is read as a ratio to the dense GEMV timed beside it, round by round.
-    paths = {J: lut.blocked_codes(codes, J) for J in args.blocks}
+    paths = {J: compiled.blocked_codes(codes, J) for J in args.blocks}
     ratios: dict[int, list[float]] = {J: [] for J in args.blocks}
     for _ in range(args.rounds):
         dense_ms = median_ms(lambda: x @ weight.T, 10)
         for J, blocked_J in paths.items():
-            ms = median_ms(lambda c=blocked_J: lut.lut_matmul_codes(x, c, books, scales), 10)
+            ms = median_ms(lambda c=blocked_J: compiled.lut_matmul_codes(x, c, books, scales), 10)
             ratios[J].append(ms / dense_ms)
     for J, values in ratios.items():
         ratio, low, high = statistics.median(values), min(values), max(values)

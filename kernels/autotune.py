@@ -94,7 +94,7 @@ _KERNELS = _kernels_digest()
 
 def host() -> str:
     """What the choices are valid for: CPU model, usable cores, torch and numba versions, the kernels."""
-    try:  # the installed version, without importing numba (kernels/lut.py imports it on first use)
+    try:  # the installed version, without importing numba (kernels/compiled.py imports it on first use)
         numba_version = importlib.metadata.version("numba")
     except importlib.metadata.PackageNotFoundError:
         numba_version = "none"

@@ -4,8 +4,9 @@ Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped betw
     unset, ""  or "auto"  automatic choice (rule below)
     "triton"              fused Triton VQ-GEMM (`kernels/triton_vqgemm.py`); needs CUDA, or
                           `TRITON_INTERPRET=1` set before triton is first imported (tests)
-    "lut"                 lookup-table GEMM (`kernels/lut.py`): the compiled (numba) gather-sum on CPU
-                          when numba is installed and the compute is fp32, else plain torch
+    "lut"                 lookup-table GEMM (`kernels/lut.py`): on CPU the compiled (numba) gather-sum
+                          (`kernels/compiled.py`) when numba is installed and the compute is fp32, else
+                          plain torch
     "dequant"             decode the dense weight, then `F.linear` / `F.conv2d` (whole)
 Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
 unfolded input (`kernels/conv.py`).
@@ -67,7 +68,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import autotune, conv, dense_cache, derived, lut, routes
+from . import autotune, compiled, conv, dense_cache, derived, lut, routes
 from .derived import cached
 
 KERNELS = ("triton", "lut", "dequant")
@@ -160,12 +161,12 @@ def threadable(module, x: torch.Tensor) -> bool:
     thread, at least `THREADED_MIN_WEIGHTS`."""
     if x.dtype != torch.float32 or torch.get_num_threads() <= 1:
         return False
-    return math.prod(module.shape) >= THREADED_MIN_WEIGHTS and lut.numba_available()
+    return math.prod(module.shape) >= THREADED_MIN_WEIGHTS and compiled.numba_available()
 
 
 def split_threaded(kernel: str) -> tuple[str, bool | None]:
     """`"dequant-mt"` -> `("dequant", True)`: the kernel and its compiled kernels' threading (None: the
-    default size rule of `kernels/lut.py`)."""
+    default size rule of `kernels/compiled.py`)."""
     if kernel.endswith(THREADED):
         return kernel.removesuffix(THREADED), True
     return kernel, None
@@ -249,7 +250,7 @@ def _lut_index(module) -> torch.Tensor:
 
 
 def _blocked_codes(module) -> torch.Tensor:
-    return cached(module, "blocked_codes", (module.codes,), lut.blocked_codes)
+    return cached(module, "blocked_codes", (module.codes,), compiled.blocked_codes)
 
 
 # ----------------------------------------------------------------------------- workspace
@@ -274,17 +275,17 @@ def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Te
 def _decoder(module, dtype: torch.dtype, parallel: bool | None = None) -> Callable[[], torch.Tensor]:
     """A function returning the module's decoded `[out, K]` weight in `dtype`, in the shared workspace
     (valid until the next decode on this thread); its inputs are gathered once, here. `parallel`: the
-    compiled decode's threading (`lut.use_threads`)."""
+    compiled decode's threading (`compiled.use_threads`)."""
     N, K = module.shape[0], module.codes.shape[1] * module.codebooks.shape[-1]
     codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
     device = codes.device
-    compiled = lut.decoder(codes, books, scales, parallel) if dtype == torch.float32 else None
-    if compiled is None:
+    kernel = compiled.decoder(codes, books, scales, parallel) if dtype == torch.float32 else None
+    if kernel is None:
         return lambda: lut.dequantize(codes, books, scales, out=_workspace(N * K, device, dtype).view(N, K))
 
     def decode() -> torch.Tensor:
         out = _workspace(N * K, device, dtype).view(N, K)
-        compiled(out)
+        kernel(out)
         return out
 
     return decode
@@ -318,9 +319,9 @@ def _fused_runner(
             )
         codes, books = module.codes, _books_f32(module)
         return lambda x2d: triton_vqgemm.vq_matmul(x2d, codes, books, scales, bias)
-    if x.dtype != torch.float64 and x.device.type == "cpu" and lut.numba_available():
+    if x.dtype != torch.float64 and x.device.type == "cpu" and compiled.numba_available():
         blocked, books = _blocked_codes(module), _books_f32(module)
-        return lambda x2d: lut.lut_matmul_codes(x2d, blocked, books, scales, bias, parallel)
+        return lambda x2d: compiled.lut_matmul_codes(x2d, blocked, books, scales, bias, parallel)
     index = _lut_index(module)
     books = _books_f32(module) if x.dtype != torch.float64 else module.codebooks.detach().double()
     return lambda x2d: lut.lut_matmul(x2d, index, books, scales, bias)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQLinear, QuantSpec
-from avq.kernels import autotune, dense_cache, dispatch, lut, routes
+from avq.kernels import autotune, compiled, dense_cache, dispatch, lut, routes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,7 +225,7 @@ def test_the_winner_is_timed_on_numbas_threads_where_a_second_thread_might_pay(c
             serial = dispatch._linear_runner(name, layer, x)(x)
             threaded = dispatch._linear_runner(name + "-mt", layer, x)(x)
             assert torch.equal(serial, threaded), name
-        assert ("decode", 2, 256, 8, True) in lut._COMPILED and (2, 256, 8, True) in lut._COMPILED
+        assert ("decode", 2, 256, 8, True) in compiled._COMPILED and (2, 256, 8, True) in compiled._COMPILED
         # a later process reads the threaded choice back without measuring
         monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
         autotune.forget()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype, decode
-from avq.kernels import conv, dispatch, lut, routes, triton_vqgemm
+from avq.kernels import compiled, conv, dispatch, lut, routes, triton_vqgemm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -148,7 +148,7 @@ def test_lut_matmul_matches_dequant(case, block_target: int) -> None:
     qw, x, bias = make_case(spec, N, K, R, dtype, with_bias, seed)
     x, bias, qw = x.cpu(), None if bias is None else bias.cpu(), qw.to("cpu")
     G, M = K // spec.group_size, spec.num_codebooks
-    block = lut.group_block(G, target=block_target)  # 1 .. G groups per LUT block
+    block = compiled.group_block(G, target=block_target)  # 1 .. G groups per LUT block
     index = lut.lut_index(qw.codes, spec.codebook_size, block)
     assert index.dtype == torch.int32 and index.shape == (G // block, N, block * M)
     books = qw.codebooks.double() if dtype == torch.float64 else qw.codebooks.float()
@@ -173,13 +173,13 @@ def test_lut_matmul_matches_dequant(case, block_target: int) -> None:
 def test_fast_dequantize_is_bit_identical_to_decode(monkeypatch, spec: QuantSpec, path: str) -> None:
     """Each decode path (the compiled kernel on one thread or several, the embedding_bag fallback) gives
     exactly `decode`'s weights, into fresh memory, into a half workspace, and block by block in the GEMM."""
-    if path.startswith("compiled") and not lut.numba_available():
+    if path.startswith("compiled") and not compiled.numba_available():
         pytest.skip("numba is not installed")
     monkeypatch.setattr(lut, "DEQUANT_BLOCK_BYTES", 64)  # several row blocks (16 rows each) + a tail
     if path == "torch":
-        monkeypatch.setattr(lut, "decode_into", lambda *a: False)
+        monkeypatch.setattr(compiled, "decode_into", lambda *a: False)
     if path == "compiled-parallel":
-        monkeypatch.setattr(lut, "DECODE_PARALLEL_MIN", 0)
+        monkeypatch.setattr(compiled, "DECODE_PARALLEL_MIN", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     qw = random_qweight((37, 4 * spec.group_size), spec, seed=5)
     ref = decode(qw.codes, qw.codebooks, qw.scales)
@@ -323,7 +323,7 @@ def test_automatic_rule() -> None:
     assert conv.choose_conv_strategy(cuda, conv.GPU_IMPLICIT_MAX_ROWS + 1, 4096) == "dequant"
 
 
-@pytest.mark.skipif(not lut.numba_available(), reason="numba not installed")
+@pytest.mark.skipif(not compiled.numba_available(), reason="numba not installed")
 @pytest.mark.parametrize("spec_text", ["1x8g4", "2x8g8", "2x4g2", "3x6g4"])
 @pytest.mark.parametrize(
     "R, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16), (1, torch.bfloat16)]
@@ -333,15 +333,15 @@ def test_compiled_lut_matches_dequant(
     monkeypatch, spec_text: str, R: int, dtype: torch.dtype, threads
 ) -> None:
     if threads == "parallel":  # these small layers run serially by default (LUT_PARALLEL_MIN)
-        monkeypatch.setattr(lut, "LUT_PARALLEL_MIN", 0)
+        monkeypatch.setattr(compiled, "LUT_PARALLEL_MIN", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     spec = QuantSpec.parse(spec_text)
     N, K = 40, spec.group_size * 24  # 24 groups: blocks of 8, and N not a multiple of the thread split
     qw, x, bias = make_case(spec, N, K, R, dtype, True, seed=R)
     x, bias, qw = x.cpu(), bias.cpu(), qw.to("cpu")
-    blocked = lut.blocked_codes(qw.codes)
+    blocked = compiled.blocked_codes(qw.codes)
     assert blocked.dtype == qw.codes.dtype and blocked.shape == (3, N, 8 * spec.num_codebooks)
-    y = lut.lut_matmul_codes(x, blocked, qw.codebooks.float(), qw.scales, bias)
+    y = compiled.lut_matmul_codes(x, blocked, qw.codebooks.float(), qw.scales, bias)
     ref = reference(x, qw, bias)
     assert y.dtype == dtype
     if dtype in (torch.float16, torch.bfloat16):
@@ -461,8 +461,8 @@ def test_importing_avq_loads_neither_numba_nor_faiss() -> None:
         "import sys, torch, avq, avq.core.modules, avq.kernels.dispatch\n"
         "loaded = [m for m in ('numba', 'faiss') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
-        "from avq.kernels import lut\n"
-        "if lut.numba_available():\n"
+        "from avq.kernels import compiled\n"
+        "if compiled.numba_available():\n"
         "    assert 'numba' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
