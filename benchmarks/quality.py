@@ -53,14 +53,16 @@ tree with `--collect --at C`: the rows must all be of C, and the results file na
 `RESULT_PATHS` changed since (none: the current code computes the same table). `benchmarks/quality_pinned.sh`
 does all of it (`start C`, `save`, `pause`, `resume`, `status`): a new checkout holds only what git holds, so
 the rows done so far are committed (`benchmarks/results/progress/quality.partial.json`, restored by `start`),
-and an `avq:<preset>` row whose layer-wise model is gone while fine-tuning rows of its preset still wait is
-computed again, model and row, so that those rows start from the model of the row that is published.
+and an `avq:<preset>` row whose layer-wise model is gone while fine-tuning rows of its preset still wait has
+its model made again: the row stands where the model's weights are identical to the ones it recorded
+(`layerwise_sha256`), else it is computed again, so that those rows start from the published row's model.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import shutil
@@ -265,8 +267,8 @@ def _layerwise_folder(name: str, model_name: str, preset: str) -> Path:
 def _layerwise_lost(name: str, rows: list[dict], model_name: str, entry: str, entries: list[str]) -> bool:
     """Whether the done `avq:<preset>` row `entry` must be computed again because the fine-tuning rows of
     its preset still wait for its model and the model is gone (a new checkout keeps the rows, committed,
-    but not `runs/`): the row is replaced by the one computed with the model, so every PV row starts from
-    the model of the published row."""
+    but not `runs/`): the model is made again, and the row with it unless the model is identical to the
+    row's (`_layerwise_digest`), so every PV row starts from the model of the published row."""
     method, preset = entry.split(":")
 
     def waiting(e: str) -> bool:  # a fine-tuning row of this preset, not done yet
@@ -275,6 +277,17 @@ def _layerwise_lost(name: str, rows: list[dict], model_name: str, entry: str, en
 
     pending = [e for e in entries if waiting(e)]
     return method == "avq" and bool(pending) and not _has_layerwise(name, model_name, preset)
+
+
+def _layerwise_digest(name: str, model_name: str, preset: str) -> str:
+    """sha256 of the saved layer-wise model's own weight files (codes, codebooks, scales, FP-kept layers;
+    not the pipeline components linked from the FP pipeline), by relative path: an `avq` row records it,
+    so that the model, made again after a new checkout lost it, is known to be the row's own."""
+    folder, digest = _layerwise_folder(name, model_name, preset), hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        if not path.is_symlink():
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _has_layerwise(name: str, model_name: str, preset: str) -> bool:
@@ -419,9 +432,8 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
     entries = model_configs(model_name, args.configs)
     for entry in entries:
         method, preset = entry.split(":")
-        if _done(rows, model_name, entry) and not _layerwise_lost(
-            args.name, rows, model_name, entry, entries
-        ):
+        done = _done(rows, model_name, entry)
+        if done and not _layerwise_lost(args.name, rows, model_name, entry, entries):
             continue
         budget = sensitivity = nominal = None
         if pv_method(method)[0] in SEMI:
@@ -456,8 +468,13 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
         if budget is not None and sensitivity is None:
             table = {"commit": STARTED_AT, "sensitivity": report.budget["sensitivity"]}
             write_json_atomic(table_path, table)
+        layerwise = {}
         if method == "avq":  # kept for the PV rows
             _save_layerwise(args.name, model, model_name, preset)
+            layerwise["layerwise_sha256"] = _layerwise_digest(args.name, model_name, preset)
+            if done and done.get("layerwise_sha256") == layerwise["layerwise_sha256"]:
+                print(f"{entry}: its layer-wise model made again, identical to the row's: the row stands")
+                continue
         summary = report.summary()
         bits = {
             "code_bits": summary["code_bits"],
@@ -465,7 +482,7 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             "layers_quantized": summary["quantized"],
             "layers": summary["layers"],
         }
-        extra = {"cpu_minutes": round(cpu_minutes, 2), **configs}
+        extra = {"cpu_minutes": round(cpu_minutes, 2), **configs, **layerwise}
         if budget is not None:  # minutes of a row with a reused table leave out measuring it
             extra.update(bits_budget=budget, laq_sensitivity="reused" if sensitivity else "measured")
             if nominal is not None:

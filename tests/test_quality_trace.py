@@ -203,3 +203,24 @@ def test_a_done_row_whose_model_is_gone_is_computed_again_while_its_fine_tuning_
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     assert not quality._layerwise_lost("q", done[:2], "digits-unet", "avq:w2a8", entries)  # model still here
+
+
+def test_the_layerwise_digest_covers_the_model_own_weights_only(tmp_path, monkeypatch):
+    """The digest an `avq` row records: the saved model's own safetensors (by path and bytes), not the
+    components a quantized pipeline folder links from the FP pipeline, nor its JSON files."""
+    quality = _load("quality")
+    monkeypatch.setattr(quality, "_artifacts", lambda name: tmp_path / name)
+    folder = quality._layerwise_folder("q", "digits-t2i", "w2a8")
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "model.safetensors").write_bytes(b"codes")
+    (folder / "model_index.json").write_text("{}")
+    linked = tmp_path / "encoder.safetensors"
+    linked.write_bytes(b"encoder")
+    (folder / "text_encoder").mkdir()
+    (folder / "text_encoder" / "model.safetensors").symlink_to(linked)
+    first = quality._layerwise_digest("q", "digits-t2i", "w2a8")
+    linked.write_bytes(b"another encoder")
+    (folder / "model_index.json").write_text('{"path": "elsewhere"}')
+    assert quality._layerwise_digest("q", "digits-t2i", "w2a8") == first
+    (folder / "unet" / "model.safetensors").write_bytes(b"other codes")
+    assert quality._layerwise_digest("q", "digits-t2i", "w2a8") != first
