@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The quality table recomputed at one commit, continued across sessions (benchmarks/quality.py's docstring).
-# The table takes longer than a session, and a new checkout keeps only what git holds: the rows done so far
-# travel as a committed file (PROGRESS), a session's layer-wise models and sample sets do not (quality.py
-# computes again what a pending row needs).
+# The table takes longer than a session, and a new checkout keeps only what git holds: what a later session
+# needs travels as committed progress, one folder per pinned commit (benchmarks/results/progress/<C>): the
+# rows done so far and the FP sample sets every row compares with (~1 MB each, ~20 min each to sample
+# again). Layer-wise models for the fine-tuning rows do not travel: quality.py makes them again and checks
+# them against the digest their row recorded (`layerwise_sha256`).
 #
-#   bash benchmarks/quality_pinned.sh start C [MODEL...]  # a worktree of commit C (../avq-quality-<C>), the
-#                                                         # committed rows restored, one 1-thread run per
+#   bash benchmarks/quality_pinned.sh start C [MODEL...]  # a worktree of commit C (../avq-quality-<C>), its
+#                                                         # committed progress restored, one 1-thread run per
 #                                                         # model (default: all three) in the background
-#   bash benchmarks/quality_pinned.sh save                # the rows done so far -> PROGRESS (then commit it)
+#   bash benchmarks/quality_pinned.sh save                # rows and FP sample sets -> progress (commit it)
 #   bash benchmarks/quality_pinned.sh pause | resume      # SIGSTOP / SIGCONT the runs (timings, CI)
 #   bash benchmarks/quality_pinned.sh status              # the runs and the rows done, per model and commit
 #
@@ -16,7 +18,8 @@ set -euo pipefail
 
 REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 PARTIAL=$REPO/runs/quality/quality.partial.json
-PROGRESS=$REPO/benchmarks/results/progress/quality.partial.json
+PINNED=$REPO/runs/quality/PINNED  # the commit the runs are pinned to (`start` writes it)
+SAMPLES=$REPO/runs/samples
 PY=$REPO/.venv/bin/python
 MODELS=(digits-unet digits-dit digits-t2i)
 
@@ -32,11 +35,17 @@ start)
     # the worktree's code runs from PYTHONPATH: `avq.kernels` and `avq.finetune` as the wheel lays them out
     ln -sfn ../kernels "$tree/avq/kernels"
     ln -sfn ../finetune "$tree/avq/finetune"
-    mkdir -p "$REPO/runs/quality"
+    mkdir -p "$REPO/runs/quality" "$SAMPLES"
     ln -sfn "$REPO/runs" "$tree/runs"
-    if [[ ! -f $PARTIAL && -f $PROGRESS ]]; then
-        cp "$PROGRESS" "$PARTIAL"
-        echo "restored the committed rows from $PROGRESS"
+    echo "$commit" > "$PINNED"
+    progress=$REPO/benchmarks/results/progress/${commit:0:7}
+    if [[ ! -f $PARTIAL && -f $progress/quality.partial.json ]]; then
+        cp "$progress/quality.partial.json" "$PARTIAL"
+        echo "restored the committed rows from $progress"
+    fi
+    if [[ -d $progress/samples ]]; then  # batches already here are kept
+        cp -rn "$progress/samples/." "$SAMPLES/"
+        echo "restored the FP sample sets from $progress/samples"
     fi
     for model in "${MODELS[@]}"; do
         if pgrep -f "quality.py --models $model " > /dev/null; then
@@ -53,9 +62,13 @@ start)
     done
     ;;
 save)
-    [[ -f $PARTIAL ]] || { echo "no rows yet: $PARTIAL" >&2; exit 1; }
-    mkdir -p "$(dirname "$PROGRESS")"
-    "$PY" - "$PARTIAL" "$PROGRESS" << 'EOF'
+    [[ -f $PARTIAL && -f $PINNED ]] || { echo "nothing to save: no pinned run yet ($PARTIAL)" >&2; exit 1; }
+    commit=$(cat "$PINNED")
+    progress=$REPO/benchmarks/results/progress/${commit:0:7}
+    # the progress of another pinned commit is of no use any more (git history keeps it)
+    find "$REPO/benchmarks/results/progress" -mindepth 1 -maxdepth 1 ! -name "${commit:0:7}" -exec rm -rf {} +
+    mkdir -p "$progress/samples"
+    "$PY" - "$PARTIAL" "$progress/quality.partial.json" << 'EOF'
 import json, sys
 from pathlib import Path
 from avq.storage.atomic import write_json_atomic
@@ -63,6 +76,10 @@ rows = json.loads(Path(sys.argv[1]).read_text())
 write_json_atomic(Path(sys.argv[2]), rows, indent=1)
 print(f"{len(rows['rows'])} rows -> {sys.argv[2]}")
 EOF
+    for set in "$SAMPLES"/*-fp-s*; do  # the FP sets only: a row's own samples are not needed again
+        if [[ -d $set ]]; then cp -r "$set" "$progress/samples/"; fi
+    done
+    du -sh "$progress"
     ;;
 pause) pkill -STOP -f benchmarks/quality.py || true ;;
 resume) pkill -CONT -f benchmarks/quality.py || true ;;
