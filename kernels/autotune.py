@@ -3,10 +3,9 @@
 Fixed thresholds do not hold across hosts: on an AMD EPYC the CPU LUT GEMV at one row beat dense fp32
 2.5x, on an Intel Xeon of the same 2-core kind it ran at 0.6-0.7x. So the first call of each
 (op, device, dtype, shape, spec, row bucket, threads) runs every candidate (one warm-up call each: numba
-compiles, per-module caches fill; then up to `REPEATS` timed calls, fewer for clear losers and heavy calls)
-and the fastest one serves every later call with that key. Winners are kept in memory and on disk, one JSON
-file per host (CPU model, cores, torch and numba versions) under the user's cache folder, so a second
-process starts warm:
+compiles, per-module caches fill; then `REPEATS` timed calls) and the fastest one serves every later call
+with that key. Winners are kept in memory and on disk, one JSON file per host (CPU model, cores, torch and
+numba versions) under the user's cache folder, so a second process starts warm:
 
     $AVQ_CACHE_DIR, else $XDG_CACHE_HOME/avq, else ~/.cache/avq      ->  kernels-<host hash>.json
 
@@ -34,13 +33,7 @@ import torch
 
 log = logging.getLogger("avq")
 
-REPEATS = 5  # at most this many timed calls per candidate after its warm-up; the minimum counts
-# After `MIN_REPEATS` rounds a candidate `CLEAR_LOSS` times slower than the fastest is timed no more, and
-# timing stops once the rounds took `BUDGET_S`: a model's first forward times every layer, and a heavy
-# call (a convolution of SD 1.5 at batch 8 takes ~0.1-1 s) needs no five rounds to tell 20 % apart.
-MIN_REPEATS = 2
-CLEAR_LOSS = 1.5
-BUDGET_S = 0.25
+REPEATS = 5  # timed calls per candidate after its warm-up; the minimum counts (least disturbed by load)
 _LOCK = threading.Lock()
 _CHOICES: dict[str, dict] | None = None  # key -> {"kernel": name, "ms": {candidate: ms}}
 
@@ -184,26 +177,17 @@ def chosen(key: str) -> str | None:
 
 
 def measure(key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> tuple[str, torch.Tensor]:
-    """Time each candidate (a warm-up call, then up to `REPEATS` rounds of one call each, interleaved so
-    that a burst of load hits all alike; minimum; from `MIN_REPEATS` rounds on, clear losers drop out and
-    `BUDGET_S` ends the timing), record the fastest for `key` in memory and on disk, and return its name and
-    its output (each candidate computes the same call). Timings a round before recorded for `key` (the
-    dispatcher's threaded round follows its first) are kept beside these."""
+    """Time each candidate (a warm-up call, then `REPEATS` rounds of one call each, interleaved so that a
+    burst of load hits all alike; minimum), record the fastest for `key` in memory and on disk, and return
+    its name and its output (each candidate computes the same call). Timings a round before recorded for
+    `key` (the dispatcher's threaded round follows its first) are kept beside these."""
     outputs = {name: run() for name, run in candidates.items()}  # warm-up: compiles, fills caches
     best = dict.fromkeys(candidates, float("inf"))
-    timed, began = dict(candidates), time.perf_counter()
-    for round_ in range(1, REPEATS + 1):
-        for name, run in timed.items():
+    for _ in range(REPEATS):
+        for name, run in candidates.items():
             start = time.perf_counter()
             outputs[name] = run()
             best[name] = min(best[name], time.perf_counter() - start)
-        if round_ >= MIN_REPEATS:
-            if time.perf_counter() - began > BUDGET_S:
-                break
-            fastest = min(best[name] for name in timed)
-            timed = {name: run for name, run in timed.items() if best[name] <= CLEAR_LOSS * fastest}
-            if len(timed) == 1:
-                break
     timings = {name: seconds * 1e3 for name, seconds in best.items()}
     winner = min(timings, key=timings.__getitem__)
     with _LOCK:
