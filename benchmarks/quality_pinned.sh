@@ -20,7 +20,7 @@ REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 PARTIAL=$REPO/runs/quality/quality.partial.json
 PINNED=$REPO/runs/quality/PINNED  # the commit the runs are pinned to (`start` writes it)
 SAMPLES=$REPO/runs/samples
-PY=$REPO/.venv/bin/python
+PY=${PYTHON:-$REPO/.venv/bin/python}  # the project's venv (make setup), or $PYTHON
 MODELS=(digits-unet digits-dit digits-t2i)
 
 case "${1:-}" in
@@ -66,8 +66,8 @@ save)
     commit=$(cat "$PINNED")
     progress=$REPO/benchmarks/results/progress/${commit:0:7}
     # the progress of another pinned commit is of no use any more (git history keeps it)
-    find "$REPO/benchmarks/results/progress" -mindepth 1 -maxdepth 1 ! -name "${commit:0:7}" -exec rm -rf {} +
     mkdir -p "$progress/samples"
+    find "$REPO/benchmarks/results/progress" -mindepth 1 -maxdepth 1 ! -name "${commit:0:7}" -exec rm -rf {} +
     "$PY" - "$PARTIAL" "$progress/quality.partial.json" << 'EOF'
 import json, sys
 from pathlib import Path
@@ -85,13 +85,15 @@ pause) pkill -STOP -f benchmarks/quality.py || true ;;
 resume) pkill -CONT -f benchmarks/quality.py || true ;;
 status)
     pgrep -af benchmarks/quality.py || echo "no run"
-    [[ -f $PARTIAL ]] && "$PY" - "$PARTIAL" << 'EOF'
+    if [[ -f $PARTIAL ]]; then
+        "$PY" - "$PARTIAL" << 'EOF'
 import collections, json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
-done = collections.Counter((r["model"], r["commit"][:7] + ("+dirty" if r["dirty"] else "")) for r in rows)
-for (model, commit), n in sorted(done.items()):
+stamp = lambda r: r.get("commit", "no commit")[:7] + ("+dirty" if r.get("dirty", True) else "")
+for (model, commit), n in sorted(collections.Counter((r["model"], stamp(r)) for r in rows).items()):
     print(f"{model:12} {commit:14} {n} rows")
 EOF
+    fi
     ;;
 *)
     sed -n '2,14p' "$0"

@@ -224,3 +224,36 @@ def test_the_layerwise_digest_covers_the_model_own_weights_only(tmp_path, monkey
     assert quality._layerwise_digest("q", "digits-t2i", "w2a8") == first
     (folder / "unet" / "model.safetensors").write_bytes(b"other codes")
     assert quality._layerwise_digest("q", "digits-t2i", "w2a8") != first
+
+
+def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
+    """`quality_pinned.sh save`: the rows and the FP sample sets (not a row's own samples) go to
+    `benchmarks/results/progress/<commit>/`, and the progress of an earlier pin is dropped."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "quality_pinned.sh", repo / "benchmarks")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    rows = {"settings": {"n": 10}, "rows": [ROW]}
+    (repo / "runs" / "quality").mkdir(parents=True)
+    (repo / "runs" / "quality" / "quality.partial.json").write_text(json.dumps(rows))
+    (repo / "runs" / "quality" / "PINNED").write_text("abcdef0123456789\n")
+    for tag in ("digits-unet-fp-s0-g2-t20-b250", "digits-unet-avq-w2a8-s0-g2-t20-b250"):
+        (repo / "runs" / "samples" / tag / "batch00000").mkdir(parents=True)
+        (repo / "runs" / "samples" / tag / "batch00000" / "samples.npz").write_bytes(b"npz")
+    old = repo / "benchmarks" / "results" / "progress" / "1111111"
+    old.mkdir(parents=True)
+    script = repo / "benchmarks" / "quality_pinned.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", str(script), "save"], check=True, capture_output=True, env=env)
+    progress = repo / "benchmarks" / "results" / "progress" / "abcdef0"
+    assert json.loads((progress / "quality.partial.json").read_text()) == rows
+    assert [p.name for p in (progress / "samples").iterdir()] == ["digits-unet-fp-s0-g2-t20-b250"]
+    assert (progress / "samples" / "digits-unet-fp-s0-g2-t20-b250" / "batch00000" / "samples.npz").is_file()
+    assert not old.exists()
+    run = dict(check=True, capture_output=True, text=True, env=env)
+    status = subprocess.run(["bash", str(script), "status"], **run)
+    assert "digits-unet" in status.stdout and "1 rows" in status.stdout
