@@ -52,11 +52,11 @@ can be pinned to one commit: run it in a worktree of that commit (`git worktree 
 tree with `--collect --at C`: the rows must all be of C, and the results file names C and the files under
 `RESULT_PATHS` changed since (none: the current code computes the same table). `benchmarks/quality_pinned.sh`
 does all of it (`start C`, `save`, `pause`, `resume`, `status`): a new checkout holds only what git holds, so
-the rows done so far and the FP sample sets are committed (`benchmarks/results/progress/<C>/`, restored by
-`start`), and an `avq:<preset>` row whose layer-wise model is gone while fine-tuning rows of its preset
-still wait has its model made again: the row stands where the model's weights are identical to the ones it
-recorded (`layerwise_sha256`), else it is computed again, so that those rows start from the published
-row's model.
+the rows done so far, the FP sample sets and the LAQ tables are committed (`benchmarks/results/progress/<C>/`,
+restored by `start`), and an `avq:<preset>` row whose layer-wise model is gone while fine-tuning rows of its
+preset still wait has its model made again: the row stands where the model's weights are identical to the
+ones it recorded (`layerwise_sha256`), else it is computed again, so that those rows start from the
+published row's model.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 # The quality table recomputed at one commit, continued across sessions (benchmarks/quality.py's docstring).
 # The table takes longer than a session, and a new checkout keeps only what git holds: what a later session
 # needs travels as committed progress, one folder per pinned commit (benchmarks/results/progress/<C>): the
-# rows done so far and the FP sample sets every row compares with (~1 MB each, ~20 min each to sample
-# again). Layer-wise models for the fine-tuning rows do not travel: quality.py makes them again and checks
-# them against the digest their row recorded (`layerwise_sha256`).
+# rows done so far, the FP sample sets every row compares with (~1 MB each, ~20 min each to sample again)
+# and the LAQ sensitivity tables (a few KB, minutes to measure). Layer-wise models for the fine-tuning rows
+# do not travel: quality.py makes them again and checks them against the digest their row recorded
+# (`layerwise_sha256`).
 #
 #   bash benchmarks/quality_pinned.sh start C [MODEL...]  # a worktree of commit C (../avq-quality-<C>), its
 #                                                         # committed progress restored, one 1-thread run per
@@ -47,6 +48,9 @@ start)
         cp -rn "$progress/samples/." "$SAMPLES/"
         echo "restored the FP sample sets from $progress/samples"
     fi
+    for table in "$progress"/*.sensitivity.json; do  # LAQ tables (each names the commit it was measured at)
+        if [[ -f $table ]]; then cp -n "$table" "$REPO/runs/quality/"; fi
+    done
     for model in "${MODELS[@]}"; do
         if pgrep -f "quality.py --models $model " > /dev/null; then
             echo "$model: already running"
@@ -78,6 +82,9 @@ print(f"{len(rows['rows'])} rows -> {sys.argv[2]}")
 EOF
     for set in "$SAMPLES"/*-fp-s*; do  # the FP sets only: a row's own samples are not needed again
         if [[ -d $set ]]; then cp -r "$set" "$progress/samples/"; fi
+    done
+    for table in "$REPO"/runs/quality/*.sensitivity.json; do  # LAQ tables: a few KB, minutes to measure
+        if [[ -f $table ]]; then cp "$table" "$progress/"; fi
     done
     du -sh "$progress"
     ;;

@@ -244,6 +244,7 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     for tag in ("digits-unet-fp-s0-g2-t20-b250", "digits-unet-avq-w2a8-s0-g2-t20-b250"):
         (repo / "runs" / "samples" / tag / "batch00000").mkdir(parents=True)
         (repo / "runs" / "samples" / tag / "batch00000" / "samples.npz").write_bytes(b"npz")
+    (repo / "runs" / "quality" / "digits-unet-laq-seed0.sensitivity.json").write_text("{}")
     old = repo / "benchmarks" / "results" / "progress" / "1111111"
     old.mkdir(parents=True)
     script = repo / "benchmarks" / "quality_pinned.sh"
@@ -253,7 +254,7 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     assert json.loads((progress / "quality.partial.json").read_text()) == rows
     assert [p.name for p in (progress / "samples").iterdir()] == ["digits-unet-fp-s0-g2-t20-b250"]
     assert (progress / "samples" / "digits-unet-fp-s0-g2-t20-b250" / "batch00000" / "samples.npz").is_file()
-    assert not old.exists()
+    assert (progress / "digits-unet-laq-seed0.sensitivity.json").is_file() and not old.exists()
     run = dict(check=True, capture_output=True, text=True, env=env)
     status = subprocess.run(["bash", str(script), "status"], **run)
     assert "digits-unet" in status.stdout and "1 rows" in status.stdout
