@@ -271,13 +271,12 @@ def _layerwise_lost(name: str, rows: list[dict], model_name: str, entry: str, en
     but not `runs/`): the model is made again, and the row with it unless the model is identical to the
     row's (`_layerwise_digest`), so every PV row starts from the model of the published row."""
     method, preset = entry.split(":")
-
-    def waiting(e: str) -> bool:  # a fine-tuning row of this preset, not done yet
-        fine_tuning = pv_method(e.split(":")[0])[0] in SEMI
-        return fine_tuning and e.endswith(f":{preset}") and not _done(rows, model_name, e)
-
-    pending = [e for e in entries if waiting(e)]
-    return method == "avq" and bool(pending) and not _has_layerwise(name, model_name, preset)
+    if method != "avq" or _has_layerwise(name, model_name, preset):
+        return False
+    return any(  # a fine-tuning row of this preset, not done yet
+        pv_method(e.split(":")[0])[0] in SEMI and e.endswith(f":{preset}") and not _done(rows, model_name, e)
+        for e in entries
+    )
 
 
 def _layerwise_digest(name: str, model_name: str, preset: str) -> str:
