@@ -101,6 +101,27 @@ for (model, commit), n in sorted(collections.Counter((r["model"], stamp(r)) for 
     print(f"{model:12} {commit:14} {n} rows")
 EOF
     fi
+    commit=$(cat "$PINNED" 2> /dev/null || true)
+    tree=$REPO/../avq-quality-${commit:0:7}
+    if [[ -f $PARTIAL && -n $commit && -f $tree/benchmarks/quality.py ]]; then
+        # of the rows the pinned commit's quality.py computes by default: how many are done, and the next
+        (cd "$tree" && PYTHONPATH="$tree:$tree/benchmarks" "$PY" - "$PARTIAL" "$commit" << 'EOF'
+import json, sys
+import quality as q
+rows = json.load(open(sys.argv[1]))["rows"]
+for model in q.MODELS:
+    todo = ["fp", *q.model_configs(model, [*q.CONFIGS, *q.T2I_CONFIGS, *q.PV_CONFIGS])]
+    done = {r["config"] for r in rows if r["model"] == model and r.get("commit") == sys.argv[2] and not r.get("dirty", True)}
+    left = [c for c in todo if c not in done]
+    print(f"{model:12} {len(todo) - len(left)}/{len(todo)} done" + (f", next {left[0]}" if left else ""))
+EOF
+        )
+        for log in "$REPO"/runs/quality/pinned-"${commit:0:7}"-*.log; do  # where each run is now
+            if [[ -f $log ]]; then
+                echo "${log##*/}: $(tail -c 300 "$log" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 1)"
+            fi
+        done
+    fi
     ;;
 *)
     sed -n '2,14p' "$0"

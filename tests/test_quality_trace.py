@@ -237,7 +237,10 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     (repo / "benchmarks").mkdir(parents=True)
     shutil.copy(ROOT / "benchmarks" / "quality_pinned.sh", repo / "benchmarks")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    rows = {"settings": {"n": 10}, "rows": [ROW]}
+    rows = {
+        "settings": {"n": 10},
+        "rows": [ROW, {**ROW, "config": "rtn:w4a8", "commit": "abcdef0123456789", "dirty": False}],
+    }
     (repo / "runs" / "quality").mkdir(parents=True)
     (repo / "runs" / "quality" / "quality.partial.json").write_text(json.dumps(rows))
     (repo / "runs" / "quality" / "PINNED").write_text("abcdef0123456789\n")
@@ -258,3 +261,10 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     run = dict(check=True, capture_output=True, text=True, env=env)
     status = subprocess.run(["bash", str(script), "status"], **run)
     assert "digits-unet" in status.stdout and "1 rows" in status.stdout
+    # with the pinned commit's worktree (here: this checkout's code), the rows done of that commit's plan
+    (tmp_path / "avq-quality-abcdef0").symlink_to(ROOT)
+    status = subprocess.run(["bash", str(script), "status"], **run).stdout
+    quality = _load("quality")
+    planned = 1 + len(quality.model_configs("digits-unet", [*quality.CONFIGS, *quality.PV_CONFIGS]))
+    assert f"digits-unet  1/{planned} done, next fp" in status  # the row of no commit is not done
+    assert "digits-t2i   0/" in status
