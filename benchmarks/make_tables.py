@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -290,7 +291,13 @@ def quality_table(data: dict) -> str:
         + _source(data),
     ]
     rows = data["rows"]
-    return "\n".join(lines + against_best_uniform(rows) + calibration_lines(rows) + ablation_lines(rows))
+    return "\n".join(
+        lines
+        + against_best_uniform(rows)
+        + calibration_lines(rows)
+        + ablation_lines(rows)
+        + check_lines(rows)
+    )
 
 
 def best_uniform(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -305,23 +312,29 @@ def best_uniform(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return best
 
 
+def best_avq(rows: list[dict], model: str, preset: str, max_bits: float = math.inf) -> dict | None:
+    """The AVQ row (layer-wise, LAQ or PV) of (model, preset) closest to FP (highest PSNR to FP) at no more
+    than `max_bits` total bits."""
+    rivals = [
+        r
+        for r in rows
+        if (r["model"], r["preset"]) == (model, preset)
+        and r["method"].startswith("avq")
+        and "psnr" in r
+        and r["total_bits"] <= max_bits + 1e-9
+    ]
+    return max(rivals, key=lambda r: r["psnr"]) if rivals else None
+
+
 def against_best_uniform(rows: list[dict]) -> list[str]:
-    """Each preset's best AVQ row (layer-wise, LAQ or PV; highest PSNR to FP) at no more total bits than
-    the best uniform row (★), and whether it beats that row on PSNR and on FID to FP."""
+    """Each preset's best AVQ row at no more total bits than the best uniform row (★), and whether it
+    beats that row on PSNR and on FID to FP."""
     lines = []
     for (model, preset), uniform in best_uniform(rows).items():
-        rivals = [
-            r
-            for r in rows
-            if (r["model"], r["preset"]) == (model, preset)
-            and r["method"].startswith("avq")
-            and "psnr" in r
-            and r["total_bits"] <= uniform["total_bits"] + 1e-9
-        ]
-        if not rivals:
+        avq = best_avq(rows, model, preset, uniform["total_bits"])
+        if avq is None:
             lines.append(f"- {model} {preset}: no AVQ row at <= {uniform['total_bits']:.3f} total bits.")
             continue
-        avq = max(rivals, key=lambda r: r["psnr"])
         fid = "fid_to_fp" in avq and "fid_to_fp" in uniform
         align = "prompt_alignment" in avq and "prompt_alignment" in uniform  # text-to-image rows
         wins = (
@@ -379,7 +392,7 @@ def ablation_lines(rows: list[dict]) -> list[str]:
     FP and FID per model and method; nothing until some method has rows of two seeds or more."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        base = r["method"].rpartition("-s")[0] if r["method"].rpartition("-s")[2].isdigit() else r["method"]
+        base = _base_method(r["method"])
         if r["preset"] == "w2a8" and base in ABLATION:
             groups.setdefault((r["model"], base), []).append(r)
     if not any(len(g) >= 2 for g in groups.values()):
@@ -403,6 +416,124 @@ def ablation_lines(rows: list[dict]) -> list[str]:
             f" | {spread([r['fid'] for r in group], 3)} | {spread(changed, 4)} |"
         )
     return lines
+
+
+def _row(rows: list[dict], model: str, config: str) -> dict | None:
+    return next((r for r in rows if (r["model"], r["config"]) == (model, config)), None)
+
+
+def _base_method(method: str) -> str:
+    """`avq-pv-none-s2` -> `avq-pv-none`: a fine-tuning row's method without its seed suffix."""
+    base, _, seed = method.rpartition("-s")
+    return base if seed.isdigit() else method
+
+
+def _seeds(rows: list[dict], model: str, method: str) -> list[float]:
+    """PSNR to FP of a W2A8 fine-tuning method's rows over its seeds (`<method>`, `<method>-s1`, ...)."""
+    return [
+        r["psnr"]
+        for r in rows
+        if (r["model"], r["preset"]) == (model, "w2a8") and _base_method(r["method"]) == method
+    ]
+
+
+def _missing(uniform: dict | None) -> tuple[bool | None, str]:
+    """A comparison with the best uniform row that has no AVQ side: open while the uniform rows are not
+    computed; failed where they are and no AVQ row stays within their total bits."""
+    if uniform is None:
+        return None, "no uniform row computed yet"
+    return False, f"no AVQ row at <= {uniform['total_bits']:.3f} total bits"
+
+
+def _t2i_checks(rows: list[dict], uniform: dict | None) -> list[tuple[str, bool | None, str]]:
+    """`digits-t2i`: FP's prompt alignment, W2A8 AVQ(+PV) against the best uniform row, and the
+    real-prompt and random-embedding calibration rows side by side."""
+    checks: list[tuple[str, bool | None, str]] = []
+    fp = _row(rows, "digits-t2i", "fp")
+    claim = "digits-t2i: FP prompt alignment >= 90 % on held-out phrasings"
+    if fp is None:
+        checks.append((claim, None, "rows not computed yet"))
+    else:
+        checks.append((claim, fp["prompt_alignment"] >= 0.9, f"{fp['prompt_alignment']:.1%}"))
+    claim = (
+        "digits-t2i w2a8: AVQ(+PV) beats the best uniform row at no more bits on prompt alignment and PSNR"
+    )
+    avq = best_avq(rows, "digits-t2i", "w2a8", uniform["total_bits"]) if uniform else None
+    if uniform is None or avq is None:
+        checks.append((claim, *_missing(uniform)))
+    else:
+        holds = avq["psnr"] > uniform["psnr"] and avq["prompt_alignment"] > uniform["prompt_alignment"]
+        figures = (
+            f"`{avq['config']}` {avq['prompt_alignment']:.1%}, {avq['psnr']:.2f} dB vs `{uniform['config']}` "
+            f"{uniform['prompt_alignment']:.1%}, {uniform['psnr']:.2f} dB"
+        )
+        checks.append((claim, holds, figures))
+    real, rand = _row(rows, "digits-t2i", "avq:w2a8"), _row(rows, "digits-t2i", "avq-rand:w2a8")
+    claim = "digits-t2i w2a8: real-prompt and random-embedding calibration rows, same N and noise"
+    if real is None or rand is None:
+        checks.append((claim, None, "rows not computed yet"))
+    else:
+        checks.append((claim, real["n"] == rand["n"], f"N = {real['n']} and {rand['n']}"))
+    return checks
+
+
+def check_lines(rows: list[dict]) -> list[str]:
+    """What the table has to show (the quality and text-to-image issues' acceptance), each check with the
+    figures it compares and whether it holds: `open` while the rows it needs are not all computed."""
+    checks: list[tuple[str, bool | None, str]] = []  # (claim, holds (None: rows missing), figures)
+    best = best_uniform(rows)
+    for model in sorted({r["model"] for r in rows} - {"digits-t2i", "digits-unet-mini"}):
+        fp = _row(rows, model, "fp")
+        for preset, claim in (
+            ("w2a8", "the best AVQ row beats the best uniform row at no more bits on PSNR and FID to FP"),
+            ("w4a8", "the best AVQ row is at least level with the best uniform row at no more bits on PSNR"),
+        ):
+            uniform = best.get((model, preset))
+            avq = best_avq(rows, model, preset, uniform["total_bits"]) if uniform else None
+            if uniform is None or avq is None:
+                checks.append((f"{model} {preset}: {claim}", *_missing(uniform)))
+                continue
+            holds = avq["psnr"] >= uniform["psnr"]
+            figures = f"`{avq['config']}` {avq['psnr']:.2f} vs `{uniform['config']}` {uniform['psnr']:.2f} dB"
+            if preset == "w2a8":
+                holds = avq["psnr"] > uniform["psnr"] and avq["fid_to_fp"] < uniform["fid_to_fp"]
+                figures += f", FID to FP {avq['fid_to_fp']:.3f} vs {uniform['fid_to_fp']:.3f}"
+            checks.append((f"{model} {preset}: {claim}", holds, figures))
+            if preset == "w2a8" and fp is not None:
+                limit = fp["fid"] + fp["fid_floor"] + 0.3
+                checks.append(
+                    (
+                        f"{model} w2a8: that AVQ row's FID is within FP's FID + its floor + 0.3",
+                        avq["fid"] <= limit,
+                        f"{avq['fid']:.3f} vs {fp['fid']:.3f} + {fp['fid_floor']:.3f} + 0.3 = {limit:.3f}",
+                    )
+                )
+        pv, p_only = _seeds(rows, model, "avq-pv"), _seeds(rows, model, "avq-p-only")
+        claim = f"{model} w2a8: P+V beats P only on PSNR to FP by more than the seed spread (mean ± sd apart)"
+        if len(pv) < 3 or len(p_only) < 3:
+            checks.append((claim, None, f"seeds computed: {len(pv)} P+V, {len(p_only)} P only (3 each)"))
+        else:
+            (m_pv, sd_pv), (m_p, sd_p) = [(statistics.mean(v), statistics.stdev(v)) for v in (pv, p_only)]
+            figures = f"{m_pv:.2f} ± {sd_pv:.2f} vs {m_p:.2f} ± {sd_p:.2f} dB"
+            checks.append((claim, m_pv - sd_pv > m_p + sd_p, figures))
+    unet_fp, low = _row(rows, "digits-unet", "fp"), _row(rows, "digits-unet", "avq-pv:w1.5a8")
+    claim = "digits-unet w1.5a8: AVQ+PV class accuracy >= 97 % and FID <= 1.5x FP's"
+    if unet_fp and low:
+        figures = f"{low['class_accuracy']:.1%}, FID {low['fid']:.3f} vs 1.5 x {unet_fp['fid']:.3f}"
+        checks.append((claim, low["class_accuracy"] >= 0.97 and low["fid"] <= 1.5 * unet_fp["fid"], figures))
+    elif "digits-unet" in {r["model"] for r in rows}:
+        checks.append((claim, None, "rows not computed yet"))
+    if any(r["model"] == "digits-t2i" for r in rows):
+        checks += _t2i_checks(rows, best.get(("digits-t2i", "w2a8")))
+    if not checks:
+        return []
+    verdict = {True: "holds", False: "**fails**", None: "open"}
+    return [
+        "",
+        "What the table has to show, checked from its rows:",
+        "",
+        *(f"- {claim}: {figures} - {verdict[holds]}" for claim, holds, figures in checks),
+    ]
 
 
 def calibration_rss_table(data: dict) -> str:

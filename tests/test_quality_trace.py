@@ -268,3 +268,38 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     planned = 1 + len(quality.model_configs("digits-unet", [*quality.CONFIGS, *quality.PV_CONFIGS]))
     assert f"digits-unet  1/{planned} done, next fp" in status  # the row of no commit is not done
     assert "digits-t2i   0/" in status
+
+
+def test_the_table_checks_what_it_has_to_show_from_its_rows():
+    """`check_lines`: each claim with its figures and a verdict, `open` while the rows it needs are not
+    computed, and a failing claim said to fail."""
+    make_tables = _load("make_tables")
+
+    def row(config: str, psnr: float | None = None, **figures) -> dict:
+        method, preset = config.split(":") if ":" in config else (config, "fp")
+        extra = {"psnr": psnr, "fid_to_fp": 0.1} if psnr is not None else {}
+        return {**ROW, "config": config, "method": method, "preset": preset, **extra, **figures}
+
+    rows = [
+        row("fp", fid=3.0, fid_floor=0.25),
+        row("gptq-g64:w2a8", 30.0, total_bits=2.5, fid_to_fp=0.3),
+        row("avq-laq:w2a8", 34.0, total_bits=2.4, fid=3.2),
+        *(row(f"avq-pv{s}:w2a8", p, total_bits=2.6) for s, p in (("", 40.0), ("-s1", 40.2), ("-s2", 39.8))),
+        *(
+            row(f"avq-p-only{s}:w2a8", p, total_bits=2.6)
+            for s, p in (("", 39.9), ("-s1", 40.1), ("-s2", 39.6))
+        ),
+        row("gptq:w4a8", 44.0, total_bits=4.04),
+        row("avq:w4a8", 44.5, total_bits=4.18),  # more bits than the uniform row: not compared
+    ]
+    checks = "\n".join(make_tables.check_lines(rows))
+    assert "`avq-laq:w2a8` 34.00 vs `gptq-g64:w2a8` 30.00 dB, FID to FP 0.100 vs 0.300 - holds" in checks
+    assert "3.200 vs 3.000 + 0.250 + 0.3 = 3.550 - holds" in checks
+    assert "no AVQ row at <= 4.040 total bits - **fails**" in checks
+    assert "40.00 ± 0.20 vs 39.87 ± 0.25 dB - **fails**" in checks  # P+V ahead, but inside the seed spread
+    assert (
+        "w1.5a8: AVQ+PV class accuracy >= 97 % and FID <= 1.5x FP's: rows not computed yet - open" in checks
+    )
+    rows.append(row("avq-pv:w1.5a8", 35.0, total_bits=1.6, fid=4.6, class_accuracy=0.98))
+    assert "98.0%, FID 4.600 vs 1.5 x 3.000 - **fails**" in "\n".join(make_tables.check_lines(rows))
+    assert make_tables.check_lines([]) == []
