@@ -9,7 +9,8 @@
 #
 #   bash benchmarks/quality_pinned.sh start C [MODEL...]  # a worktree of commit C (../avq-quality-<C>), its
 #                                                         # committed progress restored, one 1-thread run per
-#                                                         # model (default: all three) in the background
+#                                                         # model (default: all three) in the background;
+#                                                         # `A,B`: one run, B's rows after A's
 #   bash benchmarks/quality_pinned.sh save                # rows and FP sample sets -> progress (commit it)
 #   bash benchmarks/quality_pinned.sh pause | resume      # SIGSTOP / SIGCONT the runs (timings, CI)
 #   bash benchmarks/quality_pinned.sh status              # the runs and the rows done, per model and commit
@@ -51,18 +52,23 @@ start)
     for table in "$progress"/*.sensitivity.json; do  # LAQ tables (each names the commit it was measured at)
         if [[ -f $table ]]; then cp -n "$table" "$REPO/runs/quality/"; fi
     done
-    for model in "${MODELS[@]}"; do
-        if pgrep -f "quality.py --models $model " > /dev/null; then
-            echo "$model: already running"
+    for run in "${MODELS[@]}"; do  # `A,B`: one run that computes A's rows, then B's (2 cores, 3 models)
+        IFS=, read -ra chain <<< "$run"
+        busy=""
+        for model in "${chain[@]}"; do
+            if pgrep -f "quality\.py --models ([a-z0-9-]+ )*$model " > /dev/null; then busy=$model; fi
+        done
+        if [[ -n $busy ]]; then
+            echo "$busy: already running"
             continue
         fi
-        log=$REPO/runs/quality/pinned-${commit:0:7}-$model.log
+        log=$REPO/runs/quality/pinned-${commit:0:7}-${run//,/+}.log
         (
             cd "$tree"
             setsid nohup env PYTHONPATH="$tree:$tree/benchmarks" OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 \
-                "$PY" benchmarks/quality.py --models "$model" --threads 1 >> "$log" 2>&1 &
+                "$PY" benchmarks/quality.py --models "${chain[@]}" --threads 1 >> "$log" 2>&1 &
         )
-        echo "$model: started, log $log"
+        echo "${chain[*]}: started, log $log"
     done
     ;;
 save)
