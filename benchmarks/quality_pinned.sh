@@ -34,6 +34,13 @@ start)
     if [[ ! -d $tree ]]; then
         git -C "$REPO" worktree add --detach "$tree" "$commit"
     fi
+    # a run that finishes writes the results file into the worktree (benchmarks/results/quality.*): put it
+    # back, so that rows computed later are not stamped dirty; any other change there is refused
+    git -C "$tree" checkout -- benchmarks/results
+    if [[ -n $(git -C "$tree" status --porcelain --untracked-files=no) ]]; then
+        echo "$tree has changes: its rows would not be of $commit" >&2
+        exit 1
+    fi
     # the worktree's code runs from PYTHONPATH: `avq.kernels` and `avq.finetune` as the wheel lays them out
     ln -sfn ../kernels "$tree/avq/kernels"
     ln -sfn ../finetune "$tree/avq/finetune"
