@@ -267,7 +267,9 @@ def quality_table(data: dict) -> str:
         "the SeMI-PV fine-tuning on top of the `avq` row of the "
         "preset (`-none` / `-all`: the SeMI ablation). `avq-laq`: AVQ with LAQ budgets at the total bits of "
         "the GPTQ row of the preset (equal total bits); `avq-laq+0.5`: half a bit more (LAQ may spend it on "
-        "4-bit specs or FP for the layers that matter most). A model's second LAQ row reuses the sensitivity "
+        "4-bit specs or FP for the layers that matter most); `avq-laq-u`: at the total bits of the best "
+        "uniform row (★), with uniform grids among the candidates and no layer under the preset's code "
+        "bits; `avq-laq-u-pv`: SeMI-PV on that model. A model's second LAQ row reuses the sensitivity "
         "table its first one measured (`laq_sensitivity` in the JSON; its minutes leave measuring out; here "
         "the `avq-laq` rows). "
         + (

@@ -19,9 +19,12 @@ on an idle core).
 output channel (an fp16 scale and zero per group, counted: +0.25 / +0.5 total bits), the strong uniform
 baseline at low bits.
 `avq-laq` rows give AVQ the total bits that GPTQ spends at the same preset (`--bits-budget`, LAQ): the
-equal-total-bits comparison; `avq-laq-u` rows the same budget with uniform grids (`int2g64`, `int4`,
-`int4g128`) among LAQ's candidates, so each layer gets AQ, a grid or FP; `avq-laq+0.5` rows half a bit
-more (the allowance of issue #4's acceptance: codebooks cost bits that a uniform grid does not).
+equal-total-bits comparison; `avq-laq+0.5` rows half a bit more (the allowance of issue #4's acceptance:
+codebooks cost bits that a uniform grid does not). `avq-laq-u` rows get the total bits of the best uniform
+row of the preset (★) with uniform grids (`int2g64`, `int4`, `int4g128`) among LAQ's candidates and no
+layer under the preset's code bits (`QuantizeConfig.laq_floor`): each layer gets the AQ spec, the grid or
+FP that serves it best, and the ★ plan itself is one of LAQ's choices. Every LAQ row keeps the timestep
+and conditioning layers at the preset's code bits at least (`avq.planning.presets.CONDITIONING_LAYERS`).
 `avq-seq` rows calibrate sequentially (block by block on the model quantized so far; `--configs
 avq-seq:w2a8`). GPTQ/RTN layers are packed uniform modules
 (`avq.core.uniform_modules`); rows computed before they existed carry `simulated: true` (dense weights,
@@ -29,6 +32,8 @@ the same outputs).
 `avq-pv*` rows (after the `avq:` row of the preset, whose model is kept in `runs/quality/`) fine-tune
 that model with SeMI-PV (`avq.finetune`; `quantize_minutes` is then the fine-tuning time), and
 `avq-pv-none` / `avq-pv-all` are the SeMI ablation (no reset / reset everything on any code change).
+`avq-laq-u-pv` fine-tunes the `avq-laq-u` row's model the same way (its AQ layers and FP parameters, the
+FP-kept layers' included; the uniform grids stay).
 
 `digits-t2i` (the text-to-image pipeline, `avq_bench.t2i`) gets the same configs through the pipeline
 (`avq.quantize_pipeline`, calibrated on its training phrasings with its DDIM 20 steps at guidance 2), samples
@@ -74,12 +79,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from make_tables import best_uniform
 from sample_sets import REPO, get_samples, set_folder
 
 import avq
 from avq.calibration.config import CalibrationConfig
 from avq.core.spec import UniformSpec
-from avq.planning.presets import preset_config
+from avq.planning.presets import default_laq_floor, preset_code_bits, preset_config
 from avq.run.quantize import quantize
 from avq.run.report import QuantizeReport
 from avq.storage.atomic import write_atomic, write_json_atomic
@@ -113,9 +119,13 @@ CONFIGS = (
 # Below 2 bits there is no uniform row to take a budget from: LAQ gets the preset's nominal bits, or the
 # least the model can reach where its FP-kept layers put them out of reach (`bits_budget_nominal` then).
 NOMINAL_BITS = {"w1.5a8": 1.5, "w1a8": 1.0}
-# LAQ rows: budget = the GPTQ row's total bits + this many.
+# LAQ rows: budget = the per-channel GPTQ row's total bits + this many; `avq-laq-u` rows (BEST_UNIFORM_BUDGET)
+# the best uniform row's (★, `make_tables.best_uniform`) instead, so that its plan is among LAQ's choices.
 LAQ_EXTRA_BITS = {"avq-laq": 0.0, "avq-laq+0.5": 0.5, "avq-laq-u": 0.0}
-# `avq-laq-u`: LAQ may also give a layer a uniform GPTQ grid (at its total bits) instead of AQ or FP.
+BEST_UNIFORM_BUDGET = ("avq-laq-u",)
+UNIFORM = ("rtn", "gptq")  # the uniform methods, per channel or grouped (`gptq-g128`)
+# `avq-laq-u`: LAQ may also give a layer a uniform GPTQ grid (at its total bits) instead of AQ or FP, and
+# gives no layer fewer code bits than the preset: it chooses each layer's representation (AQ, grid, FP).
 LAQ_UNIFORM = {"avq-laq-u": (UniformSpec(2, 64), UniformSpec(4), UniformSpec(4, 128))}
 # Layer-wise AVQ with sequential calibration (`QuantizeConfig.sequential`: each block calibrated on the
 # outputs of the blocks already quantized): does it help?
@@ -130,11 +140,23 @@ T2I_CONFIGS = ("avq-rand:w2a8",)
 ABLATION = ("avq-pv", "avq-pv-none", "avq-pv-all", "avq-p-only")
 PV_CONFIGS = (
     "avq-pv:w4a8",
+    "avq-laq-u-pv:w4a8",
     *(f"{m}{s}:w2a8" for m in ABLATION for s in ("", "-s1", "-s2")),
     "avq-pv:w1.5a8",
     "avq-pv:w1a8",
 )
-SEMI = {"avq-pv": "selective", "avq-pv-none": "none", "avq-pv-all": "all", "avq-p-only": "selective"}
+SEMI = {
+    "avq-pv": "selective",
+    "avq-pv-none": "none",
+    "avq-pv-all": "all",
+    "avq-p-only": "selective",
+    "avq-laq-u-pv": "selective",
+}
+# The row whose model a fine-tuning row starts from (kept in `runs/quality/`): the layer-wise AVQ model of
+# the preset, or for `avq-laq-u-pv` the `avq-laq-u` model (SeMI-PV trains its AQ layers and every FP
+# parameter, the FP-kept layers' included; its uniform grids stay as GPTQ left them).
+PV_BASE = {**dict.fromkeys(ABLATION, "avq"), "avq-laq-u-pv": "avq-laq-u"}
+LAYERWISE = tuple(dict.fromkeys(PV_BASE.values()))  # the methods whose models are kept
 
 
 def pv_method(method: str) -> tuple[str, int]:
@@ -193,7 +215,7 @@ def _quantized(
         bits_budget=budget,
         sequential=method.endswith("-seq"),
         group_size=group_size,
-        laq_uniform=LAQ_UNIFORM.get(method, ()),
+        **_laq_options(method, preset),
     )
     report = QuantizeReport()
     options = dict(report=report, progress=True, sensitivity=sensitivity)
@@ -216,6 +238,15 @@ def _quantized(
 RANDOM_EMBEDDINGS = ("avq-rand",)  # methods calibrated on random prompt embeddings
 
 
+def _laq_options(method: str, preset: str) -> dict:
+    """A LAQ row's candidates and floor beyond the preset's (`avq-laq-u`: the uniform grids, and no layer
+    under the preset's code bits); {} for every other row."""
+    if method not in LAQ_UNIFORM:
+        return {}
+    floor = (*default_laq_floor(preset), ("*", preset_code_bits(preset)))
+    return {"laq_uniform": LAQ_UNIFORM[method], "laq_floor": floor}
+
+
 def _least_budget(model_name: str, method: str, preset: str, budget: float) -> float:
     """The fewest total bits LAQ can reach on the model with the row's candidates (its FP-kept layers stay
     at 16 bits), rounded up to 1/1000 of a bit."""
@@ -223,7 +254,7 @@ def _least_budget(model_name: str, method: str, preset: str, budget: float) -> f
 
     model = _load_fp(model_name)
     denoiser = model.unet if model_name == t2i.NAME else model
-    config = preset_config(preset, "avq", bits_budget=budget, laq_uniform=LAQ_UNIFORM.get(method, ()))
+    config = preset_config(preset, "avq", bits_budget=budget, **_laq_options(method, preset))
     return math.ceil(minimum_total_bits(denoiser, config) * 1000) / 1000
 
 
@@ -259,46 +290,49 @@ def _sensitivity_path(
     return _artifacts(name) / f"{model_name}-laq{candidates}-seed{seed}.sensitivity.json"
 
 
-def _layerwise_folder(name: str, model_name: str, preset: str) -> Path:
-    """Where the layer-wise AVQ model of a preset is kept for the PV rows (outside git): an avq save, or
-    for `digits-t2i` a quantized pipeline folder (`avq.pipelines.save_pipeline`)."""
-    return _artifacts(name) / f"{model_name}-avq-{preset}"
+def _layerwise_folder(name: str, model_name: str, preset: str, base: str = "avq") -> Path:
+    """Where the model of a preset's `base` row (`LAYERWISE`) is kept for the PV rows (outside git): an avq
+    save, or for `digits-t2i` a quantized pipeline folder (`avq.pipelines.save_pipeline`)."""
+    return _artifacts(name) / f"{model_name}-{base}-{preset}"
 
 
 def _layerwise_lost(name: str, rows: list[dict], model_name: str, entry: str, entries: list[str]) -> bool:
-    """Whether the done `avq:<preset>` row `entry` must be computed again because the fine-tuning rows of
-    its preset still wait for its model and the model is gone (a new checkout keeps the rows, committed,
-    but not `runs/`): the model is made again, and the row with it unless the model is identical to the
-    row's (`_layerwise_digest`), so every PV row starts from the model of the published row."""
+    """Whether the done `avq:<preset>` (or other `LAYERWISE`) row `entry` must be computed again because
+    the fine-tuning rows starting from it still wait for its model and the model is gone (a new checkout
+    keeps the rows, committed, but not `runs/`): the model is made again, and the row with it unless the
+    model is identical to the row's (`_layerwise_digest`), so every PV row starts from the model of the
+    published row."""
     method, preset = entry.split(":")
-    if method != "avq" or _has_layerwise(name, model_name, preset):
+    if method not in LAYERWISE or _has_layerwise(name, model_name, preset, method):
         return False
-    return any(  # a fine-tuning row of this preset, not done yet
-        pv_method(e.split(":")[0])[0] in SEMI and e.endswith(f":{preset}") and not _done(rows, model_name, e)
+    return any(  # a fine-tuning row starting from this one, not done yet
+        PV_BASE.get(pv_method(e.split(":")[0])[0]) == method
+        and e.endswith(f":{preset}")
+        and not _done(rows, model_name, e)
         for e in entries
     )
 
 
-def _layerwise_digest(name: str, model_name: str, preset: str) -> str:
+def _layerwise_digest(name: str, model_name: str, preset: str, base: str = "avq") -> str:
     """sha256 of the saved layer-wise model's own weight files (codes, codebooks, scales, FP-kept layers;
     not the pipeline components linked from the FP pipeline), by relative path: an `avq` row records it,
     so that the model, made again after a new checkout lost it, is known to be the row's own."""
-    folder, digest = _layerwise_folder(name, model_name, preset), hashlib.sha256()
+    folder, digest = _layerwise_folder(name, model_name, preset, base), hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
         if not path.is_symlink():
             digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def _has_layerwise(name: str, model_name: str, preset: str) -> bool:
+def _has_layerwise(name: str, model_name: str, preset: str, base: str = "avq") -> bool:
     index = "model_index.json" if model_name == t2i.NAME else "config.json"
-    return (_layerwise_folder(name, model_name, preset) / index).is_file()
+    return (_layerwise_folder(name, model_name, preset, base) / index).is_file()
 
 
-def _save_layerwise(name: str, model, model_name: str, preset: str) -> None:
+def _save_layerwise(name: str, model, model_name: str, preset: str, base: str = "avq") -> None:
     from avq.pipelines.folders import save_pipeline
 
-    folder, extra = _layerwise_folder(name, model_name, preset), {"model": model_name}
+    folder, extra = _layerwise_folder(name, model_name, preset, base), {"model": model_name}
     if model_name == t2i.NAME:
         save_pipeline(model, folder, source=t2i.pipeline_folder(), extra_config=extra)
     else:
@@ -306,7 +340,8 @@ def _save_layerwise(name: str, model, model_name: str, preset: str) -> None:
 
 
 def _finetuned(name: str, model_name: str, method: str, preset: str, steps: int | None):
-    """The saved layer-wise AVQ model fine-tuned with SeMI-PV (mode from `method`); minutes of tuning."""
+    """The saved model of the row's `PV_BASE` fine-tuned with SeMI-PV (mode from `method`); minutes of
+    tuning."""
     from avq.finetune import FinetuneConfig, finetune, finetune_pipeline
     from avq.pipelines.folders import load_pipeline_folder
 
@@ -314,13 +349,14 @@ def _finetuned(name: str, model_name: str, method: str, preset: str, steps: int 
     v_off = {"v_every": 0} if base == "avq-p-only" else {}
     config = FinetuneConfig(semi=SEMI[base], seed=seed, **v_off, **({"steps": steps} if steps else {}))
     start, cpu = time.perf_counter(), time.process_time()
+    folder = _layerwise_folder(name, model_name, preset, PV_BASE[base])
     if model_name == t2i.NAME:  # on the FP pipeline's own trajectories of the training phrasings
-        student = load_pipeline_folder(_layerwise_folder(name, model_name, preset))
+        student = load_pipeline_folder(folder)
         sampling = t2i.calibration_config(seed)
         teacher = _load_fp(model_name)
         _, history = finetune_pipeline(student, teacher, config, sampling=sampling, progress=True)
     else:
-        student = avq.load_quantized(_layerwise_folder(name, model_name, preset))
+        student = avq.load_quantized(folder)
         student, history = finetune(student, _load_fp(model_name), config, progress=True)
         student = student.eval()
     extra = {
@@ -437,12 +473,13 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             continue
         budget = sensitivity = nominal = None
         if pv_method(method)[0] in SEMI:
-            if not _has_layerwise(args.name, model_name, preset):
-                print(f"skip {entry}: needs the avq:{preset} row first (its model is fine-tuned)")
+            start = PV_BASE[pv_method(method)[0]]
+            if not _has_layerwise(args.name, model_name, preset, start):
+                print(f"skip {entry}: needs the {start}:{preset} row first (its model is fine-tuned)")
                 continue
-            print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[pv_method(method)[0]]})")
+            print(f"== {model_name} {entry} (SeMI-PV, semi={SEMI[pv_method(method)[0]]}, from {start})")
             model, minutes, extra = _finetuned(args.name, model_name, method, preset, args.pv_steps)
-            base = _done(rows, model_name, f"avq:{preset}")
+            base = _done(rows, model_name, f"{start}:{preset}")
             bits = {k: base[k] for k in ("code_bits", "total_bits", "layers_quantized", "layers")}
             keep(evaluated(model, entry, bits, minutes, extra))
             continue
@@ -454,11 +491,11 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 print(f"{entry}: {budget:g} total bits is out of reach, the least reachable is {least:.3f}")
                 budget, nominal = least, budget
         elif method in LAQ_EXTRA_BITS:
-            gptq = _done(rows, model_name, f"gptq:{preset}")
-            if gptq is None:
-                print(f"skip {entry}: needs the gptq:{preset} row for its budget")
+            base = _budget_row(rows, model_name, method, preset)
+            if base is None:
+                print(f"skip {entry}: needs the uniform rows of {preset} for its budget")
                 continue
-            budget = gptq["total_bits"] + LAQ_EXTRA_BITS[method]
+            budget = base["total_bits"] + LAQ_EXTRA_BITS[method]
         if method in LAQ_EXTRA_BITS:  # every LAQ row, below 2 bits too
             table_path, sensitivity = laq_table(args.name, model_name, args.seed, method, preset)
         print(f"== {model_name} {entry}" + (f" (budget {budget:.3f} total bits)" if budget else ""))
@@ -469,9 +506,9 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
             table = {"commit": STARTED_AT, "sensitivity": report.budget["sensitivity"]}
             write_json_atomic(table_path, table)
         layerwise = {}
-        if method == "avq":  # kept for the PV rows
-            _save_layerwise(args.name, model, model_name, preset)
-            layerwise["layerwise_sha256"] = _layerwise_digest(args.name, model_name, preset)
+        if method in LAYERWISE:  # kept for the PV rows
+            _save_layerwise(args.name, model, model_name, preset, method)
+            layerwise["layerwise_sha256"] = _layerwise_digest(args.name, model_name, preset, method)
             if done and done.get("layerwise_sha256") == layerwise["layerwise_sha256"]:
                 print(f"{entry}: its layer-wise model made again, identical to the row's: the row stands")
                 continue
@@ -489,6 +526,20 @@ def _model_rows(model_name: str, args: argparse.Namespace, rows: list[dict], kee
                 extra.update(bits_budget_nominal=nominal)
         keep(evaluated(model, entry, bits, minutes, extra))
         del model
+
+
+def _budget_row(rows: list[dict], model_name: str, method: str, preset: str) -> dict | None:
+    """The row whose total bits a LAQ row's budget starts from: per-channel GPTQ's of the preset, or for
+    `BEST_UNIFORM_BUDGET` the best uniform row's once every uniform row of the preset is done; None before."""
+    if method not in BEST_UNIFORM_BUDGET:
+        return _done(rows, model_name, f"gptq:{preset}")
+    uniform = [
+        c for c in CONFIGS if c.endswith(f":{preset}") and _uniform_groups(c.split(":")[0])[0] in UNIFORM
+    ]
+    done = [_done(rows, model_name, c) for c in uniform]
+    if not uniform or None in done:
+        return None
+    return best_uniform(done)[(model_name, preset)]
 
 
 def _figures(model_name: str, figures: dict) -> dict:

@@ -401,3 +401,52 @@ def test_laq_may_choose_uniform_grids(tmp_path):
     assert all(torch.equal(loaded.get_submodule(n).qweight.codes, codes) for n, codes in expected.items())
     with pytest.raises(avq.planning.PresetError, match="laq_uniform are LAQ candidates"):
         preset_config("w4a16", laq_uniform=grids)
+
+
+def test_laq_floor_keeps_conditioning_layers_at_the_preset_bits(monkeypatch):
+    """With a budget the timestep/conditioning layers get no fewer code bits than the preset, even where the
+    table predicts their 2-bit options harmless (without the floor LAQ takes them); `("*", 4)` floors every
+    layer, and the least reachable budget rises with it. Every candidate is still in the table."""
+    from avq.planning.plan import laq_floor_bits
+    from avq.planning.presets import CONDITIONING_LAYERS, default_laq_floor
+    from avq.planning.reach import minimum_total_bits
+
+    table = _quantize_with_budget_6()
+    conditioning = [n for n in table if set(table[n]) != {FP} and ("time_emb" in n or "class_emb" in n)]
+    assert {"time_embedding.linear_1", "time_embedding.linear_2"} <= set(conditioning)
+    assert any(n.endswith("time_emb_proj") for n in conditioning)
+    cheap = {  # 2 code bits predicted as good as FP on the conditioning layers
+        n: {o: {**v, "error": 0.0} if o in ("1x8g4", "1x4g2") else v for o, v in opts.items()}
+        if n in conditioning
+        else opts
+        for n, opts in table.items()
+    }
+    monkeypatch.setattr("avq.run.laq.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+
+    def choice(**overrides) -> dict:
+        report = QuantizeReport()
+        config = preset_config("w4a16", solver=FAST, bits_budget=5.0, **overrides)
+        quantize(tiny_unet(), config, TINY, progress=False, report=report, sensitivity=cheap)
+        return report.budget
+
+    floored = choice()
+    assert floored["floor_bits"] == {n: 4.0 for n in conditioning}
+    assert all(floored["choice"][n] in ("2x8g4", "2x4g2", FP) for n in conditioning), floored["choice"]
+    assert set(floored["sensitivity"]["time_embedding.linear_1"]) >= {"1x8g4", "2x8g4", FP}  # all measured
+    free = choice(laq_floor=())
+    assert any(free["choice"][n] in ("1x8g4", "1x4g2") for n in conditioning), free["choice"]
+
+    config = preset_config("w4a16", bits_budget=5.0)
+    assert config.laq_floor == default_laq_floor("w4a16")
+    assert len(config.laq_floor) == len(CONDITIONING_LAYERS)
+    everywhere = replace(config, laq_floor=(*config.laq_floor, ("*", 4)))
+    assert laq_floor_bits("down_blocks.0.resnets.0.conv1", config) == 0.0
+    assert laq_floor_bits("down_blocks.0.resnets.0.time_emb_proj", config) == 4.0
+    assert laq_floor_bits("down_blocks.0.resnets.0.conv1", everywhere) == 4.0
+    assert minimum_total_bits(tiny_unet(), everywhere) > minimum_total_bits(tiny_unet(), config) + 1
+    low = preset_config("w1.5a8", bits_budget=1.5)
+    assert laq_floor_bits("transformer_blocks.0.norm1.emb.timestep_embedder.linear_1", low) == 1.5
+    with pytest.raises(avq.planning.PresetError, match="laq_floor constrains"):
+        preset_config("w4a16", laq_floor=(("*", 4),))
+    with pytest.raises(avq.planning.PresetError, match="laq_floor must be"):
+        preset_config("w4a16", bits_budget=5.0, laq_floor=(("*", 0),))

@@ -163,3 +163,5 @@ def test_laq_uniform_is_parsed_and_checked(tmp_path, capsys):
     assert bad.value.code == 2 and "bits must be an int from 2 to 8" in capsys.readouterr().err
     assert main([*args, "--laq-uniform", "int4", *TINY_ARGS]) == 2
     assert "laq_uniform are LAQ candidates: they need a bits_budget" in capsys.readouterr().err
+    assert main([*args, "--laq-min-bits", "4", *TINY_ARGS]) == 2
+    assert "laq_floor constrains LAQ's choice: it needs a bits_budget" in capsys.readouterr().err

@@ -578,3 +578,34 @@ def test_v_step_in_the_input_metric_moves_codes(pair):
         teacher, student = fresh(pair)
         runs[metric] = sum(r["codes_changed"] for r in run(student, teacher, small(v_metric=metric))[1])
     assert runs["hessian"] > 0 and runs["hessian"] > runs["l2"]
+
+
+def test_finetune_a_model_with_uniform_layers(tmp_path):
+    """An LAQ model with uniform grids beside AQ layers (`avq-laq-u`'s): SeMI-PV trains the AQ layers and
+    the FP parameters, leaves every grid as GPTQ packed it, and the result saves and loads as it ran."""
+    from avq.core.spec import UniformSpec
+    from avq.core.uniform_modules import UniformModule
+
+    teacher = tiny_unet()
+    grids = (UniformSpec(4), UniformSpec(4, 16))
+    config = preset_config("w4a16", solver=FAST, bits_budget=4.6, laq_uniform=grids)
+    student = quantize(copy.deepcopy(teacher), config, TINY, progress=False)
+    uniform = {n: m for n, m in student.named_modules() if isinstance(m, UniformModule)}
+    aq = {n: m for n, m in student.named_modules() if isinstance(m, AQModule)}
+    assert uniform and aq
+    grids_before = {n: (m.packed.clone(), m.scales.clone(), m.zeros.clone()) for n, m in uniform.items()}
+    books_before = {n: m.codebooks.detach().clone() for n, m in aq.items()}
+    student, history = run(student, teacher, small(steps=4))
+    assert len(history) == 4
+    for name, (packed, scales, zeros) in grids_before.items():
+        layer = student.get_submodule(name)
+        assert torch.equal(layer.packed, packed) and torch.equal(layer.scales, scales)
+        assert torch.equal(layer.zeros, zeros)
+    assert any(not torch.equal(student.get_submodule(n).codebooks, b) for n, b in books_before.items())
+    x = torch.randn(2, 1, 8, 8)
+    t, label = torch.tensor([10, 500]), torch.tensor([1, 3])
+    with torch.no_grad():
+        expected = student(x, t, class_labels=label).sample
+        loaded = avq.load_quantized(avq.save_quantized(student, tmp_path / "pv"))
+        # tuned codebooks and scales are stored in the save's dtype: outputs agree to its rounding
+        torch.testing.assert_close(loaded(x, t, class_labels=label).sample, expected, rtol=1e-3, atol=1e-4)

@@ -156,6 +156,26 @@ def test_text_to_image_rows_apply_and_compare_prompt_alignment():
     assert make_tables.calibration_lines([uniform, real]) == []
 
 
+def test_laq_budgets_start_from_per_channel_gptq_or_the_best_uniform_row():
+    """`avq-laq` rows: per-channel GPTQ's total bits; `avq-laq-u`: the best uniform row's (★), only once
+    every uniform row of the preset is done, with every layer floored at the preset's code bits."""
+    quality = _load("quality")
+
+    def row(config: str, bits: float, psnr: float) -> dict:
+        method, preset = config.split(":")
+        return {"model": "m", "config": config, "method": method, "preset": preset, "total_bits": bits,
+                "psnr": psnr, "fid": 4.0}  # fmt: skip
+
+    rows = [row("rtn:w4a8", 4.48, 34.6), row("gptq:w4a8", 4.48, 41.6), row("gptq-g128:w4a8", 4.67, 42.7)]
+    assert quality._budget_row(rows, "m", "avq-laq", "w4a8")["total_bits"] == 4.48
+    assert quality._budget_row(rows, "m", "avq-laq-u", "w4a8")["config"] == "gptq-g128:w4a8"
+    assert quality._budget_row(rows[:2], "m", "avq-laq-u", "w4a8") is None  # gptq-g128 not done yet
+    assert quality._budget_row(rows, "m", "avq-laq-u", "w2a8") is None
+    options = quality._laq_options("avq-laq-u", "w4a8")
+    assert ("*", 4.0) in options["laq_floor"] and options["laq_uniform"]
+    assert quality._laq_options("avq-laq", "w4a8") == {}
+
+
 def test_side_runs_keep_their_models_and_tables_apart():
     """A run under another `--name` (a smoke test) never shares layer-wise models or LAQ tables with the
     table's own rows."""
@@ -203,6 +223,17 @@ def test_a_done_row_whose_model_is_gone_is_computed_again_while_its_fine_tuning_
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     assert not quality._layerwise_lost("q", done[:2], "digits-unet", "avq:w2a8", entries)  # model still here
+    # `avq-laq-u-pv` starts from the `avq-laq-u` row's model, kept in a folder of its own
+    entries = ["avq:w4a8", "avq-laq-u:w4a8", "avq-pv:w4a8", "avq-laq-u-pv:w4a8"]
+    done = [{**ROW, "config": c} for c in ("avq:w4a8", "avq-laq-u:w4a8", "avq-pv:w4a8")]
+    lost = [e for e in entries if quality._layerwise_lost("q", done, "digits-unet", e, entries)]
+    assert lost == ["avq-laq-u:w4a8"]
+    assert (
+        quality._layerwise_folder("q", "digits-unet", "w4a8", "avq-laq-u").name
+        == "digits-unet-avq-laq-u-w4a8"
+    )
+    assert quality.PV_BASE["avq-laq-u-pv"] == "avq-laq-u"
+    assert quality.pv_method("avq-laq-u-pv") == ("avq-laq-u-pv", 0)
 
 
 def test_the_layerwise_digest_covers_the_model_own_weights_only(tmp_path, monkeypatch):

@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated, e.g. int4,int4g128",
     )
     q.add_argument(
+        "--laq-min-bits",
+        type=float,
+        default=None,
+        metavar="B",
+        help="with --bits-budget: give no layer fewer than B code bits (LAQ then chooses each layer's "
+        "representation and where to spend more; the timestep/conditioning layers never get fewer than "
+        "the preset's code bits either way)",
+    )
+    q.add_argument(
         "--laq-probe",
         choices=("block", "model"),
         default="model",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -96,6 +97,19 @@ def fitting_specs(
         if K % s.group_size == 0 and (s.conv_grouping == "k" or s.group_size == K // shape[1])
     ]
     return candidates, fitting
+
+
+def laq_floor_bits(name: str, config: QuantizeConfig) -> float:
+    """The fewest code bits LAQ may give layer `name`: the highest floor of `QuantizeConfig.laq_floor` whose
+    pattern matches it (0: none)."""
+    return max((float(b) for p, b in config.laq_floor if fnmatch.fnmatchcase(name, p)), default=0.0)
+
+
+def above_floor(name: str, options: Iterable, config: QuantizeConfig) -> list:
+    """The LAQ options (specs, uniform grids, or FP as a string) LAQ may choose for `name`: none with fewer
+    code bits than its floor; FP always."""
+    floor = laq_floor_bits(name, config)
+    return [o for o in options if isinstance(o, str) or o.code_bits >= floor - 1e-9]
 
 
 def plan_model(model: nn.Module, config: QuantizeConfig) -> list[LayerPlan]:

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from avq.calibration.statistics import quantizable_layers
 from avq.core.bits import FP16_BITS, total_bits
-from avq.planning.plan import LayerPlan, fitting_specs, plan_model
+from avq.planning.plan import LayerPlan, above_floor, fitting_specs, plan_model
 from avq.planning.presets import QuantizeConfig
 from avq.planning.sensitivity import FP
 
@@ -32,22 +32,17 @@ def cheapest_choices(
     plans: list[LayerPlan], config: QuantizeConfig
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """Each layer's cheapest LAQ choice as a one-option table `{layer: {option: (error, total bits)}}`:
-    its fewest-bits candidate spec (uniform grids included), or FP16 where it is kept in FP."""
-    return {
-        p.name: {
-            "min": (
-                0.0,
-                min(
-                    [total_bits(p.shape, s) for s in fitting_specs(p.kind, p.shape, config)[1]]
-                    + [total_bits(p.shape, s) for s in config.laq_uniform]
-                    + [FP16_BITS]
-                ),
-            )
-        }
-        if p.quantized
-        else {FP: (0.0, float(FP16_BITS))}
-        for p in plans
-    }
+    its fewest-bits candidate spec (uniform grids included) at or above its floor (`laq_floor`), or FP16
+    where it is kept in FP."""
+    table = {}
+    for p in plans:
+        if not p.quantized:
+            table[p.name] = {FP: (0.0, float(FP16_BITS))}
+            continue
+        candidates = [*fitting_specs(p.kind, p.shape, config)[1], *config.laq_uniform]
+        options = above_floor(p.name, candidates, config)
+        table[p.name] = {"min": (0.0, min([total_bits(p.shape, s) for s in options] + [FP16_BITS]))}
+    return table
 
 
 def minimum_total_bits(model: nn.Module, config: QuantizeConfig) -> float:

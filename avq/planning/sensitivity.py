@@ -215,6 +215,21 @@ class SensitivityTable:
         for f in fields(self):  # every field is a dict keyed by layer
             getattr(self, f.name).update(getattr(other, f.name))
 
+    def restricted(self, allowed: Mapping[str, Sequence[str]]) -> SensitivityTable:
+        """A copy with only the `allowed[layer]` options of each layer in `allowed` (the others whole): the
+        choice under `QuantizeConfig.laq_floor` from a table measured with every candidate."""
+        table = SensitivityTable(sizes=dict(self.sizes))
+        for f in fields(self):
+            if f.name == "sizes":
+                continue
+            for name, per_option in getattr(self, f.name).items():
+                keep = allowed.get(name, per_option)
+                if isinstance(per_option, list):  # `probed`
+                    getattr(table, f.name)[name] = [o for o in per_option if o in keep]
+                else:
+                    getattr(table, f.name)[name] = {o: v for o, v in per_option.items() if o in keep}
+        return table
+
     def to_dict(self) -> dict:
         def entry(name: str, o: str) -> dict:
             row = {"error": self.errors[name][o], "total_bits": self.bits[name][o]}

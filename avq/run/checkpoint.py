@@ -42,8 +42,9 @@ def fingerprint(model: nn.Module, config: QuantizeConfig, calibration: Any) -> s
     options = config.to_dict()
     if config.bits_budget is None:  # how LAQ would measure does not change a run without a budget
         options = {k: v for k, v in options.items() if not k.startswith("laq_")}
-    if not options.get("laq_uniform"):  # the default: runs from before the option keep their fingerprint
-        options.pop("laq_uniform", None)
+    for key in ("laq_uniform", "laq_floor"):  # empty by default: runs from before them keep their fingerprint
+        if not options.get(key):
+            options.pop(key, None)
     if options.get("laq_probe") == "model":  # how runs from before the option measured
         options.pop("laq_probe")
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())

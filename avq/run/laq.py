@@ -10,7 +10,9 @@ so that the total bits per weight over *all* Linear/Conv2d weights (FP-kept ones
 `QuantizeReport.summary()["total_bits_all"]`) stay within `B`. The choice and the sensitivity table are
 in `QuantizeReport.budget`. Candidates are measured with a short solve (`laq_measure_rounds`, default the
 initialisation alone) and one probe of the model output per layer (`laq_probe_all` for one per candidate),
-the chosen specs then solved in full.
+the chosen specs then solved in full. `QuantizeConfig.laq_floor` constrains the choice, not the measuring:
+every candidate is measured, and a layer under a floor (the conditioning layers, at the preset's code
+bits, by default) is not given an option of fewer code bits.
 
 At scale (hundreds of layers, Hessians that do not fit at once) measuring streams in the run's passes and
 checkpoints its rows per pass, and a candidate dominated on a layer of that size (`laq_candidates`) is not
@@ -34,10 +36,10 @@ from avq.core.qweight import QuantizedWeight
 from avq.core.spec import QuantSpec, UniformSpec
 from avq.planning.block_probe import BlockProbe
 from avq.planning.budget import choose_specs
-from avq.planning.plan import LayerPlan, fitting_specs
+from avq.planning.plan import LayerPlan, above_floor, fitting_specs, laq_floor_bits
 from avq.planning.presets import QuantizeConfig
 from avq.planning.replay_probe import ReplayProbe
-from avq.planning.sensitivity import FP, SensitivityTable, make_probe, measure_sensitivity
+from avq.planning.sensitivity import FP, SensitivityTable, make_probe, measure_sensitivity, option_name
 from avq.run.checkpoint import QuantizeCheckpoint
 from avq.run.report import QuantizeReport
 
@@ -95,12 +97,14 @@ def laq_plans(
             for name in [n for n, opts in candidates.items() if opts == [FP]]:  # forced FP: fixed cost only
                 table.errors[name], table.bits[name] = {FP: 0.0}, {FP: float(FP16_BITS)}
                 table.sizes[name] = sizes[name]
-        choice = choose_specs(table, table.sizes, config.bits_budget, verbose=progress)
+        allowed = {n: [option_name(o) for o in above_floor(n, candidates[n], config)] for n in table.errors}
+        choice = choose_specs(table.restricted(allowed), table.sizes, config.bits_budget, verbose=progress)
         no_input = {n: r for n, r in forced.items() if r == NO_INPUT}
         rows = table.to_dict()
         for name, reason in no_input.items():
             rows[name][FP]["forced"] = reason
-        report.budget = {**choice.to_dict(), "sensitivity": rows, "forced_fp": no_input}
+        floors = {n: laq_floor_bits(n, config) for n in table.errors if laq_floor_bits(n, config) > 0}
+        report.budget = {**choice.to_dict(), "sensitivity": rows, "forced_fp": no_input, "floor_bits": floors}
         if sensitivity is None:  # wall time of measuring (calibration passes, short solves, probes)
             report.budget["measure_seconds"] = round(seconds, 3)
             report.budget["measured_with"] = {
