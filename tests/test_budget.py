@@ -177,8 +177,14 @@ def test_probe_spans_timesteps_with_guidance(sensitivity):
     assert x.shape[0] == 2 * PROBE.num_samples and kwargs["class_labels"].shape == (4,)
 
 
-def test_quantize_with_bits_budget():
-    _quantize_with_budget_6()
+@pytest.fixture(scope="module")
+def table_at_6() -> dict:
+    """The tiny UNet quantized under 6 total bits (checked): its sensitivity table, measured once."""
+    return _quantize_with_budget_6()
+
+
+def test_quantize_with_bits_budget(table_at_6):
+    assert table_at_6
 
 
 def _quantize_with_budget_6() -> dict:
@@ -208,11 +214,11 @@ def _quantize_with_budget_6() -> dict:
     return budget["sensitivity"]
 
 
-def test_bits_budget_reuses_a_given_sensitivity_table(monkeypatch):
+def test_bits_budget_reuses_a_given_sensitivity_table(table_at_6, monkeypatch):
     """A budget sweep: the table of an earlier run is reused, nothing is measured again, and the choice is
     the integer program's answer on that table under the new budget. A table of other layers or options is
     refused before anything is solved."""
-    table = _quantize_with_budget_6()
+    table = table_at_6
     monkeypatch.setattr("avq.run.laq.measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
     report = QuantizeReport()
     config = preset_config("w2a16", solver=FAST, bits_budget=3.0)
@@ -403,7 +409,7 @@ def test_laq_may_choose_uniform_grids(tmp_path):
         preset_config("w4a16", laq_uniform=grids)
 
 
-def test_laq_floor_keeps_conditioning_layers_at_the_preset_bits(monkeypatch):
+def test_laq_floor_keeps_conditioning_layers_at_the_preset_bits(table_at_6, monkeypatch):
     """With a budget the timestep/conditioning layers get no fewer code bits than the preset, even where the
     table predicts their 2-bit options harmless (without the floor LAQ takes them); `("*", 4)` floors every
     layer, and the least reachable budget rises with it. Every candidate is still in the table."""
@@ -411,7 +417,7 @@ def test_laq_floor_keeps_conditioning_layers_at_the_preset_bits(monkeypatch):
     from avq.planning.presets import CONDITIONING_LAYERS, default_laq_floor
     from avq.planning.reach import minimum_total_bits
 
-    table = _quantize_with_budget_6()
+    table = table_at_6
     conditioning = [n for n in table if set(table[n]) != {FP} and ("time_emb" in n or "class_emb" in n)]
     assert {"time_embedding.linear_1", "time_embedding.linear_2"} <= set(conditioning)
     assert any(n.endswith("time_emb_proj") for n in conditioning)
