@@ -96,9 +96,34 @@ EOF
     for set in "$SAMPLES"/*-fp-s*; do  # the FP sets only: a row's own samples are not needed again
         if [[ -d $set ]]; then cp -r "$set" "$progress/samples/"; fi
     done
-    for table in "$REPO"/runs/quality/*.sensitivity.json; do  # LAQ tables: a few KB, minutes to measure
-        if [[ -f $table ]]; then cp "$table" "$progress/"; fi
-    done
+    # LAQ tables (a few KB, minutes to measure) of the pinned commit only, each stamped with how it was
+    # measured: the command of the LAQ row that measured it (the row's model and candidate set: `-u` the
+    # uniform grids, `-low` the sub-2-bit presets), and the host (save runs where the pinned runs do)
+    "$PY" - "$PARTIAL" "$commit" "$progress" "$REPO"/runs/quality/*.sensitivity.json << 'EOF'
+import json, sys
+from pathlib import Path
+from avq.storage.atomic import write_json_atomic
+from avq_bench.results import device_name
+rows = json.loads(Path(sys.argv[1]).read_text())["rows"]
+commit, progress = sys.argv[2], Path(sys.argv[3])
+for path in map(Path, sys.argv[4:]):
+    if not path.is_file():  # the glob matched nothing
+        continue
+    table = json.loads(path.read_text())
+    if table.get("commit") != commit:
+        print(f"{path.name}: measured at {str(table.get('commit'))[:7]}, not the pinned commit: left out")
+        continue
+    model, _, kind = path.name.partition("-laq")
+    measured = [
+        r for r in rows
+        if r["model"] == model and r.get("laq_sensitivity") == "measured" and r.get("commit") == commit
+        and r["method"].startswith("avq-laq-u") == kind.startswith("-u")
+        and r["preset"].startswith("w1") == ("-low" in kind)
+    ]
+    if measured:
+        table.update(command=measured[0]["command"], dirty=measured[0]["dirty"])
+    write_json_atomic(progress / path.name, {**table, "device": table.get("device", device_name())}, indent=1)
+EOF
     du -sh "$progress"
     ;;
 pause) pkill -STOP -f benchmarks/quality.py || true ;;

@@ -268,9 +268,12 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     (repo / "benchmarks").mkdir(parents=True)
     shutil.copy(ROOT / "benchmarks" / "quality_pinned.sh", repo / "benchmarks")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    laq = {**ROW, "model": "digits-dit", "config": "avq-laq:w2a8", "method": "avq-laq",
+           "commit": "abcdef0123456789", "dirty": False, "laq_sensitivity": "measured",
+           "command": "python benchmarks/quality.py --models digits-dit"}  # fmt: skip
     rows = {
         "settings": {"n": 10},
-        "rows": [ROW, {**ROW, "config": "rtn:w4a8", "commit": "abcdef0123456789", "dirty": False}],
+        "rows": [ROW, {**ROW, "config": "rtn:w4a8", "commit": "abcdef0123456789", "dirty": False}, laq],
     }
     (repo / "runs" / "quality").mkdir(parents=True)
     (repo / "runs" / "quality" / "quality.partial.json").write_text(json.dumps(rows))
@@ -278,7 +281,10 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     for tag in ("digits-unet-fp-s0-g2-t20-b250", "digits-unet-avq-w2a8-s0-g2-t20-b250"):
         (repo / "runs" / "samples" / tag / "batch00000").mkdir(parents=True)
         (repo / "runs" / "samples" / tag / "batch00000" / "samples.npz").write_bytes(b"npz")
-    (repo / "runs" / "quality" / "digits-unet-laq-seed0.sensitivity.json").write_text("{}")
+    table = {"commit": "abcdef0123456789", "sensitivity": {"conv1": {}}}  # measured by the `laq` row
+    (repo / "runs" / "quality" / "digits-dit-laq-seed0.sensitivity.json").write_text(json.dumps(table))
+    stale = {"commit": "2222222", "sensitivity": {}}  # of an earlier pin: not this commit's progress
+    (repo / "runs" / "quality" / "digits-unet-laq-u-seed0.sensitivity.json").write_text(json.dumps(stale))
     old = repo / "benchmarks" / "results" / "progress" / "1111111"
     old.mkdir(parents=True)
     script = repo / "benchmarks" / "quality_pinned.sh"
@@ -288,7 +294,11 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     assert json.loads((progress / "quality.partial.json").read_text()) == rows
     assert [p.name for p in (progress / "samples").iterdir()] == ["digits-unet-fp-s0-g2-t20-b250"]
     assert (progress / "samples" / "digits-unet-fp-s0-g2-t20-b250" / "batch00000" / "samples.npz").is_file()
-    assert (progress / "digits-unet-laq-seed0.sensitivity.json").is_file() and not old.exists()
+    assert (progress / "digits-dit-laq-seed0.sensitivity.json").is_file() and not old.exists()
+    saved = json.loads((progress / "digits-dit-laq-seed0.sensitivity.json").read_text())
+    assert {k: saved[k] for k in ("commit", "sensitivity", "command", "dirty")} == {
+        **table, "command": laq["command"], "dirty": False}  # fmt: skip
+    assert saved["device"] and not (progress / "digits-unet-laq-u-seed0.sensitivity.json").exists()
     run = dict(check=True, capture_output=True, text=True, env=env)
     status = subprocess.run(["bash", str(script), "status"], **run)
     assert "digits-unet" in status.stdout and "1 rows" in status.stdout
