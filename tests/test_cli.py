@@ -156,7 +156,7 @@ def test_bench_times_every_kernel_path(tmp_path, capsys):
     assert main(["bench", "--shape", "64", "100", "--spec", "1x8g8"]) == 2  # K not divisible by g
 
 
-def test_laq_uniform_is_parsed_and_checked(tmp_path, capsys):
+def test_laq_and_solver_options_are_parsed_and_checked(tmp_path, capsys):
     args = ["quantize", "--model", "digits-unet-mini", "--preset", "w4a16", "--out", str(tmp_path / "q")]
     with pytest.raises(SystemExit) as bad:  # argparse: a usage error, exit 2
         main([*args, "--laq-uniform", "int9", *TINY_ARGS])
@@ -165,3 +165,7 @@ def test_laq_uniform_is_parsed_and_checked(tmp_path, capsys):
     assert "laq_uniform are LAQ candidates: they need a bits_budget" in capsys.readouterr().err
     assert main([*args, "--laq-min-bits", "4", *TINY_ARGS]) == 2
     assert "laq_floor constrains LAQ's choice: it needs a bits_budget" in capsys.readouterr().err
+    assert main([*args, "--method", "gptq", "--solver-rounds", "1", *TINY_ARGS]) == 2
+    assert "--solver-rounds tunes the AQ solver; --method gptq has none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: rounds are >= 1
+        main([*args, "--solver-rounds", "0", *TINY_ARGS])

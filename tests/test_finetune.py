@@ -511,7 +511,7 @@ def test_torchrun_two_gloo_processes_match_one(saved, tmp_path):
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(saved, tmp_path):
     fp, q = saved
-    args = ["finetune", "--quantized", str(q), "--steps", "60", *CLI_SMALL, "--checkpoint-every", "1"]
+    args = ["finetune", "--quantized", str(q), "--steps", "30", *CLI_SMALL, "--checkpoint-every", "1"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "avq", *args, "--out", str(killed)]
@@ -527,7 +527,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(saved, tmp_path):
     process.wait(timeout=60)
     process.stderr.close()
     saved_step = json.loads(meta.read_text())["step"]
-    assert 3 <= saved_step < 60 and not killed.exists()
+    assert 3 <= saved_step < 30 and not killed.exists()
     assert main([*args, "--out", str(killed), "--resume", "--json", str(tmp_path / "killed.json")]) == 0
     assert main([*args, "--out", str(straight), "--json", str(tmp_path / "straight.json")]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["history"] for n in ("killed", "straight"))
@@ -563,7 +563,7 @@ def test_p_only_changes_no_code(pair):
     """`v_every=0`: the P-only ablation (AdamW on codebooks, scales and FP parameters; no code update)."""
     teacher, student = fresh(pair)
     codes = {n: b.clone() for n, b in student.named_buffers() if n.endswith("codes")}
-    _, history = run(student, teacher, small(v_every=0))
+    _, history = run(student, teacher, small(v_every=0, steps=30))
     assert all(r["codes_changed"] == 0 for r in history) and history[-1]["loss"] < history[0]["loss"] * 2
     assert all(torch.equal(b, codes[n]) for n, b in student.named_buffers() if n.endswith("codes"))
     assert not small(v_every=0).is_v_step(0) and small(v_every=2).is_v_step(1)
@@ -576,7 +576,8 @@ def test_v_step_in_the_input_metric_moves_codes(pair):
     runs = {}
     for metric in ("hessian", "l2"):
         teacher, student = fresh(pair)
-        runs[metric] = sum(r["codes_changed"] for r in run(student, teacher, small(v_metric=metric))[1])
+        history = run(student, teacher, small(v_metric=metric, steps=30))[1]
+        runs[metric] = sum(r["codes_changed"] for r in history)
     assert runs["hessian"] > 0 and runs["hessian"] > runs["l2"]
 
 

@@ -56,6 +56,34 @@ def test_fid_handles_singular_covariances():
     assert math.isfinite(value) and value > 0
 
 
+@pytest.mark.parametrize("samples", [400, 30])  # full-rank covariances, and fewer samples than features
+def test_frechet_distance_equals_the_sqrtm_formula(samples):
+    """The symmetric-eigendecomposition trace equals pytorch-fid's `tr sqrtm(s1 s2)` (scipy, Schur form)."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(4)
+    mix = rng.normal(size=(64, 64))
+    a = rng.normal(size=(samples, 64)) @ mix
+    b = rng.normal(size=(samples, 64)) @ (mix + 0.3 * rng.normal(size=(64, 64))) + 0.2
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("samples", [(500, 400), (30, 45)])  # more samples than features, and fewer
+def test_fid_of_features_equals_the_distance_of_their_statistics(samples):
+    """`fid` takes the sample-space route (nuclear norm) with fewer samples than features: the same value
+    as `frechet_distance` of the covariances."""
+    rng = np.random.default_rng(5)
+    mix = rng.normal(size=(64, 64))
+    a, b = rng.normal(size=(samples[0], 64)) @ mix, rng.normal(size=(samples[1], 64)) @ mix.T + 0.1
+    expected = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert fid(a, b) == pytest.approx(expected, rel=1e-7)  # the [D, D] route rounds near-zero eigenvalues
+    with pytest.raises(ValueError, match="features"):
+        fid(a, b[:, :10])
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument(
+        "--solver-rounds",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="AVQ: at most N rounds of (codes, codebooks, scales) per layer (default: 20, stopping earlier "
+        "when a round gains < 0.1%%); 1-2 rounds give a quick draft at a somewhat higher layer error",
+    )
+    q.add_argument(
         "--sequential",
         action="store_true",
         help="calibrate block by block on the model quantized so far (one sampler run per block)",

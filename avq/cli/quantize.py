@@ -42,17 +42,22 @@ def calibration_from_args(args: argparse.Namespace, *, pipeline: bool) -> Calibr
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from avq.core.aq import SolverOptions
     from avq.pipelines.folders import is_pipeline_folder
     from avq.planning.presets import default_laq_floor, preset_config
 
-    floor = {}
+    overrides = {}
+    if args.solver_rounds is not None:
+        if args.method != "avq":
+            raise UserError(f"--solver-rounds tunes the AQ solver; --method {args.method} has none")
+        overrides["solver"] = SolverOptions(max_rounds=args.solver_rounds)
     if args.laq_min_bits is not None:  # with the conditioning layers' floor, which may be higher
-        floor["laq_floor"] = (*default_laq_floor(args.preset), ("*", args.laq_min_bits))
+        overrides["laq_floor"] = (*default_laq_floor(args.preset), ("*", args.laq_min_bits))
     # a8 / unknown / budget with gptq|rtn: raises before any heavy work
     config = preset_config(
         args.preset,
         args.method,
-        **floor,
+        **overrides,
         bits_budget=args.bits_budget,
         sequential=args.sequential,
         group_size=args.group_size,

@@ -10,7 +10,6 @@ All functions are deterministic (no sampling) and compute statistics in float64.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -28,15 +27,16 @@ def _np64(x: ArrayLike) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- FID
-def frechet_distance(
-    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2):
     `||mu1 - mu2||^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2))`.
 
-    As in pytorch-fid: `sqrtm` of a product of (near-)singular covariances can come out non-finite or
-    with round-off imaginary parts; then `eps * I` is added to both covariances and the imaginary part
-    is dropped if it is negligible (diagonal |imag| <= 1e-3), else a ValueError is raised.
+    `tr (s1 s2)^(1/2)` is the sum of the square roots of the eigenvalues of `s1 s2`, which are those of
+    the symmetric `s1^(1/2) s2 s1^(1/2)`: two symmetric eigendecompositions instead of pytorch-fid's
+    general `scipy.linalg.sqrtm` (Schur form) of the product, the same value to round-off (tested) in a
+    fraction of the time (2048 Inception features: ~20 s per FID on 2 CPU cores with `sqrtm`). Eigenvalues
+    that round-off makes slightly negative (singular covariances: fewer samples than features) count 0,
+    so no `eps * I` offset is needed.
     """
     mu1, mu2 = np.atleast_1d(_np64(mu1)), np.atleast_1d(_np64(mu2))
     sigma1, sigma2 = np.atleast_2d(_np64(sigma1)), np.atleast_2d(_np64(sigma2))
@@ -44,33 +44,50 @@ def frechet_distance(
         raise ValueError(
             f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
         )
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise ValueError("a covariance has non-finite entries")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "matrix is singular": handled below
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all() or (
-            np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
-        ):
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    values, vectors = linalg.eigh((sigma1 + sigma1.T) / 2)  # [D], [D, D]
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # s1^(1/2) [D, D]
+    middle = root1 @ ((sigma2 + sigma2.T) / 2) @ root1  # [D, D], symmetric PSD
+    trace_covmean = np.sqrt(np.clip(linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def feature_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] of features [N, D] (N >= 2)."""
-    feats = _np64(feats)
-    if feats.ndim != 2 or feats.shape[0] < 2:
-        raise ValueError(f"features must be [N >= 2, D], got shape {list(feats.shape)}")
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+    mean, centred = _centred(feats)
+    return mean, centred.T @ centred / (centred.shape[0] - 1)
 
 
 def fid(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
-    """Fréchet distance between the Gaussian fits of two feature sets [N_a, D] and [N_b, D]."""
-    return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+    """Fréchet distance between the Gaussian fits of two feature sets [N_a, D] and [N_b, D].
+
+    With fewer samples than features (e.g. 1000 samples of Inception's 2048) the covariances are
+    `s = Xc^T Xc / (N - 1)` of the centred features, and the nonzero eigenvalues of `s_a s_b` are the
+    squared singular values of `Xc_a Xc_b^T / sqrt((N_a - 1)(N_b - 1))` [N_a, N_b]: the trace term is that
+    matrix's nuclear norm, with no [D, D] decomposition. Otherwise `frechet_distance` of the statistics.
+    """
+    (mean_a, centred_a), (mean_b, centred_b) = _centred(feats_a), _centred(feats_b)  # [D], [N, D]
+    if centred_a.shape[1] != centred_b.shape[1]:
+        raise ValueError(f"feature sets of {centred_a.shape[1]} and {centred_b.shape[1]} features")
+    (n_a, dim), n_b = centred_a.shape, centred_b.shape[0]
+    if min(n_a, n_b) >= dim:
+        return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+    cross = centred_a @ centred_b.T / math.sqrt((n_a - 1) * (n_b - 1))  # [N_a, N_b]
+    trace_covmean = linalg.svdvals(cross).sum()
+    diff = mean_a - mean_b
+    trace_a, trace_b = (centred_a**2).sum() / (n_a - 1), (centred_b**2).sum() / (n_b - 1)
+    return float(diff @ diff + trace_a + trace_b - 2 * trace_covmean)
+
+
+def _centred(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and centred features [N, D] of features [N, D] (N >= 2)."""
+    feats = _np64(feats)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {list(feats.shape)}")
+    mean = feats.mean(axis=0)
+    return mean, feats - mean
 
 
 # ---------------------------------------------------------------------------------------------- IS
