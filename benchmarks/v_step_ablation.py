@@ -5,10 +5,11 @@
     python benchmarks/v_step_ablation.py --quantized runs/pv_resume_mini/quantized --model digits-unet-mini
 
 Each run fine-tunes a fresh copy of the saved model against its FP teacher (`avq.finetune`, default config
-but `--steps`, one thread, seeds `--seeds`); a row holds the held-out distillation loss (16 teacher
-trajectories the training never draws, `distillation_loss`) before and after, the share of codes the V
-steps changed, and the wall time. The summary rows give mean and sample standard deviation per mode. This is
-the quick, model-output-level check; the quality table's `avq-p-only` / seed rows are the sample-level one.
+but `--steps` and `--trajectories`, one thread, seeds `--seeds`); a row holds the held-out distillation loss
+(16 teacher trajectories the training never draws, `distillation_loss`) before and after, the share of
+codes the V steps changed, and the wall time. The summary rows give mean and sample standard deviation per
+mode. This is the quick, model-output-level check; the quality table's `avq-p-only` / seed rows are the
+sample-level one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the FP teacher (a shipped model name)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--trajectories",
+        type=int,
+        default=FinetuneConfig.trajectories_per_epoch,
+        help="teacher trajectories drawn per epoch (default: the fine-tuning default)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -46,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in args.modes:
         for seed in args.seeds:
-            config = FinetuneConfig(steps=args.steps, seed=seed, **MODES[mode])
+            config = FinetuneConfig(
+                steps=args.steps, seed=seed, trajectories_per_epoch=args.trajectories, **MODES[mode]
+            )
             start = time.perf_counter()
             student, history = finetune(avq.load_quantized(args.quantized), teacher, config, progress=False)
             row = {

@@ -396,6 +396,8 @@ def test_v_step_ablation_benchmark_runs(tmp_path):
         "digits-unet-mini",
         "--steps",
         "2",
+        "--trajectories",
+        "4",
         "--seeds",
         "0",
         "1",
