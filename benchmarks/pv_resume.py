@@ -31,7 +31,7 @@ import torch
 from sample_sets import REPO
 
 import avq
-from avq.finetune import FinetuneConfig, distillation_loss
+from avq.finetune import FinetuneConfig, distillation_loss, heldout_pool
 from avq_bench.reference import load_reference
 from avq_bench.results import write_results
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     models = [avq.load_quantized(out) for out in (straight, killed)]
     a, b = (m.state_dict() for m in models)
     teacher = load_reference(args.model).eval()
-    heldout = [distillation_loss(m.eval(), teacher, FinetuneConfig(), trajectories=8) for m in models]
+    pool = heldout_pool(teacher, FinetuneConfig(), trajectories=8)
+    heldout = [distillation_loss(m.eval(), teacher, FinetuneConfig(), pool=pool) for m in models]
     row = {
         "model": args.model,
         "quantized": str(args.quantized),

@@ -67,7 +67,7 @@ DEFAULT_BLOCKS = {
     "sd3": ("context_embedder", "transformer_blocks.0", "transformer_blocks.12", "transformer_blocks.23"),
 }
 TINY = {  # --tiny: the same architectures, narrow and shallow (a smoke test of the script)
-    "sd1.5": {"block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64},
+    "sd1.5": {"block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 64},
     "sd3": {
         "num_layers": 3,
         "num_attention_heads": 2,

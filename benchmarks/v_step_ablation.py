@@ -4,12 +4,12 @@
     avq quantize --model digits-unet-mini --preset w2a8 --out runs/pv_resume_mini/quantized
     python benchmarks/v_step_ablation.py --quantized runs/pv_resume_mini/quantized --model digits-unet-mini
 
-Each run fine-tunes a fresh copy of the saved model against its FP teacher (`avq.finetune`, default config
-but `--steps` and `--trajectories`, one thread, seeds `--seeds`); a row holds the held-out distillation loss
-(16 teacher trajectories the training never draws, `distillation_loss`) before and after, the share of
-codes the V steps changed, and the wall time. The summary rows give mean and sample standard deviation per
-mode. This is the quick, model-output-level check; the quality table's `avq-p-only` / seed rows are the
-sample-level one.
+Each run fine-tunes a fresh copy of the saved model against its FP teacher (`avq.finetune`, default config but
+`--steps` and `--trajectories`, one thread, seeds `--seeds`); a row holds the held-out distillation loss
+(`--heldout` teacher trajectories the training never draws, sampled once: `heldout_pool`, `distillation_loss`)
+before and after, the share of codes the V steps changed, and the wall time. The summary rows give mean and
+sample standard deviation per mode. This is the quick, model-output-level check; the quality table's
+`avq-p-only` / seed rows are the sample-level one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import avq
-from avq.finetune import FinetuneConfig, distillation_loss, finetune
+from avq.finetune import FinetuneConfig, distillation_loss, finetune, heldout_pool
 from avq_bench.reference import load_reference
 from avq_bench.results import write_results
 
@@ -44,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         default=FinetuneConfig.trajectories_per_epoch,
         help="teacher trajectories drawn per epoch (default: the fine-tuning default)",
     )
+    parser.add_argument(
+        "--heldout", type=int, default=16, help="held-out teacher trajectories the losses are taken on"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     teacher = load_reference(args.model).eval()
-    before = distillation_loss(avq.load_quantized(args.quantized).eval(), teacher)
+    pool = heldout_pool(teacher, trajectories=args.heldout)
+    before = distillation_loss(avq.load_quantized(args.quantized).eval(), teacher, pool=pool)
     rows = []
     for mode in args.modes:
         for seed in args.seeds:
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": seed,
                 "steps": args.steps,
                 "heldout_loss_before": before,
-                "heldout_loss_after": distillation_loss(student.eval(), teacher),
+                "heldout_trajectories": args.heldout,
+                "heldout_loss_after": distillation_loss(student.eval(), teacher, pool=pool),
                 "codes_changed_total": sum(h["codes_changed"] for h in history),
                 "seconds": round(time.perf_counter() - start, 1),
                 "finetune_config": config.to_dict(),

@@ -15,9 +15,9 @@ teacher's own sampling trajectories, and trains both halves of the representatio
 
 Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V steps), `semi` (resets),
 `optim` (AdamW with per-slot resets), `checkpoint` (atomic, pickle-free, refuses another run's),
-(torchrun: `avq.distributed`, gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`),
-`pipeline_data` (a pipeline's own trajectories), `folders` (`finetune_folder` behind `avq finetune`,
-`finetune_pipeline`).
+(torchrun: `avq.distributed`, gloo on CPU, NCCL on GPUs), `loop` (`finetune`, `distillation_loss`,
+`heldout_pool`), `pipeline_data` (a pipeline's own trajectories), `folders` (`finetune_folder` behind
+`avq finetune`, `finetune_pipeline`).
 
     from avq.finetune import FinetuneConfig, finetune
     student, history = finetune(student, teacher, FinetuneConfig(steps=300), checkpoint_dir="ckpt/")
@@ -26,7 +26,7 @@ Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V s
 from .checkpoint import FinetuneCheckpointError
 from .config import SEMI_MODES, FinetuneConfig, FinetuneError
 from .folders import finetune_folder, finetune_pipeline
-from .loop import distillation_loss, finetune
+from .loop import distillation_loss, finetune, heldout_pool
 from .optim import SlotAdamW
 from .pv import (
     LayerChange,
@@ -52,6 +52,7 @@ __all__ = [
     "finetune",
     "finetune_folder",
     "finetune_pipeline",
+    "heldout_pool",
     "metric_beam_search",
     "normalised_metric",
     "recording_metrics",

@@ -1,5 +1,5 @@
-"""The SeMI-PV fine-tuning loop (`finetune`), its held-out loss (`distillation_loss`), and the folder-to-
-folder job behind `avq finetune` (`finetune_folder`).
+"""The SeMI-PV fine-tuning loop (`finetune`), its held-out loss (`distillation_loss` over `heldout_pool`),
+and the folder-to-folder job behind `avq finetune` (`finetune_folder`).
 
 One step: this rank's shard of the step's teacher-trajectory batch (`avq.finetune.data`) -> student
 forward with the straight-through shadows installed (`avq.finetune.pv.straight_through`) -> loss = MSE of
@@ -29,7 +29,7 @@ from avq.calibration.adapters import adapter_for
 
 from .checkpoint import load_checkpoint, restore, run_identity, save_checkpoint
 from .config import FinetuneConfig, FinetuneError
-from .data import TeacherData, build_pool, model_inputs, pool_batch
+from .data import TeacherData, TrajectoryPool, build_pool, model_inputs, pool_batch
 from .optim import SlotAdamW
 from .pipeline_data import PipelineTeacherData
 from .pv import (
@@ -322,6 +322,22 @@ def _finetune(
 
 # ============================================================================ evaluation
 @torch.no_grad()
+def heldout_pool(
+    teacher: nn.Module,
+    config: FinetuneConfig | None = None,
+    *,
+    trajectories: int = 16,
+    conditioning: torch.Tensor | None = None,
+) -> TrajectoryPool:
+    """`trajectories` held-out teacher trajectories (a stream the training never draws), sampled once so
+    that several students can be scored against them (`distillation_loss(..., pool=)`)."""
+    config = FinetuneConfig() if config is None else config
+    adapter = adapter_for(teacher, conditioning=conditioning)
+    ctx = distributed.DistContext(device=next(teacher.parameters()).device)
+    return build_pool(teacher, adapter, config, 0, ctx, stream="heldout", trajectories=trajectories)
+
+
+@torch.no_grad()
 def distillation_loss(
     student: nn.Module,
     teacher: nn.Module,
@@ -330,13 +346,15 @@ def distillation_loss(
     trajectories: int = 16,
     batch_size: int = 64,
     conditioning: torch.Tensor | None = None,
+    pool: TrajectoryPool | None = None,
 ) -> float:
     """The fine-tuning loss (model-output term) of `student` over every point of `trajectories` held-out
-    teacher trajectories (a stream the training never draws), on one process."""
+    teacher trajectories (a stream the training never draws), on one process. `pool`: those trajectories
+    from `heldout_pool` (same teacher, config and conditioning), instead of sampling them again."""
     config = FinetuneConfig() if config is None else config
     adapter = adapter_for(teacher, conditioning=conditioning)
-    ctx = distributed.DistContext(device=next(teacher.parameters()).device)
-    pool = build_pool(teacher, adapter, config, 0, ctx, stream="heldout", trajectories=trajectories)
+    if pool is None:
+        pool = heldout_pool(teacher, config, trajectories=trajectories, conditioning=conditioning)
     points = torch.arange(pool.x.shape[0] * pool.x.shape[1])
     param = next(student.parameters())
     total, count = 0.0, 0

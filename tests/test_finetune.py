@@ -28,6 +28,7 @@ from avq.finetune import (
     distillation_loss,
     finetune,
     finetune_folder,
+    heldout_pool,
     make_shadows,
     metric_beam_search,
     normalised_metric,
@@ -312,9 +313,11 @@ def test_finetune_lowers_the_distillation_loss(pair):
     config = small(steps=30)
     ranges = {k: v.clone() for k, v in student.state_dict().items() if "input_quantizer" in k}
     assert ranges  # W2A8: 8-bit input quantizers are attached
-    before = distillation_loss(student, teacher, config, trajectories=8)
+    pool = heldout_pool(teacher, config, trajectories=8)  # sampled once, scored twice
+    before = distillation_loss(student, teacher, config, pool=pool)
+    assert before == distillation_loss(student, teacher, config, trajectories=8)  # the same trajectories
     student, history = run(student, teacher, config)
-    after = distillation_loss(student, teacher, config, trajectories=8)
+    after = distillation_loss(student, teacher, config, pool=pool)
     assert after < 0.8 * before, (before, after)
     assert len(history) == 30 and [h["step"] for h in history] == list(range(1, 31))
     assert sum(h["codes_changed"] for h in history) > 0

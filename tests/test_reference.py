@@ -398,6 +398,8 @@ def test_v_step_ablation_benchmark_runs(tmp_path):
         "2",
         "--trajectories",
         "4",
+        "--heldout",
+        "4",
         "--seeds",
         "0",
         "1",
@@ -418,6 +420,8 @@ def test_v_step_ablation_benchmark_runs(tmp_path):
         ("p-only", 1),
     ]
     assert all(r["codes_changed_total"] == 0 for r in runs if r["mode"] == "p-only")
+    assert {r["heldout_trajectories"] for r in runs} == {4}
+    assert len({r["heldout_loss_before"] for r in runs}) == 1  # one held-out set, scored once before
     summaries = [r for r in rows if r.get("summary")]
     assert [s["mode"] for s in summaries] == ["metric", "p-only"] and all(
         s["heldout_loss_sd"] >= 0 for s in summaries

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import avq
 import avq.storage.serialization as serialization
@@ -148,6 +149,35 @@ def test_round_trip_is_bit_exact(quantized: nn.Module, saved: Path) -> None:
     x, t = sample_input()
     with torch.no_grad():
         assert torch.equal(quantized(x, t).sample, loaded(x, t).sample)
+
+
+class _CPUWrites(TorchDispatchMode):
+    """The shapes of the CPU tensors that the ops run inside the block write (`empty` reserves address
+    space, and the pages of a tensor never written stay out of memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        empty = func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided)
+        if isinstance(out, torch.Tensor) and out.device.type == "cpu" and not empty:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_loading_never_writes_a_quantized_layers_dense_weight(saved: Path) -> None:
+    """The skeleton's parameters live on the meta device: no dense weight of a quantized layer is
+    initialised only to be replaced, so loading a W2 model never holds its FP weights."""
+    dense = tiny_unet().state_dict()
+    others = {tuple(t.shape) for k, t in dense.items() if not any(k.startswith(f"{n}.") for n in QUANTIZED)}
+    shapes = {tuple(dense[f"{name}.weight"].shape) for name in QUANTIZED} - others  # only quantized layers'
+    assert len(shapes) >= 3
+    with _CPUWrites() as seen:
+        loaded = load_quantized(saved)
+    assert seen.shapes and not shapes & set(seen.shapes), shapes & set(seen.shapes)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
 
 
 def test_codes_dtypes_in_file(saved: Path) -> None:

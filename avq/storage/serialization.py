@@ -255,6 +255,9 @@ def load_quantized(
     aq_keys = {key for key, tensor in expected.items() if tensor is None}
     if result.unexpected_keys or set(result.missing_keys) != aq_keys:  # guarded above; defensive
         raise FormatError(f"load_quantized: state dict mismatch: {result}")
+    empty = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
+    if empty:  # a skeleton parameter outside the state dict (none in diffusers' models); defensive
+        raise FormatError(f"load_quantized: no tensor in the file for {format_names(empty)}")
     if built_here:
         model.eval()
     return model.to(device)
@@ -275,7 +278,13 @@ def _build_skeleton(config: dict) -> nn.Module:
             f"load_quantized: _class_name {name!r} is not a diffusers model class; "
             "pass model=<an instance of the original architecture>"
         )
-    return cls.from_config({k: v for k, v in config.items() if k != "quantization_config"})
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (buffers real: some are computed at init and never saved, e.g. DiT's
+    # sin-cos position table): every parameter is assigned from the file, so loading a W2 model never
+    # allocates its dense fp32 weights, which freed would stay in the process's heap.
+    with init_empty_weights():
+        return cls.from_config({k: v for k, v in config.items() if k != "quantization_config"})
 
 
 def weights_file(folder: Path, quantization_config: dict, who: str = "load_quantized") -> Path:
