@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,14 @@ from avq_bench.reference import (
 from avq_bench.results import current_command, device_slug, git_commit, write_results
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _benchmark_module(name: str) -> types.ModuleType:
+    """`benchmarks/<name>.py` imported as a module (its `main(argv)` then runs in this process)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -381,36 +390,22 @@ def test_scale_benchmark_sd3_goes_through_its_pipeline(tmp_path):
                       "laq_summary": "b" * 40}  # fmt: skip
 
 
-def test_v_step_ablation_benchmark_runs(tmp_path):
+def test_v_step_ablation_benchmark_runs(tmp_path, one_thread):
     """`benchmarks/v_step_ablation.py` on a quickly quantized mini UNet: a row per (mode, seed) and a summary
-    per mode; P only changes no code."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    per mode; P only changes no code. Both run in this process (two interpreters' imports are a third of
+    the test's time)."""
+    from avq.cli import main as avq_main
+
     saved = tmp_path / "q"
-    quantize = [sys.executable, "-m", "avq", "quantize", "--model", "digits-unet-mini", "--preset", "w2a8"]
-    quantize += ["--out", str(saved), "--num-samples", "4", "--steps", "4", "--timesteps-kept", "2"]
+    quantize = ["quantize", "--model", "digits-unet-mini", "--preset", "w2a8", "--out", str(saved), "--quiet"]
+    quantize += ["--num-samples", "4", "--steps", "4", "--timesteps-kept", "2"]
     quantize += ["--solver-rounds", "1"]  # a draft solve: the benchmark, not the solver, is under test
-    assert subprocess.run(quantize, env=env, capture_output=True, timeout=600).returncode == 0
-    command = [sys.executable, str(REPO / "benchmarks" / "v_step_ablation.py"), "--quantized", str(saved)]
-    command += [
-        "--model",
-        "digits-unet-mini",
-        "--steps",
-        "2",
-        "--trajectories",
-        "4",
-        "--heldout",
-        "4",
-        "--seeds",
-        "0",
-        "1",
-        "--modes",
-        "metric",
-        "p-only",
-    ]
-    result = subprocess.run(
-        command + ["--results-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert avq_main(quantize) == 0
+    ablation = _benchmark_module("v_step_ablation")
+    argv = ["--quantized", str(saved), "--model", "digits-unet-mini", "--steps", "2", "--trajectories", "4"]
+    argv += ["--heldout", "4", "--seeds", "0", "1", "--modes", "metric", "p-only"]
+    argv += ["--results-dir", str(tmp_path)]
+    assert ablation.main(argv) == 0
     rows = json.loads((tmp_path / "v_step_ablation.json").read_text())["rows"]
     runs = [r for r in rows if not r.get("summary")]
     assert [(r["mode"], r["seed"]) for r in runs] == [
