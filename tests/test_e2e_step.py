@@ -95,3 +95,23 @@ def test_quick_writes_schema(tmp_path, monkeypatch):
         assert paired["fp_ms"] > 0 and paired["auto_ms"] > 0
         assert paired["rounds"] >= e2e.SIDE_BY_SIDE_MIN_ROUNDS
         assert 0 < paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
+
+
+def test_load_memory_benchmark_writes_its_row(tmp_path):
+    """`benchmarks/load_memory.py` on a narrow LDM-4-shaped UNet: the W2 folder is written, loaded in a
+    fresh process, and the row holds the model's sizes and the load's memory and time."""
+    spec = importlib.util.spec_from_file_location("load_memory", ROOT / "benchmarks" / "load_memory.py")
+    load_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_memory)
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--ldm-channels", "32", "--ldm-sample-size", "8", "--repeats", "1"]
+        assert load_memory.main([*argv, "--work", str(tmp_path / "w"), "--results-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads((tmp_path / "load_memory_cpu.json").read_text())["rows"]
+    assert row["ldm_channels"] == 32 and row["quantized_layers"] > 0 and len(row["loads"]) == 1
+    assert 0 < row["stored_mib"] < row["dense_fp32_mib"]
+    load = row["loads"][0]
+    assert load["load_seconds"] > 0 and load["peak_delta_mib"] >= load["rss_delta_mib"] > 0
+    assert 0 < load["tensors_mib"] < row["dense_fp32_mib"]
