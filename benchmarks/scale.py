@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="channels / 10: a smoke test of the script")
+    parser.add_argument("--tiny", action="store_true", help="narrow and shallow: a smoke test of the script")
     parser.add_argument(
         "--bits-budget",
         type=float,

@@ -304,7 +304,7 @@ def test_load_reference_reads_the_model_class_from_config():
 
 
 def test_scale_benchmark_tiny_runs_and_resumes(tmp_path):
-    """`benchmarks/scale.py --tiny`: the product's quantize path on an SD 1.5-shaped (channels / 10) UNet,
+    """`benchmarks/scale.py --tiny`: the product's quantize path on a narrow SD 1.5-shaped UNet,
     stopped at its time limit and resumed; the results file has layer, pass and summary rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--tiny", "--work", str(tmp_path / "w")]
