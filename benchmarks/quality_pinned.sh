@@ -98,7 +98,8 @@ EOF
     done
     # LAQ tables (a few KB, minutes to measure) of the pinned commit only, each stamped with how it was
     # measured: the command of the LAQ row that measured it (the row's model and candidate set: `-u` the
-    # uniform grids, `-low` the sub-2-bit presets), and the host (save runs where the pinned runs do)
+    # uniform grids, `-low` the sub-2-bit presets), and the host (save runs where the pinned runs do). A
+    # table whose row is still running has no command yet: left out until a later save
     "$PY" - "$PARTIAL" "$commit" "$progress" "$REPO"/runs/quality/*.sensitivity.json << 'EOF'
 import json, sys
 from pathlib import Path
@@ -120,8 +121,10 @@ for path in map(Path, sys.argv[4:]):
         and r["method"].startswith("avq-laq-u") == kind.startswith("-u")
         and r["preset"].startswith("w1") == ("-low" in kind)
     ]
-    if measured:
-        table.update(command=measured[0]["command"], dirty=measured[0]["dirty"])
+    if not measured:
+        print(f"{path.name}: the row that measures it is not done yet: left out")
+        continue
+    table.update(command=measured[0]["command"], dirty=measured[0]["dirty"])
     write_json_atomic(progress / path.name, {**table, "device": table.get("device", device_name())}, indent=1)
 EOF
     du -sh "$progress"

@@ -283,6 +283,8 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
         (repo / "runs" / "samples" / tag / "batch00000" / "samples.npz").write_bytes(b"npz")
     table = {"commit": "abcdef0123456789", "sensitivity": {"conv1": {}}}  # measured by the `laq` row
     (repo / "runs" / "quality" / "digits-dit-laq-seed0.sensitivity.json").write_text(json.dumps(table))
+    running = {**table, "sensitivity": {"x": {}}}  # its `laq-low` row is not done: no command to stamp yet
+    (repo / "runs" / "quality" / "digits-dit-laq-low-seed0.sensitivity.json").write_text(json.dumps(running))
     stale = {"commit": "2222222", "sensitivity": {}}  # of an earlier pin: not this commit's progress
     (repo / "runs" / "quality" / "digits-unet-laq-u-seed0.sensitivity.json").write_text(json.dumps(stale))
     old = repo / "benchmarks" / "results" / "progress" / "1111111"
@@ -299,6 +301,7 @@ def test_pinned_progress_is_saved_per_commit_with_the_fp_sample_sets(tmp_path):
     assert {k: saved[k] for k in ("commit", "sensitivity", "command", "dirty")} == {
         **table, "command": laq["command"], "dirty": False}  # fmt: skip
     assert saved["device"] and not (progress / "digits-unet-laq-u-seed0.sensitivity.json").exists()
+    assert not (progress / "digits-dit-laq-low-seed0.sensitivity.json").exists()
     run = dict(check=True, capture_output=True, text=True, env=env)
     status = subprocess.run(["bash", str(script), "status"], **run)
     assert "digits-unet" in status.stdout and "1 rows" in status.stdout
