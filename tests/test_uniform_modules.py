@@ -163,6 +163,6 @@ def test_bad_uniform_entries_and_tensors_are_named(tmp_path):
     tensors["time_embedding.linear_1.packed"] = tensors["time_embedding.linear_1.packed"][:, :-1].clone()
     with pytest.raises(FormatError, match=r"'time_embedding.linear_1': packed levels must be uint8"):
         layers = config["quantization_config"]["layers"]
-        avq.storage.serialization.quantized_layer(
+        avq.storage.layers.quantized_layer(
             tiny_unet(), "time_embedding.linear_1", layers["time_embedding.linear_1"], tensors
         )

@@ -19,7 +19,7 @@ tests/test_diffusers_backend.py):
    so is the `config.json` beside it (the model config checksum), and its header (names, dtypes, shapes)
    is read.
 4. `preprocess_model` -> `_process_model_before_weight_loading`: every layer of `layers` becomes an empty
-   AQ module of its spec, shapes and dtypes on the meta device (`avq.storage.serialization.quantized_layer`),
+   AQ module of its spec, shapes and dtypes on the meta device (`avq.storage.layers.quantized_layer`),
    input quantizers of `activations` are attached, and the model's state dict is checked against the file's
    header as strictly as `load_quantized` does (no tensor missing or unexpected, shapes, integer dtypes,
    fp16 codebooks and scales).
@@ -66,7 +66,7 @@ from avq.storage.format import (
     verify_checksum,
     verify_config_checksum,
 )
-from avq.storage.serialization import input_quantizer_targets, quantized_layer
+from avq.storage.layers import input_quantizer_targets, quantized_layer
 
 log = logging.getLogger("avq")
 
