@@ -57,7 +57,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
 def feature_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] of features [N, D] (N >= 2)."""
     mean, centred = _centred(feats)
-    return mean, centred.T @ centred / (centred.shape[0] - 1)
+    return mean, _covariance(centred)
 
 
 def fid(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
@@ -73,7 +73,7 @@ def fid(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
         raise ValueError(f"feature sets of {centred_a.shape[1]} and {centred_b.shape[1]} features")
     (n_a, dim), n_b = centred_a.shape, centred_b.shape[0]
     if min(n_a, n_b) >= dim:
-        return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+        return frechet_distance(mean_a, _covariance(centred_a), mean_b, _covariance(centred_b))
     cross = centred_a @ centred_b.T / math.sqrt((n_a - 1) * (n_b - 1))  # [N_a, N_b]
     trace_covmean = linalg.svdvals(cross).sum()
     diff = mean_a - mean_b
@@ -88,6 +88,11 @@ def _centred(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"features must be [N >= 2, D], got shape {list(feats.shape)}")
     mean = feats.mean(axis=0)
     return mean, feats - mean
+
+
+def _covariance(centred: np.ndarray) -> np.ndarray:
+    """Unbiased covariance [D, D] of centred features [N, D]."""
+    return centred.T @ centred / (centred.shape[0] - 1)
 
 
 # ---------------------------------------------------------------------------------------------- IS
