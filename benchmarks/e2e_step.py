@@ -33,7 +33,7 @@ Rows:
   under `torch.no_grad()`, with class labels; peak memory; `first_call_ms`, the first forward of the batch
   size, with the CPU kernel choices `auto` measures on it (in a choice cache of the run, not the user's, so
   every run starts as on a new host), and for `auto` `kernels`, how many AQ layers ran each kernel at that
-  batch (`-mt`: on numba's threads). Each (model, variant) runs in a fresh subprocess
+  batch (`-mt`: threaded). Each (model, variant) runs in a fresh subprocess
   (`--in-process` to disable) so allocator state and peaks of one never leak into another. Peak memory: on
   CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (absolute, weights included, and
   the delta over what was allocated before the step); on CPU the process's peak resident set `VmHWM` from

@@ -2,8 +2,8 @@
 
 Fixed thresholds do not hold across hosts: on an AMD EPYC the CPU LUT GEMV at one row beat dense fp32
 2.5x, on an Intel Xeon of the same 2-core kind it ran at 0.6-0.7x. So the first call of each
-(op, device, dtype, shape, spec, row bucket, threads) runs every candidate (one warm-up call each: numba
-compiles, per-module caches fill; then `REPEATS` timed calls) and the fastest one serves every later call
+(op, device, dtype, shape, spec, row bucket, threads) runs every candidate (one warm-up call each: kernels
+compile, per-module caches fill; then `REPEATS` timed calls) and the fastest one serves every later call
 with that key. Winners are kept in memory and on disk, one JSON file per host (CPU model, cores, torch and
 numba versions) under the user's cache folder, so a second process starts warm:
 
@@ -84,7 +84,7 @@ def hyperthreaded_cores() -> int:
 def _kernels_digest() -> str:
     """A hash of this package's kernel sources: choices measured with other kernels are not reused."""
     digest = hashlib.sha256()
-    for name in ("lut.py", "dispatch.py", "conv.py"):
+    for name in ("lut.py", "dispatch.py", "conv.py", "compiled.py", "native.c"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -93,24 +93,29 @@ _KERNELS = _kernels_digest()
 
 
 def host() -> str:
-    """What the choices are valid for: CPU model, usable cores, torch and numba versions, the kernels."""
+    """What the choices are valid for: CPU model, usable cores, torch and numba versions, the kernels,
+    whether the native kernels may build (without building them: GPU choices never need them)."""
     try:  # the installed version, without importing numba (kernels/compiled.py imports it on first use)
         numba_version = importlib.metadata.version("numba")
     except importlib.metadata.PackageNotFoundError:
         numba_version = "none"
     return (
         f"{cpu_model()}|{usable_cores()} cores|torch {torch.__version__}|numba {numba_version}"
-        f"|kernels {_KERNELS}"
+        f"|kernels {_KERNELS}|native {os.environ.get('AVQ_NATIVE', '1')}"
     )
 
 
-def cache_file() -> Path:
+def cache_root() -> Path:
+    """The user's avq cache folder: `$AVQ_CACHE_DIR`, else `$XDG_CACHE_HOME/avq`, else `~/.cache/avq`."""
     root = os.environ.get("AVQ_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(xdg) / "avq")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avq"
+
+
+def cache_file() -> Path:
     digest = hashlib.sha256(host().encode()).hexdigest()[:16]
-    return Path(root) / f"kernels-{digest}.json"
+    return cache_root() / f"kernels-{digest}.json"
 
 
 def _load() -> dict[str, dict]:

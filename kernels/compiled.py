@@ -1,4 +1,11 @@
-"""Compiled CPU kernels (numba): the LUT gather-sum over the codes and the vectorised decode.
+"""Compiled CPU kernels: the LUT gather-sum over the codes and the vectorised decode.
+
+Two backends compute the same: the native C kernels (`kernels/native.py`, built once per host with its C
+compiler), else numba, else nothing (`kernels/lut.py` computes through torch). Native comes first because
+numba's LLVM costs ~120 MiB resident in a process that runs a kernel (import and first call), more than
+W2 saves on a small model's weights; with it numba is never imported. The numba kernels are described
+below; `kernels/native.c` runs the same loops (the decode bit-identical, the gather-sum on four partial
+sums) and splits rows over POSIX threads where numba uses its own pool.
 
 Gather-sum (`lut_matmul_codes`, used by the dispatcher whenever numba is importable and the
 compute dtype is fp32): the same blocked loop written for numba, reading the *uint8/uint16 codes* in the
@@ -28,6 +35,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+
+from . import native
 
 NUMBA_GROUP_BLOCK = 8  # J of the compiled gather-sum (measured: 8 and 16 within noise, 1 is 40 % slower)
 # Sizes below which the compiled kernels run on one thread. Inside a model forward torch's OpenMP threads
@@ -89,6 +98,17 @@ def numba_available() -> bool:
     return _numba() is not None
 
 
+def backend() -> str | None:
+    """The compiled kernels' backend here: "native", else "numba", else None (torch computes)."""
+    if native.available():
+        return "native"
+    return "numba" if numba_available() else None
+
+
+def available() -> bool:
+    return backend() is not None
+
+
 def blocked_codes(codes: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """`[N, G, M]` codes -> `[G/J, N, J*M]`, same dtype (the compiled gather-sum's layout)."""
     N, G, M = codes.shape
@@ -137,8 +157,10 @@ def lut_matmul_codes(
     """`x [R, K] -> [R, N]` (CPU) through the LUT and the compiled gather-sum over `codes [G/J, N, J*M]`
     from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs numba. `parallel`: on numba's threads
     or not (`use_threads`; default: from `LUT_PARALLEL_MIN` lookups up)."""
-    if _numba() is None:
-        raise RuntimeError("lut_matmul_codes needs numba (pip install numba); use lut_matmul instead")
+    if not available():
+        raise RuntimeError(
+            "lut_matmul_codes needs the native kernels (a C compiler) or numba; use lut_matmul instead"
+        )
     R, K = x.shape
     blocks, N, per_block = codes.shape
     M, C, g = codebooks.shape
@@ -148,9 +170,10 @@ def lut_matmul_codes(
     # Threads only where the gather outweighs starting numba's parallel region (~50 us) and the contention
     # of its workers with torch's OpenMP threads, which spin between the ops of a model's forward.
     parallel = use_threads(R * blocks * N * per_block, LUT_PARALLEL_MIN, parallel)
-    if parallel:
-        _numba_threads()
-    _gather_sum_kernel(M, C, per_block // M, parallel)(lut.numpy(), codes.numpy(), out.numpy())
+    if not native.gather_sum(lut, codes, out, parallel):
+        if parallel:
+            _numba_threads()
+        _gather_sum_kernel(M, C, per_block // M, parallel)(lut.numpy(), codes.numpy(), out.numpy())
     y = out.mul_(scales.float())
     if bias is not None:
         y += bias.float()
@@ -239,18 +262,20 @@ def decoder(
 ) -> Callable | None:
     """The compiled decode of these codes `[N, G, M]` (`books [M, C, g]` and `scales [N]` fp32, as the
     dispatcher caches them), prepared once: a function of the contiguous CPU fp32 `out [N, G*g]` that
-    writes the decoded weight into it. None where it does not apply (no numba, another device or dtype).
+    writes the decoded weight into it. None where it does not apply (no compiled backend, another device
+    or dtype).
 
     Preparing once matters in small layers: the checks and tensor-to-array conversions cost ~5 us a call,
     five times the compiled decode of a 16 -> 16 3x3 conv (measured on an EPYC core). `parallel`: rows
     split over numba's threads or not (`use_threads`; default: from `DECODE_PARALLEL_MIN` weights up)."""
-    if codes.device.type != "cpu" or _numba() is None:
-        return None
-    if books.dtype != torch.float32 or scales.dtype != torch.float32:
+    if codes.device.type != "cpu" or books.dtype != torch.float32 or scales.dtype != torch.float32:
         return None
     N, G, M = codes.shape
     _, C, g = books.shape
     parallel = use_threads(N * G * g, DECODE_PARALLEL_MIN, parallel)
+    compiled_natively = native.decoder(codes, books, scales, parallel)
+    if compiled_natively is not None or _numba() is None:
+        return compiled_natively
     kernel = _COMPILED.get(("decode", M, C, g, parallel)) or _decode_kernel(M, C, g, parallel)
     args = (codes.reshape(N, G * M).numpy(), books.reshape(-1).numpy(), scales.numpy())
     _compile_for(kernel, *args, _OUT_TYPE)  # out: 2-D fp32, C-contiguous
@@ -271,7 +296,7 @@ def decode_into(
     parallel: bool | None = None,
 ) -> bool:
     """Decode codes `[N, G, M]` into the contiguous CPU fp32 `out [N, G*g]` with the compiled kernel
-    (`decoder`); False, with nothing written, where it does not apply (no numba, another device or dtype,
+    (`decoder`); False, with nothing written, where it does not apply (no backend, another device or dtype,
     `out` not contiguous fp32 on the CPU): `kernels/lut.py` decodes through torch then."""
     if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
         return False

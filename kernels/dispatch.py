@@ -4,8 +4,8 @@ Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped betw
     unset, ""  or "auto"  automatic choice (rule below)
     "triton"              fused Triton VQ-GEMM (`kernels/triton_vqgemm.py`); needs CUDA, or
                           `TRITON_INTERPRET=1` set before triton is first imported (tests)
-    "lut"                 lookup-table GEMM (`kernels/lut.py`): on CPU the compiled (numba) gather-sum
-                          (`kernels/compiled.py`) when numba is installed and the compute is fp32, else
+    "lut"                 lookup-table GEMM (`kernels/lut.py`): on CPU the compiled gather-sum (native C
+                          or numba, `kernels/compiled.py`) when one builds and the compute is fp32, else
                           plain torch
     "dequant"             decode the dense weight, then `F.linear` / `F.conv2d` (whole)
 Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
@@ -26,7 +26,7 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    "dequant-blocked" (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
    1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); smaller convs:
    "dequant". With more than one torch thread, fp32 input and a weight of at least
-   `THREADED_MIN_WEIGHTS`, the fastest candidate is then timed against itself on numba's threads
+   `THREADED_MIN_WEIGHTS`, the fastest candidate is then timed against itself on the compiled kernels' threads
    (`<kernel>-mt`: its compiled kernels parallel): whether a second core pays differs by host (2 Intel
    Xeon cores decode 2-3x faster than one, 2 EPYC cores no faster inside a model), so it is measured, not
    a fixed size threshold.
@@ -38,9 +38,9 @@ The thresholds are measured by `benchmarks/kernels.py` (CPU figures in its resul
 are first guesses until it runs on a GPU).
 
 Per-module derived data (an fp32 copy of the codebooks; the codes in the compiled LUT kernel's blocked
-layout, 1-2 bytes per code, or without numba the int32 LUT index, 4 bytes per code, held only by modules
-that ran the LUT path) is memoised by `kernels/derived.py` until a source tensor is replaced or edited, e.g.
-when PV-Tuning updates codes; edits that bypass the version counter need `invalidate(module)`.
+layout, 1-2 bytes per code, or without compiled kernels the int32 LUT index, 4 bytes per code, held only by
+modules that ran the LUT path) is memoised by `kernels/derived.py` until a source tensor is replaced or
+edited, e.g. when PV-Tuning updates codes; edits that bypass the version counter need `invalidate(module)`.
 
 Opt-in dense cache (`AVQ_DENSE_CACHE_MIB`, `kernels/dense_cache.py`): decoded weights kept within a budget,
 checked before the automatic choice; `AVQ_KERNEL` bypasses it.
@@ -76,8 +76,8 @@ TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measu
 LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
 MEASURE_MAX_ROWS = 64  # CPU: the LUT is a candidate up to here; above, the decode amortises
-THREADED = "-mt"  # suffix of a measured candidate's variant on numba's threads
-THREADED_MIN_WEIGHTS = 1 << 20  # below, starting numba's parallel region (~50 us) outweighs a second core
+THREADED = "-mt"  # suffix of a measured candidate's variant on the compiled kernels' threads
+THREADED_MIN_WEIGHTS = 1 << 20  # below, starting the threads (~50 us) outweighs a second core
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -157,11 +157,11 @@ def linear_candidates(module, rows: int) -> tuple[str, ...]:
 
 def threadable(module, x: torch.Tensor) -> bool:
     """Whether a second thread might pay for this call's compiled kernels, so that the measured winner is
-    also timed on numba's threads (`-mt`): fp32 input (the compiled kernels' dtype), more than one torch
-    thread, at least `THREADED_MIN_WEIGHTS`."""
+    also timed on the compiled kernels' threads (`-mt`): fp32 input (the compiled kernels' dtype), more than
+    one torch thread, at least `THREADED_MIN_WEIGHTS`."""
     if x.dtype != torch.float32 or torch.get_num_threads() <= 1:
         return False
-    return math.prod(module.shape) >= THREADED_MIN_WEIGHTS and compiled.numba_available()
+    return math.prod(module.shape) >= THREADED_MIN_WEIGHTS and compiled.available()
 
 
 def split_threaded(kernel: str) -> tuple[str, bool | None]:
@@ -206,8 +206,8 @@ def _measured(
     the host's recorded choice for `key_of()`, else the first call of its kind on this host prepares
     `runner_of(name)` for each of `candidates`, times their calls (not their preparation, which a route
     pays once) and keeps the fastest; where `threadable`, the winner is then timed against its own variant
-    on numba's threads (one more candidate, not one per kernel: the first forward of a large model times
-    every layer). `(None, None, None)`: not measured (no key)."""
+    on the compiled kernels' threads (one more candidate, not one per kernel: the first forward of a large
+    model times every layer). `(None, None, None)`: not measured (no key)."""
     memo = _CHOSEN.setdefault(module, {})
     short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
     kernel = memo.get(short)
@@ -319,7 +319,7 @@ def _fused_runner(
             )
         codes, books = module.codes, _books_f32(module)
         return lambda x2d: triton_vqgemm.vq_matmul(x2d, codes, books, scales, bias)
-    if x.dtype != torch.float64 and x.device.type == "cpu" and compiled.numba_available():
+    if x.dtype != torch.float64 and x.device.type == "cpu" and compiled.available():
         blocked, books = _blocked_codes(module), _books_f32(module)
         return lambda x2d: compiled.lut_matmul_codes(x2d, blocked, books, scales, bias, parallel)
     index = _lut_index(module)
@@ -328,7 +328,7 @@ def _fused_runner(
 
 
 def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`AQLinear`'s forward through `kernel` (a `-mt` name: its compiled kernels on numba's threads), its
+    """`AQLinear`'s forward through `kernel` (a `-mt` name: its compiled kernels threaded), its
     inputs prepared for calls like `x`."""
     K, N = module.shape[1], module.shape[0]
     kernel, parallel = split_threaded(kernel)
@@ -388,7 +388,7 @@ def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor
     """`AQConv2d`'s forward through `kernel`, its inputs prepared for calls like `x`: the decoded weight
     whole ("dequant"), a block of output channels at a time ("dequant-blocked", CPU 4-d input;
     `lut.dequant_conv2d`), or an implicit GEMM through a fused kernel ("lut", "triton"); a `-mt` name: the
-    compiled decode on numba's threads."""
+    compiled decode threaded."""
     geometry = (module.stride, module.padding, module.dilation)
     shape = module.shape
     kernel, parallel = split_threaded(kernel)

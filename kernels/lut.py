@@ -19,16 +19,15 @@ isolation, but its OpenMP worker threads then contended with torch's own (2-10x 
 the next dense matmul in the same process), so it is not robust; an fp16 LUT saved < 10% and costs
 accuracy on fp32 inputs.
 
-Compiled kernels (`kernels/compiled.py`, numba): the same gather-sum reading the uint8/uint16 codes
-(`lut_matmul_codes`, what the dispatcher runs whenever numba is importable and the compute dtype is
+Compiled kernels (`kernels/compiled.py`: native C, else numba): the same gather-sum reading the uint8/uint16
+codes (`lut_matmul_codes`, what the dispatcher runs whenever a compiled backend loads and the compute dtype is
 fp32), and the decode that `dequantize`, `dequant_matmul` and `dequant_conv2d` use where it applies.
 
-Dequantize (`dequantize`, `dequant_matmul`): the compiled decode where it applies; the fallback (no numba,
-other dtypes or devices): the same trick as the LUT with index `m*C + codes[n, j, m]` into the codebooks
-viewed as `[M*C, g]`, one fused gather-sum per block of rows. It runs in blocks of output rows: a block is
-cache-resident when the GEMM reads it, and no allocation exceeds glibc's mmap threshold (a fresh 64 MiB
-buffer is page-faulted in on every call, which alone costs ~10 ms).
-"""
+Dequantize (`dequantize`, `dequant_matmul`): the compiled decode where it applies; the fallback (no compiled
+backend, other dtypes or devices): the same trick as the LUT with index `m*C + codes[n, j, m]` into the
+codebooks viewed as `[M*C, g]`, one fused gather-sum per block of rows. It runs in blocks of output rows: a
+block is cache-resident when the GEMM reads it, and no allocation exceeds glibc's mmap threshold (a fresh 64
+MiB buffer is page-faulted in on every call, which alone costs ~10 ms)."""
 
 from __future__ import annotations
 
@@ -153,7 +152,7 @@ def dequant_conv2d(
     The whole weight is never written to memory: at low resolution, where a large weight meets few output
     pixels, decoding 59 MB and convolving it costs more than the decode (measured on 2 EPYC cores, 1280 ->
     1280 3x3 at 8x8: FP 22.7 ms, whole decode + conv 28.8 ms, blocks 13.5 ms). Same decoded values as
-    `dequantize`; the convolutions run in `x.dtype`. `parallel`: the compiled decode on numba's threads
+    `dequantize`; the convolutions run in `x.dtype`. `parallel`: the compiled decode threaded
     or not (`compiled.use_threads`).
     """
     N, G, M = codes.shape
@@ -189,7 +188,7 @@ def dequant_matmul(
 
     The full weight is never materialised; each block is still cache-resident when the GEMM reads it.
     Same decoded values as `dequantize`; the GEMM runs in `x.dtype` (fp32 decode cast per block).
-    `parallel`: the compiled decode on numba's threads or not (`compiled.use_threads`).
+    `parallel`: the compiled decode threaded or not (`compiled.use_threads`).
     """
     N, G, M = codes.shape
     C, g = codebooks.shape[1:]

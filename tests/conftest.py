@@ -33,3 +33,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def use_compiled_backend(monkeypatch, name: str) -> None:
+    """Make `name` ("native" or "numba") the backend of the compiled CPU kernels (`avq.kernels.compiled`)
+    for this test, or skip it where that backend is missing here."""
+    from avq.kernels import compiled, native
+
+    if name == "native":
+        if not native.available():
+            pytest.skip("the native kernels do not build here (no C compiler)")
+    else:
+        if not compiled.numba_available():
+            pytest.skip("numba is not installed")
+        monkeypatch.setattr(native, "library", lambda: None)
+    assert compiled.backend() == name
+
+
+@pytest.fixture(params=["native", "numba"])
+def compiled_backend(request, monkeypatch) -> str:
+    """Each backend of the compiled CPU kernels in turn: the native C library (built once per test session
+    into this run's cache folder), and numba with native turned off."""
+    use_compiled_backend(monkeypatch, request.param)
+    return request.param

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQLinear, QuantSpec
-from avq.kernels import autotune, compiled, dense_cache, dispatch, lut, routes
+from avq.kernels import autotune, compiled, dense_cache, dispatch, lut, native, routes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,11 +194,16 @@ def test_hyperthread_siblings_are_counted_among_usable_cpus(tmp_path, monkeypatc
 
 
 @torch.no_grad()
-def test_the_winner_is_timed_on_numbas_threads_where_a_second_thread_might_pay(cache, monkeypatch):
+def test_the_winner_is_timed_threaded_where_a_second_thread_might_pay(cache, monkeypatch, compiled_backend):
     """With two torch threads, fp32 input and a large enough weight, the measured winner is timed again
-    against its variant on numba's threads (`-mt`), which computes the same outputs bit for bit, and the
-    faster is kept with both rounds' timings; one thread, a small weight or fp64: no threaded round."""
-    pytest.importorskip("numba")
+    against its variant on the compiled kernels' threads (`-mt`), which computes the same outputs bit for
+    bit, and the faster is kept with both rounds' timings; one thread, a small weight or fp64: no threaded
+    round."""
+    threads_asked = []  # the native kernels' thread counts
+    real_threads = native._threads
+    monkeypatch.setattr(
+        native, "_threads", lambda p: threads_asked.append(real_threads(p)) or threads_asked[-1]
+    )
     layer, x = _layer(), torch.randn(1, 64)
     assert not dispatch.threadable(layer, x)  # one thread
     threads = torch.get_num_threads()
@@ -225,7 +230,15 @@ def test_the_winner_is_timed_on_numbas_threads_where_a_second_thread_might_pay(c
             serial = dispatch._linear_runner(name, layer, x)(x)
             threaded = dispatch._linear_runner(name + "-mt", layer, x)(x)
             assert torch.equal(serial, threaded), name
-        assert ("decode", 2, 256, 8, True) in compiled._COMPILED and (2, 256, 8, True) in compiled._COMPILED
+        if compiled_backend == "numba":
+            assert ("decode", 2, 256, 8, True) in compiled._COMPILED and (
+                2,
+                256,
+                8,
+                True,
+            ) in compiled._COMPILED
+        else:
+            assert 2 in threads_asked and 1 in threads_asked
         # a later process reads the threaded choice back without measuring
         monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
         autotune.forget()

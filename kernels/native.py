@@ -1,0 +1,196 @@
+"""The native CPU kernels (`kernels/native.c`), built on first use with the host's C compiler.
+
+Why not only numba: numba's LLVM costs ~55 MiB resident on import and ~63 MiB more on the first call of a
+compiled kernel in a process, even one read from numba's disk cache; on a small model that is more than its
+quantization saves (`digits-unet`: 52 MB of fp32 weights). It also compiles every kernel again in every
+process (~2 s each). The C source here compiles in well under a second, once per host: the library is kept
+in the user's cache folder (`$AVQ_CACHE_DIR`, else `$XDG_CACHE_HOME/avq`, else `~/.cache/avq`) under a
+name hashed from the source, the compiler and its flags, written atomically, and loaded with ctypes
+(which releases the GIL during the call).
+
+`library()` is None, after one logged warning, where no C compiler is found or the build fails; the
+dispatcher then uses numba (`kernels/compiled.py`), and without numba torch. `AVQ_NATIVE=0` turns the
+native kernels off; `CC` names the compiler (default: `cc`, else `gcc`, else `clang`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from avq.storage.atomic import write_file_atomic
+
+from .autotune import cache_root, cpu_model
+
+log = logging.getLogger("avq")
+
+SOURCE = Path(__file__).with_name("native.c")
+ABI = 1  # avq_native_abi() of the source above
+# No -ffast-math and no contraction into FMAs: the decode must round exactly as avq.core.qweight.decode.
+# No loop vectoriser (the SLP vectoriser still turns a group into vector operations): gcc 12 vectorised the
+# loops over groups and outputs with emulated gathers, measured 12-15 % slower on the gather-sum at
+# [4096, 4096] 2x8g8 than the same loops on scalar loads (numba's code) and up to 3x on the decode.
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-tree-loop-vectorize",
+    "-ffp-contract=off",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-std=c99",
+)
+
+_LOCK = threading.Lock()
+_LIBRARY: ctypes.CDLL | None = None
+_TRIED = False
+
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "avq_decode_u8": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _INT, _INT),
+    "avq_decode_u16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _INT, _INT),
+    "avq_gather_sum_u8": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT),
+    "avq_gather_sum_u16": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT),
+}
+_SUFFIX = {torch.uint8: "u8", torch.uint16: "u16"}
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: `$CC`, else the first of cc, gcc, clang on the PATH (None: none)."""
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named.split()[0]) and named
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _version(cc: str) -> str:
+    try:
+        return subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(cc: str) -> Path:
+    """Where the build for this source, compiler and host lives (`-march=native`: the CPU model counts)."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), _version(cc).encode(), " ".join(FLAGS).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    digest.update(cpu_model().encode())
+    return cache_root() / "native" / f"avq_native-{digest.hexdigest()[:16]}.so"
+
+
+def build(cc: str, path: Path) -> Path:
+    """Compile `native.c` into `path` (atomically: a concurrent process never loads half a library)."""
+
+    def compile_into(tmp: Path) -> None:
+        done = subprocess.run(
+            [*cc.split(), *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
+
+    return write_file_atomic(path, compile_into)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.avq_native_abi() != ABI:
+        raise RuntimeError(f"{path} has ABI {lib.avq_native_abi()}, expected {ABI}")
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, built on the first call of a process if this host has none yet; None
+    where it is turned off (`AVQ_NATIVE=0`) or cannot be built (warned once)."""
+    global _LIBRARY, _TRIED
+    if _TRIED:
+        return _LIBRARY
+    with _LOCK:
+        if _TRIED:
+            return _LIBRARY
+        _TRIED = True
+        if os.environ.get("AVQ_NATIVE", "1") == "0":
+            return None
+        cc = compiler()
+        if cc is None:
+            log.warning("avq: no C compiler found ($CC, cc, gcc, clang): the native CPU kernels are off")
+            return None
+        try:
+            path = library_path(cc)
+            try:
+                _LIBRARY = _load(path)
+            except (OSError, RuntimeError):  # not built yet on this host (or a file that does not load)
+                log.info("avq: building the native CPU kernels with %s into %s", cc, path)
+                _LIBRARY = _load(build(cc, path))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            log.warning("avq: the native CPU kernels are off: %s", error)
+            _LIBRARY = None
+        return _LIBRARY
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def forget() -> None:
+    """Load (or build) again on the next call (tests)."""
+    global _LIBRARY, _TRIED
+    with _LOCK:
+        _LIBRARY, _TRIED = None, False
+
+
+def _threads(parallel: bool) -> int:
+    return max(1, torch.get_num_threads()) if parallel else 1
+
+
+def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, parallel: bool = False):
+    """The native decode of codes `[N, G, M]` (uint8/uint16; `books [M, C, g]`, `scales [N]` contiguous
+    CPU fp32), prepared once: a function of the contiguous CPU fp32 `out [N, G*g]` that writes the decoded
+    weight into it, bit-identical to `avq.core.qweight.decode`. None where it does not apply."""
+    lib = library()
+    suffix = _SUFFIX.get(codes.dtype)
+    if lib is None or suffix is None or codes.device.type != "cpu" or books.shape[0] > 16:
+        return None
+    if books.dtype != torch.float32 or scales.dtype != torch.float32:
+        return None
+    codes = codes.contiguous()
+    books, scales = books.contiguous(), scales.contiguous()
+    N, G, M = codes.shape
+    _, C, g = books.shape
+    kernel = getattr(lib, f"avq_decode_{suffix}")
+    threads = _threads(parallel)
+    # the tensors are held by the closure, so the pointers stay valid while it lives
+    pointers = (codes.data_ptr(), books.data_ptr(), scales.data_ptr())
+
+    def decode(out: torch.Tensor) -> None:
+        kernel(*pointers, out.data_ptr(), N, G, M, C, g, threads)
+
+    decode.inputs = (codes, books, scales)  # type: ignore[attr-defined]
+    return decode
+
+
+def gather_sum(lut: torch.Tensor, codes: torch.Tensor, out: torch.Tensor, parallel: bool = False) -> bool:
+    """`out [R, N] += ` the LUT gather-sum over `codes [G/J, N, J*M]` (`compiled.blocked_codes`); `lut
+    [R, G*M*C]` fp32. False, with nothing written, where the native kernels do not apply."""
+    lib = library()
+    suffix = _SUFFIX.get(codes.dtype)
+    if lib is None or suffix is None:
+        return False
+    blocks, N, per_block = codes.shape
+    R = lut.shape[0]
+    C = lut.shape[1] // (blocks * per_block)
+    kernel = getattr(lib, f"avq_gather_sum_{suffix}")
+    kernel(lut.data_ptr(), codes.data_ptr(), out.data_ptr(), R, blocks, N, per_block, C, _threads(parallel))
+    return True

@@ -1,0 +1,90 @@
+"""The native CPU kernels' build (`avq.kernels.native`): once per host, atomic, and a clean fallback.
+
+What they compute is tested with the other backend in tests/test_kernels.py (`compiled_backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from avq.core.qweight import decode
+from avq.kernels import compiled, native
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty cache folder and no library loaded yet; the session's library is loaded again after."""
+    monkeypatch.setenv("AVQ_CACHE_DIR", str(tmp_path))
+    native.forget()
+    yield tmp_path
+    native.forget()
+
+
+def test_the_library_is_built_once_into_the_cache_folder(fresh, monkeypatch) -> None:
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    lib = native.library()
+    assert lib is not None and native.library() is lib
+    built = list((fresh / "native").iterdir())
+    assert [p.suffix for p in built] == [".so"]  # the library only: no temporary file left behind
+    # a second process (here: after forget) loads the file and never compiles
+    native.forget()
+    monkeypatch.setattr(native, "build", lambda *a: pytest.fail("built again"))
+    assert native.library() is not None
+    # another source (or compiler, flags, CPU) is another file
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DAVQ_TEST"))
+    assert native.library_path(native.compiler()) != built[0]
+
+
+@pytest.mark.parametrize("cc", ["avq-no-such-compiler", "false"])
+def test_without_a_working_compiler_the_kernels_fall_back_with_a_warning(
+    fresh, monkeypatch, caplog, cc
+) -> None:
+    monkeypatch.setenv("CC", cc)
+    with caplog.at_level(logging.WARNING, logger="avq"):
+        assert native.library() is None
+    assert "native CPU kernels are off" in caplog.text
+    assert not (fresh / "native").exists() or not list((fresh / "native").iterdir())  # nothing half-written
+    assert compiled.backend() == ("numba" if compiled.numba_available() else None)
+    codes = torch.randint(0, 256, (8, 4, 2), dtype=torch.uint8)
+    books, scales = torch.randn(2, 256, 8), torch.rand(8)
+    out = torch.empty(8, 32)
+    assert native.decoder(codes, books, scales) is None
+    assert compiled.decode_into(codes, books, scales, out) == compiled.numba_available()
+
+
+def test_avq_native_0_turns_them_off_quietly(fresh, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("AVQ_NATIVE", "0")
+    with caplog.at_level(logging.WARNING, logger="avq"):
+        assert native.library() is None
+    assert caplog.text == ""
+
+
+def test_the_native_decode_takes_what_it_can_and_declines_the_rest() -> None:
+    if not native.available():
+        pytest.skip("the native kernels do not build here")
+    gen = torch.Generator().manual_seed(0)
+    # a group size and codebook count outside the unrolled cases (the generic loop), uint16 codes
+    codes = torch.randint(0, 1 << 12, (5, 3, 3), generator=gen).to(torch.uint16)
+    books, scales = torch.randn(3, 1 << 12, 5, generator=gen), torch.rand(5, generator=gen)
+    out = torch.empty(5, 15)
+    native.decoder(codes, books, scales)(out)
+    assert torch.equal(out, decode(codes, books, scales))
+    assert native.decoder(codes.to(torch.int32), books, scales) is None  # not a stored code dtype
+    assert native.decoder(codes, books.double(), scales) is None
+    many = torch.zeros(2, 1, 17, dtype=torch.uint8)  # 17 codebooks: more than the kernel unrolls
+    assert native.decoder(many, torch.randn(17, 256, 4), torch.rand(2)) is None
+
+
+def test_a_library_file_that_does_not_load_is_built_again(fresh) -> None:
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    path = native.library_path(cc)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")  # e.g. a disk that filled up under another tool
+    assert native.library() is not None
+    assert path.read_bytes()[:4] == b"\x7fELF"
