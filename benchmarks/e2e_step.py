@@ -69,7 +69,7 @@ from avq.calibration.statistics import quantizable_layers
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
-from avq.kernels import autotune, dispatch, routes
+from avq.kernels import autotune, compiled, dispatch, routes
 from avq.planning.plan import LayerPlan, plan_model
 from avq.planning.presets import preset_config
 from avq_bench.results import write_results
@@ -358,6 +358,8 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
             row["values"] = "random codes/codebooks/scales (latency does not depend on the values)"
         if device.type == "cpu":
             row["threads"] = torch.get_num_threads()
+            if variant != "fp":
+                row["cpu_kernels"] = compiled.backend()  # native C, numba or None (torch)
         with torch.no_grad(), dispatch.forced_kernel(kernel), peak_memory(device) as mem:
             timing = time_step(
                 lambda kw=kwargs: model(**kw), device, args.warmup, args.repeats, args.target_s

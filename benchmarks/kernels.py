@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import autotune, dispatch
+from avq.kernels import autotune, compiled, dispatch
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -384,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = linear_rows(args, device, budget)
         if not args.no_conv:
             rows += conv_rows(args, device, budget)
+    cpu_kernels = compiled.backend() if device.type == "cpu" else None  # native C, numba or None (torch)
     for row in rows:
         row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+        row["cpu_kernels"] = cpu_kernels
     name = f"kernels_{device.type}" + ("_quick" if args.quick else "")
     path = write_results(name, rows, device=device)
     print(f"wrote {path}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from avq import AQLinear, QuantSpec
+from avq.kernels import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,7 @@ def test_quick_writes_schema(tmp_path, monkeypatch):
     for r in steps:
         assert r["latency_ms"] > 0 and r["peak_mib"] > 0 and r["params"] == memory[0]["params"]
         assert "memory_method" in r
+        assert r.get("cpu_kernels") == (None if r["variant"] == "fp" else compiled.backend())
     auto = [r for r in steps if r["variant"] == "auto"]
     assert auto[-1]["rel_err_vs_dequant"] < 1e-4
     for r in auto:  # every AQ layer's kernel at that batch, counted (none left without a prepared forward)
