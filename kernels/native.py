@@ -183,11 +183,17 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, para
 
 def gather_sum(lut: torch.Tensor, codes: torch.Tensor, out: torch.Tensor, parallel: bool = False) -> bool:
     """`out [R, N] += ` the LUT gather-sum over `codes [G/J, N, J*M]` (`compiled.blocked_codes`); `lut
-    [R, G*M*C]` fp32. False, with nothing written, where the native kernels do not apply."""
+    [R, G*M*C]` fp32, on the CPU. False, with nothing written, where the native kernels do not apply
+    (`out` not a contiguous fp32 CPU tensor among them: the kernel writes through its pointer)."""
     lib = library()
     suffix = _SUFFIX.get(codes.dtype)
-    if lib is None or suffix is None:
+    if lib is None or suffix is None or lut.dtype != torch.float32:
         return False
+    if any(t.device.type != "cpu" for t in (lut, codes, out)) or out.dtype != torch.float32:
+        return False
+    if not out.is_contiguous():
+        return False
+    lut, codes = lut.contiguous(), codes.contiguous()
     blocks, N, per_block = codes.shape
     R = lut.shape[0]
     C = lut.shape[1] // (blocks * per_block)

@@ -88,3 +88,25 @@ def test_a_library_file_that_does_not_load_is_built_again(fresh) -> None:
     path.write_bytes(b"not a shared library")  # e.g. a disk that filled up under another tool
     assert native.library() is not None
     assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_native_gather_sum_reads_any_layout_and_declines_an_output_it_cannot_write() -> None:
+    if not native.available():
+        pytest.skip("the native kernels do not build here")
+    gen = torch.Generator().manual_seed(1)
+    R, blocks, N, per_block, C = 2, 3, 5, 4, 16
+    lut = torch.randn(R, blocks * per_block * C, generator=gen)
+    codes = torch.randint(0, C, (blocks, N, per_block), generator=gen).to(torch.uint8)
+    k = torch.arange(per_block)
+    # out[r, n] = sum over blocks b and lookups k of lut[r, (b*per_block + k)*C + codes[b, n, k]]
+    index = (torch.arange(blocks)[:, None, None] * per_block + k) * C + codes.long()  # [blocks, N, per_block]
+    expected = lut[:, index].sum(dim=(1, 3))  # [R, N]
+    out = torch.zeros(R, N)
+    column_major = lut.t().contiguous().t()
+    codes_strided = codes.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not column_major.is_contiguous() and not codes_strided.is_contiguous()
+    assert native.gather_sum(column_major, codes_strided, out)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    strided = torch.zeros(N, R).t()  # [R, N], not contiguous
+    assert not native.gather_sum(lut, codes, strided) and not strided.any()
+    assert not native.gather_sum(lut.double(), codes, out)
