@@ -155,8 +155,8 @@ def lut_matmul_codes(
     parallel: bool | None = None,
 ) -> torch.Tensor:
     """`x [R, K] -> [R, N]` (CPU) through the LUT and the compiled gather-sum over `codes [G/J, N, J*M]`
-    from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs numba. `parallel`: on numba's threads
-    or not (`use_threads`; default: from `LUT_PARALLEL_MIN` lookups up)."""
+    from `blocked_codes`; fp32 compute, returns `x.dtype`. Needs a compiled backend (`available()`).
+    `parallel`: threaded or not (`use_threads`; default: from `LUT_PARALLEL_MIN` lookups up)."""
     if not available():
         raise RuntimeError(
             "lut_matmul_codes needs the native kernels (a C compiler) or numba; use lut_matmul instead"
