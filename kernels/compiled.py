@@ -7,8 +7,8 @@ W2 saves on a small model's weights; with it numba is never imported. The numba 
 below; `kernels/native.c` runs the same loops (the decode bit-identical, the gather-sum on four partial
 sums) and splits rows over POSIX threads where numba uses its own pool.
 
-Gather-sum (`lut_matmul_codes`, used by the dispatcher whenever numba is importable and the
-compute dtype is fp32): the same blocked loop written for numba, reading the *uint8/uint16 codes* in the
+Gather-sum (`lut_matmul_codes`, used by the dispatcher whenever a backend loads and the compute
+dtype is fp32): the blocked loop, written for numba here, reading the *uint8/uint16 codes* in the
 blocked layout `[G/J, N, J*M]` (`blocked_codes`, 1 byte per code for B <= 8, a quarter of the int32
 index's memory traffic), with M, C and J compile-time constants so the inner loop unrolls. Threads split
 the *outputs* (each writes its own slice: no races; aqlm's numba kernel splits the input groups and races
@@ -23,8 +23,8 @@ thread below `DECODE_PARALLEL_MIN` weights (in a model the parallel decode was n
 `avq.core.qweight.decode`. On the W2 `digits-unet` (74 layers, 13 M weights, one EPYC core) decoding every
 layer once takes 1.1 ms compiled and 11 ms through `kernels/lut.py`'s embedding_bag fallback.
 
-All of it is optional: without numba (or for other dtypes and devices) `kernels/lut.py` computes the same
-through torch.
+All of it is optional: without either backend (or for other dtypes and devices) `kernels/lut.py` computes
+the same through torch.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ compiled kernel in a process, even one read from numba's disk cache; on a small 
 quantization saves (`digits-unet`: 52 MB of fp32 weights). It also compiles every kernel again in every
 process (~2 s each). The C source here compiles in well under a second, once per host: the library is kept
 in the user's cache folder (`$AVQ_CACHE_DIR`, else `$XDG_CACHE_HOME/avq`, else `~/.cache/avq`) under a
-name hashed from the source, the compiler and its flags, written atomically, and loaded with ctypes
-(which releases the GIL during the call).
+name hashed from the source, the compiler command, its flags and the CPU model, written atomically, and
+loaded with ctypes (which releases the GIL during the call).
 
 `library()` is None, after one logged warning, where no C compiler is found or the build fails; the
 dispatcher then uses numba (`kernels/compiled.py`), and without numba torch. `AVQ_NATIVE=0` turns the
@@ -34,6 +34,7 @@ log = logging.getLogger("avq")
 
 SOURCE = Path(__file__).with_name("native.c")
 ABI = 1  # avq_native_abi() of the source above
+MAX_BOOKS = 16  # native.c's MAX_BOOKS: the most codebooks its decode takes
 # No -ffast-math and no contraction into FMAs: the decode must round exactly as avq.core.qweight.decode.
 # No loop vectoriser (the SLP vectoriser still turns a group into vector operations): gcc 12 vectorised the
 # loops over groups and outputs with emulated gathers, measured 12-15 % slower on the gather-sum at
@@ -71,17 +72,12 @@ def compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _version(cc: str) -> str:
-    try:
-        return subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def library_path(cc: str) -> Path:
-    """Where the build for this source, compiler and host lives (`-march=native`: the CPU model counts)."""
+    """Where the build for this source, compiler command and host lives (`-march=native`: the CPU model
+    counts). Not the compiler's version: a build by an older compiler still runs, and asking for the version
+    would start a subprocess in every process that loads the library."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), _version(cc).encode(), " ".join(FLAGS).encode()):
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode()):
         digest.update(part)
         digest.update(b"\0")
     digest.update(cpu_model().encode())
@@ -161,7 +157,7 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, para
     weight into it, bit-identical to `avq.core.qweight.decode`. None where it does not apply."""
     lib = library()
     suffix = _SUFFIX.get(codes.dtype)
-    if lib is None or suffix is None or codes.device.type != "cpu" or books.shape[0] > 16:
+    if lib is None or suffix is None or codes.device.type != "cpu" or books.shape[0] > MAX_BOOKS:
         return None
     if books.dtype != torch.float32 or scales.dtype != torch.float32:
         return None
@@ -171,12 +167,13 @@ def decoder(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, para
     _, C, g = books.shape
     kernel = getattr(lib, f"avq_decode_{suffix}")
     threads = _threads(parallel)
-    # the tensors are held by the closure, so the pointers stay valid while it lives
     pointers = (codes.data_ptr(), books.data_ptr(), scales.data_ptr())
 
     def decode(out: torch.Tensor) -> None:
         kernel(*pointers, out.data_ptr(), N, G, M, C, g, threads)
 
+    # the pointers are only valid while their tensors live (`contiguous()` may have made copies): the
+    # function holds them
     decode.inputs = (codes, books, scales)  # type: ignore[attr-defined]
     return decode
 

@@ -75,8 +75,10 @@ def test_the_native_decode_takes_what_it_can_and_declines_the_rest() -> None:
     assert torch.equal(out, decode(codes, books, scales))
     assert native.decoder(codes.to(torch.int32), books, scales) is None  # not a stored code dtype
     assert native.decoder(codes, books.double(), scales) is None
-    many = torch.zeros(2, 1, 17, dtype=torch.uint8)  # 17 codebooks: more than the kernel unrolls
-    assert native.decoder(many, torch.randn(17, 256, 4), torch.rand(2)) is None
+    assert f"#define MAX_BOOKS {native.MAX_BOOKS}\n" in native.SOURCE.read_text()  # the two limits agree
+    M = native.MAX_BOOKS + 1  # more codebooks than the kernel takes
+    many = torch.zeros(2, 1, M, dtype=torch.uint8)
+    assert native.decoder(many, torch.randn(M, 256, 4), torch.rand(2)) is None
 
 
 def test_a_library_file_that_does_not_load_is_built_again(fresh) -> None:
