@@ -257,19 +257,24 @@ def _blocked_codes(module) -> torch.Tensor:
 _WORKSPACE = threading.local()  # per thread: {(device, dtype): flat buffer}
 
 
-def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable flat buffer shared by all layers (sized to the largest weight decoded so far).
+def _workspace(N: int, K: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An `[N, K]` view of a reusable flat buffer shared by all layers (sized to the largest weight decoded
+    so far).
 
     Fresh multi-MiB CPU allocations are page-faulted in on every call, which costs as much as decoding;
-    one buffer per (thread, device, dtype) holds a single dense weight, not one per layer.
+    one buffer per (thread, device, dtype) holds a single dense weight, not one per layer. The views are
+    kept with their buffer (slicing and viewing cost ~3 us a call, as much as decoding a small layer).
     """
     pool = getattr(_WORKSPACE, "pool", None)
     if pool is None:
         pool = _WORKSPACE.pool = {}
-    buf = pool.get((device, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = pool[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
-    return buf[:numel]
+    held = pool.get((device, dtype))  # (flat buffer, {(N, K): its view})
+    if held is None or held[0].numel() < N * K:
+        held = pool[(device, dtype)] = (torch.empty(N * K, device=device, dtype=dtype), {})
+    view = held[1].get((N, K))
+    if view is None:
+        view = held[1][(N, K)] = held[0][: N * K].view(N, K)
+    return view
 
 
 def _decoder(module, dtype: torch.dtype, parallel: bool | None = None) -> Callable[[], torch.Tensor]:
@@ -281,10 +286,10 @@ def _decoder(module, dtype: torch.dtype, parallel: bool | None = None) -> Callab
     device = codes.device
     kernel = compiled.decoder(codes, books, scales, parallel) if dtype == torch.float32 else None
     if kernel is None:
-        return lambda: lut.dequantize(codes, books, scales, out=_workspace(N * K, device, dtype).view(N, K))
+        return lambda: lut.dequantize(codes, books, scales, out=_workspace(N, K, device, dtype))
 
     def decode() -> torch.Tensor:
-        out = _workspace(N * K, device, dtype).view(N, K)
+        out = _workspace(N, K, device, dtype)
         kernel(out)
         return out
 

@@ -49,13 +49,24 @@ _ROUTES: dict[int, Route] = {}
 _EPOCH = [0]  # routes prepared before the last `expire_all()` are not served
 
 
+# The environment variables a choice depends on, read on every call. From CPython's encoded dict behind
+# `os.environ` where it has one: `os.environ.get` of an unset name raises and catches a KeyError, ~1 us
+# each, half of the whole check.
+SETTINGS = ("AVQ_KERNEL", "AVQ_DENSE_CACHE_MIB")
+_RAW = getattr(os.environ, "_data", None)
+_KERNEL, _CACHE = map(os.environ.encodekey, SETTINGS) if isinstance(_RAW, dict) else (None, None)
+
+
+def _settings() -> tuple:
+    """The `SETTINGS` as written (raw values: they are only compared)."""
+    if _KERNEL is not None and getattr(os.environ, "_data", None) is _RAW:
+        return _RAW.get(_KERNEL), _RAW.get(_CACHE)
+    return tuple(map(os.environ.get, SETTINGS))
+
+
 def call_key(x: torch.Tensor) -> tuple:
     """What a route's choice depends on besides the module's tensors."""
-    env = os.environ
-    return (
-        x.shape, x.dtype, x.device, torch.get_num_threads(),
-        env.get("AVQ_KERNEL"), env.get("AVQ_DENSE_CACHE_MIB"),
-    )  # fmt: skip
+    return (x.shape, x.dtype, x.device, torch.get_num_threads(), *_settings())
 
 
 def _sources(module: torch.nn.Module) -> tuple:

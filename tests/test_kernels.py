@@ -489,11 +489,16 @@ def test_dequant_workspace_is_reused_and_correct(monkeypatch) -> None:
     monkeypatch.setenv("AVQ_KERNEL", "dequant")
     big = AQLinear(random_qweight((32, 64), QuantSpec(1, 8, 4), seed=1))
     small = AQLinear(random_qweight((16, 32), QuantSpec(2, 8, 8), seed=2))
+    key = (torch.device("cpu"), torch.float16)
+    dispatch._WORKSPACE.pool = {}
     with torch.no_grad():
-        for layer in (big, small, big):
+        for layer in (small, big, small, big):  # the buffer grows once, at `big`
             w = dispatch.dense_weight(layer, torch.float16)
             assert torch.equal(w, layer.qweight.dequantize(torch.float16).flatten(1))
-    assert dispatch._WORKSPACE.pool[(torch.device("cpu"), torch.float16)].numel() == 32 * 64
+            buffer, views = dispatch._WORKSPACE.pool[key]
+            assert w.data_ptr() == buffer.data_ptr()  # in the current buffer, never a replaced one
+    assert buffer.numel() == 32 * 64 and set(views) == {(32, 64), (16, 32)}
+    assert dispatch.dense_weight(small, torch.float16) is views[(16, 32)]  # the view is kept
     conv_layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 9)), padding=1)
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():

@@ -67,12 +67,15 @@ def test_the_native_decode_takes_what_it_can_and_declines_the_rest() -> None:
     if not native.available():
         pytest.skip("the native kernels do not build here")
     gen = torch.Generator().manual_seed(0)
-    # a group size and codebook count outside the unrolled cases (the generic loop), uint16 codes
-    codes = torch.randint(0, 1 << 12, (5, 3, 3), generator=gen).to(torch.uint16)
-    books, scales = torch.randn(3, 1 << 12, 5, generator=gen), torch.rand(5, generator=gen)
-    out = torch.empty(5, 15)
-    native.decoder(codes, books, scales)(out)
-    assert torch.equal(out, decode(codes, books, scales))
+    # each form of the decode, bit-identical: unrolled (M, g) cases, a constant group size with any
+    # codebook count (on an accumulator), and anything else (summed in place), in both code dtypes
+    for M, g in ((1, 2), (2, 2), (3, 8), (5, 4), (3, 5), (2, 24)):
+        for nbits, dtype in ((8, torch.uint8), (12, torch.uint16)):
+            codes = torch.randint(0, 1 << nbits, (5, 3, M), generator=gen).to(dtype)
+            books, scales = torch.randn(M, 1 << nbits, g, generator=gen), torch.rand(5, generator=gen)
+            out = torch.empty(5, 3 * g)
+            native.decoder(codes, books, scales)(out)
+            assert torch.equal(out, decode(codes, books, scales)), (M, g, nbits)
     assert native.decoder(codes.to(torch.int32), books, scales) is None  # not a stored code dtype
     assert native.decoder(codes, books.double(), scales) is None
     assert f"#define MAX_BOOKS {native.MAX_BOOKS}\n" in native.SOURCE.read_text()  # the two limits agree
