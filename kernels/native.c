@@ -63,7 +63,7 @@ static void parallel_range(range_fn fn, const void *args, int64_t n, int threads
 
 /* ------------------------------------------------------------------------------------------- decode */
 #define MAX_BOOKS 16
-#define ANY_MAX_G 16 /* the largest group size decode_rows_any_* takes */
+#define ANY_MAX_G 16 /* the largest group decode_rows_any_* sums on an accumulator */
 
 typedef struct {
     const void *codes; /* [N, G*M] uint8 or uint16 */
@@ -98,48 +98,27 @@ typedef struct {
             }                                                                                              \
         }                                                                                                  \
     }                                                                                                      \
-    /* Other codebook counts, the group size a constant up to ANY_MAX_G: the codewords summed on a small  \
-     * accumulator in codebook order (the same additions, so the same bits). With runtime M and g the     \
-     * pointer loop above is ~15x slower (1x4g2: ~8 ns a group against ~0.5). */                          \
+    /* Other codebook counts: the codewords summed in codebook order (the same additions, so the same     \
+     * bits) on a small accumulator, or for groups over ANY_MAX_G in the output itself. With runtime M    \
+     * and g the pointer loop above is ~15x slower (1x4g2: ~8 ns a group against ~0.5); g is a constant   \
+     * where the caller names one, which folds the choice away. */                                        \
     INLINE void decode_rows_any_##CT(const CT *restrict codes, const float *restrict books,                \
                                      const float *restrict scales, float *restrict out, int64_t lo,        \
                                      int64_t hi, int64_t G, int64_t C, const int M, const int g) {         \
         for (int64_t n = lo; n < hi; n++) {                                                                \
             const CT *restrict crow = codes + n * G * M;                                                   \
-            float *restrict row = out + n * G * g;                                                         \
             const float s = scales[n];                                                                     \
             for (int64_t j = 0; j < G; j++) {                                                              \
                 const CT *restrict c = crow + j * M;                                                       \
                 const float *restrict w0 = books + (int64_t)c[0] * g;                                      \
-                float acc[ANY_MAX_G];                                                                      \
+                float local[ANY_MAX_G], *o = out + (n * G + j) * g;                                        \
+                float *acc = g <= ANY_MAX_G ? local : o;                                                   \
                 for (int k = 0; k < g; k++) acc[k] = w0[k];                                                \
                 for (int m = 1; m < M; m++) {                                                              \
                     const float *restrict wm = books + ((int64_t)m * C + c[m]) * g;                        \
                     for (int k = 0; k < g; k++) acc[k] += wm[k];                                           \
                 }                                                                                          \
-                float *restrict o = row + j * g;                                                           \
                 for (int k = 0; k < g; k++) o[k] = acc[k] * s;                                             \
-            }                                                                                              \
-        }                                                                                                  \
-    }                                                                                                      \
-    /* Anything else: the same sums, accumulated in the output row itself. */                            \
-    INLINE void decode_rows_inplace_##CT(const CT *restrict codes, const float *restrict books,            \
-                                         const float *restrict scales, float *restrict out, int64_t lo,    \
-                                         int64_t hi, int64_t G, int64_t C, const int M, const int g) {     \
-        for (int64_t n = lo; n < hi; n++) {                                                                \
-            const CT *restrict crow = codes + n * G * M;                                                   \
-            float *restrict row = out + n * G * g;                                                         \
-            const float s = scales[n];                                                                     \
-            for (int64_t j = 0; j < G; j++) {                                                              \
-                const CT *restrict c = crow + j * M;                                                       \
-                const float *restrict w0 = books + (int64_t)c[0] * g;                                      \
-                float *restrict o = row + j * g;                                                           \
-                for (int k = 0; k < g; k++) o[k] = w0[k];                                                  \
-                for (int m = 1; m < M; m++) {                                                              \
-                    const float *restrict wm = books + ((int64_t)m * C + c[m]) * g;                        \
-                    for (int k = 0; k < g; k++) o[k] += wm[k];                                             \
-                }                                                                                          \
-                for (int k = 0; k < g; k++) o[k] *= s;                                                     \
             }                                                                                              \
         }                                                                                                  \
     }                                                                                                      \
@@ -154,8 +133,7 @@ typedef struct {
         switch (a->g) { /* other codebook counts: the group size still a constant */                      \
             DECODE_ANY_CASE(CT, 1) DECODE_ANY_CASE(CT, 2) DECODE_ANY_CASE(CT, 4) DECODE_ANY_CASE(CT, 8)    \
             DECODE_ANY_CASE(CT, 16)                                                                        \
-        default: decode_rows_inplace_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M,     \
-                                          a->g);                                                                \
+        default: decode_rows_any_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M, a->g); \
         }                                                                                                  \
     }
 
