@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import avq
-from avq.finetune import FinetuneConfig, distillation_loss, finetune, heldout_pool
+from avq.finetune import HELDOUT_TRAJECTORIES, FinetuneConfig, distillation_loss, finetune, heldout_pool
 from avq_bench.reference import load_reference
 from avq_bench.results import write_results
 
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         help="teacher trajectories drawn per epoch (default: the fine-tuning default)",
     )
     parser.add_argument(
-        "--heldout", type=int, default=16, help="held-out teacher trajectories the losses are taken on"
+        "--heldout",
+        type=int,
+        default=HELDOUT_TRAJECTORIES,
+        help="held-out teacher trajectories the losses are taken on (default: %(default)s)",
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--results-dir", default=None)

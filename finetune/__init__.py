@@ -26,7 +26,7 @@ Modules: `config` (`FinetuneConfig`), `data` (teacher trajectories), `pv` (P/V s
 from .checkpoint import FinetuneCheckpointError
 from .config import SEMI_MODES, FinetuneConfig, FinetuneError
 from .folders import finetune_folder, finetune_pipeline
-from .loop import distillation_loss, finetune, heldout_pool
+from .loop import HELDOUT_TRAJECTORIES, distillation_loss, finetune, heldout_pool
 from .optim import SlotAdamW
 from .pv import (
     LayerChange,
@@ -41,6 +41,7 @@ from .pv import (
 from .semi import semi_reset, stale_codewords
 
 __all__ = [
+    "HELDOUT_TRAJECTORIES",
     "SEMI_MODES",
     "FinetuneCheckpointError",
     "FinetuneConfig",

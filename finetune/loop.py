@@ -45,6 +45,7 @@ from .semi import semi_reset
 
 History = list[dict[str, Any]]
 SAMPLE_GRID = 16  # samples in each logged grid
+HELDOUT_TRAJECTORIES = 16  # held-out teacher trajectories a loss is taken on, by default
 
 
 # ============================================================================ checks
@@ -326,7 +327,7 @@ def heldout_pool(
     teacher: nn.Module,
     config: FinetuneConfig | None = None,
     *,
-    trajectories: int = 16,
+    trajectories: int = HELDOUT_TRAJECTORIES,
     conditioning: torch.Tensor | None = None,
 ) -> TrajectoryPool:
     """`trajectories` held-out teacher trajectories (a stream the training never draws), sampled once so
@@ -343,7 +344,7 @@ def distillation_loss(
     teacher: nn.Module,
     config: FinetuneConfig | None = None,
     *,
-    trajectories: int = 16,
+    trajectories: int = HELDOUT_TRAJECTORIES,
     batch_size: int = 64,
     conditioning: torch.Tensor | None = None,
     pool: TrajectoryPool | None = None,

@@ -10,6 +10,7 @@ from avq.cli.finetune import cmd_finetune
 from avq.cli.models import SHIPPED_MODELS, SHIPPED_PIPELINES
 from avq.cli.quantize import cmd_quantize
 from avq.cli.sample import cmd_sample
+from avq.core.aq import SolverOptions
 from avq.planning.presets import METHODS, PRESETS
 
 
@@ -88,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         metavar="N",
-        help="AVQ: at most N rounds of (codes, codebooks, scales) per layer (default: 20, stopping earlier "
-        "when a round gains < 0.1%%); 1-2 rounds give a quick draft at a somewhat higher layer error",
+        help=f"AVQ: at most N rounds of (codes, codebooks, scales) per layer (default: "
+        f"{SolverOptions.max_rounds}, stopping earlier when a round gains < "
+        f"{SolverOptions.tol * 100:g}%%); 1-2 rounds give a quick draft at a somewhat higher layer error",
     )
     q.add_argument(
         "--sequential",
