@@ -254,7 +254,7 @@ def _blocked_codes(module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- workspace
-_WORKSPACE = threading.local()  # per thread: {(device, dtype): flat buffer}
+_WORKSPACE = threading.local()  # per thread: {(device, dtype): (flat buffer, {(N, K): its view})}
 
 
 def _workspace(N: int, K: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
