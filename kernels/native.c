@@ -63,7 +63,7 @@ static void parallel_range(range_fn fn, const void *args, int64_t n, int threads
 
 /* ------------------------------------------------------------------------------------------- decode */
 #define MAX_BOOKS 16
-#define ANY_MAX_G 16 /* the largest group decode_rows_any_* sums on an accumulator */
+#define ANY_MAX_G 16 /* the largest group decode_rows_* sums on an accumulator */
 
 typedef struct {
     const void *codes; /* [N, G*M] uint8 or uint16 */
@@ -74,37 +74,17 @@ typedef struct {
     int M, C, g;
 } decode_args;
 
-/* Rows lo:hi of one group shape; M and g are compile-time constants where inlined below, so a group
- * becomes a few vector loads, adds, one multiply and one store. Written per element over pointers to the
- * group's M codewords: with an accumulator array instead, gcc vectorised the loop over groups with gathers,
- * 3-6x slower (measured on an EPYC core, [128, 1152] 1x8g4 and 2x8g8). */
+/* Rows lo:hi: each group's M codewords summed in codebook order on a small accumulator (for groups over
+ * ANY_MAX_G, in the output itself), then scaled: the same additions as avq.core.qweight.decode, so the
+ * same bits. Where the switches below name M and g (or g alone) they are compile-time constants and a
+ * group becomes a few vector loads, adds, one multiply and one store; with both at run time the loops are
+ * ~15x slower (1x4g2: ~8 ns a group against ~0.5, measured on an EPYC core). With the loop vectoriser off
+ * (native.py's flags) this form is as fast as one over pointers to the codewords (side by side, 0.96-1.03x
+ * at 1x4g2 to 1x16g8). */
 #define DEFINE_DECODE_ROWS(CT)                                                                             \
     INLINE void decode_rows_##CT(const CT *restrict codes, const float *restrict books,                    \
                                  const float *restrict scales, float *restrict out, int64_t lo, int64_t hi, \
                                  int64_t G, int64_t C, const int M, const int g) {                         \
-        for (int64_t n = lo; n < hi; n++) {                                                                \
-            const CT *restrict crow = codes + n * G * M;                                                   \
-            float *restrict row = out + n * G * g;                                                         \
-            const float s = scales[n];                                                                     \
-            for (int64_t j = 0; j < G; j++) {                                                              \
-                const float *w[MAX_BOOKS];                                                                 \
-                for (int m = 0; m < M; m++) w[m] = books + ((int64_t)m * C + crow[j * M + m]) * g;         \
-                float *restrict o = row + j * g;                                                           \
-                for (int k = 0; k < g; k++) {                                                              \
-                    float acc = w[0][k];                                                                   \
-                    for (int m = 1; m < M; m++) acc += w[m][k];                                            \
-                    o[k] = acc * s;                                                                        \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-    }                                                                                                      \
-    /* Other codebook counts: the codewords summed in codebook order (the same additions, so the same     \
-     * bits) on a small accumulator, or for groups over ANY_MAX_G in the output itself. With runtime M    \
-     * and g the pointer loop above is ~15x slower (1x4g2: ~8 ns a group against ~0.5); g is a constant   \
-     * where the caller names one, which folds the choice away. */                                        \
-    INLINE void decode_rows_any_##CT(const CT *restrict codes, const float *restrict books,                \
-                                     const float *restrict scales, float *restrict out, int64_t lo,        \
-                                     int64_t hi, int64_t G, int64_t C, const int M, const int g) {         \
         for (int64_t n = lo; n < hi; n++) {                                                                \
             const CT *restrict crow = codes + n * G * M;                                                   \
             const float s = scales[n];                                                                     \
@@ -133,7 +113,7 @@ typedef struct {
         switch (a->g) { /* other codebook counts: the group size still a constant */                      \
             DECODE_ANY_CASE(CT, 1) DECODE_ANY_CASE(CT, 2) DECODE_ANY_CASE(CT, 4) DECODE_ANY_CASE(CT, 8)    \
             DECODE_ANY_CASE(CT, 16)                                                                        \
-        default: decode_rows_any_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M, a->g); \
+        default: decode_rows_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M, a->g);     \
         }                                                                                                  \
     }
 
@@ -144,7 +124,7 @@ typedef struct {
 
 #define DECODE_ANY_CASE(CT, g)                                                                             \
     case g:                                                                                                \
-        decode_rows_any_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M, g);             \
+        decode_rows_##CT(codes, a->books, a->scales, a->out, lo, hi, a->G, a->C, a->M, g);                 \
         return;
 
 DEFINE_DECODE_ROWS(uint8_t)
