@@ -32,7 +32,8 @@ weight (codes at B bits + fp16 codebooks + fp16 scales) next to the fp16 dense b
 
 Conv rows (`"op": "conv"`): 3x3 convs (stride 1, padding 1) of the same UNets at their latent resolutions,
 batch 1 and 8: `dense` `F.conv2d`, `dequant_conv` (decode + `F.conv2d`), `implicit` (unfold + fused kernel),
-and `auto` (the `AQConv2d` dispatch). The largest `rows` (= batch*H*W) where `implicit` beats `dequant_conv`
+`auto` (the `AQConv2d` dispatch) and on CPU `fused_conv` (the native decode-GEMM, one of `auto`'s
+candidates). The largest `rows` (= batch*H*W) where `implicit` beats `dequant_conv`
 is the number to put in `avq.kernels.conv.GPU_IMPLICIT_MAX_ROWS`.
 
 Combinations whose single call would exceed `--max-call-seconds`, or a LUT larger than `--max-lut-mib`, are
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import autotune, compiled, dispatch
+from avq.kernels import autotune, compiled, conv, dispatch
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -314,6 +315,9 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                     "implicit": (fused, lambda x=x, f=layer: f(x)),
                     "auto": (None, lambda x=x, f=layer: f(x)),
                 }
+                if device.type == "cpu" and conv.fused_takes(x, layer):  # the native decode-GEMM, as measured
+                    run = dispatch._conv_runner("fused", layer, x)
+                    methods["fused_conv"] = (None, lambda x=x, run=run: run(x))
                 ref = None
                 lut_mib = R * cin * 9 // spec.group_size * spec.num_codebooks * spec.codebook_size * 4 / 2**20
                 for method, (kernel, fn) in methods.items():

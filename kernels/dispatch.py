@@ -22,10 +22,13 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    threads) on this host times the candidates and the fastest serves from then on, remembered on disk
    for later processes. Linear: "lut" (B <= 8 and M_rows <= MEASURE_MAX_ROWS), "dequant" (the whole
    weight decoded, one GEMM) and "dequant-blocked" (a block of output rows decoded and multiplied while
-   cache-resident). Conv2d whose weight spans more than two decode blocks: "dequant" against
-   "dequant-blocked" (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
-   1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); smaller convs:
-   "dequant". With more than one torch thread, fp32 input and a weight of at least
+   cache-resident). Conv2d (`conv_candidates`): "dequant"; "dequant-blocked" where the weight spans more
+   than two decode blocks (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
+   1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); "fused" where the
+   native decode-GEMM takes the call (fp32, outputs in runs of 8; `conv.fused_conv`: the weight is
+   decoded inside the multiply and never written, e.g. 256 -> 256 3x3 at 4x4 on an EPYC core: 0.29 ms vs
+   FP 0.46 ms and 0.51 ms decode + conv); a conv with one candidate is not measured. With more than one
+   torch thread, fp32 input and a weight of at least
    `THREADED_MIN_WEIGHTS`, the fastest candidate is then timed against itself on the compiled kernels' threads
    (`<kernel>-mt`: its compiled kernels parallel): whether a second core pays differs by host (2 Intel
    Xeon cores decode 2-3x faster than one, 2 EPYC cores no faster inside a model), so it is measured, not
@@ -182,12 +185,22 @@ def measured_key(module, x: torch.Tensor, rows: int) -> str | None:
     return f"linear|cpu|{x.dtype}|{N}x{K}|{module.spec.name}|rows<={bucket}|threads={torch.get_num_threads()}"
 
 
-def conv_measured_key(module, x: torch.Tensor, rows: int) -> str | None:
-    """The autotuning key of a CPU Conv2d call whose decode is measured whole against in blocks (rule step
-    3: weights of more than two blocks, batched input), else None."""
+def conv_candidates(module, x: torch.Tensor) -> tuple[str, ...]:
+    """The CPU kernels timed for a Conv2d call (rule step 3): the whole decode, the decode in blocks where
+    the weight spans more than two of them, the native decode-GEMM where it takes the call."""
+    candidates = ("dequant",)
+    if x.dim() == 4 and 4 * math.prod(module.shape) > 2 * lut.DEQUANT_BLOCK_BYTES:
+        candidates += ("dequant-blocked",)
+    if x.dim() == 4 and x.dtype == torch.float32 and conv.fused_takes(x, module):
+        candidates += ("fused",)
+    return candidates
+
+
+def conv_measured_key(module, x: torch.Tensor, rows: int, candidates: tuple[str, ...]) -> str | None:
+    """The autotuning key of a CPU Conv2d call with more than one candidate (rule step 3), else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    if x.dim() != 4 or 4 * math.prod(module.shape) <= 2 * lut.DEQUANT_BLOCK_BYTES:
+    if len(candidates) < 2:
         return None
     shape, geometry = "x".join(map(str, module.shape)), f"s{module.stride}p{module.padding}d{module.dilation}"
     return (
@@ -211,7 +224,7 @@ def _measured(
     memo = _CHOSEN.setdefault(module, {})
     short = (x.device.type, x.dtype, _bucket(rows), torch.get_num_threads())
     kernel = memo.get(short)
-    if kernel is not None:
+    if kernel is not None and split_threaded(kernel)[0] in candidates:  # (a bucket's calls may differ)
         return kernel, None, None
     key = key_of()
     if key is None:  # the fixed rule (exact rows), not memoised
@@ -392,11 +405,19 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """`AQConv2d`'s forward through `kernel`, its inputs prepared for calls like `x`: the decoded weight
     whole ("dequant"), a block of output channels at a time ("dequant-blocked", CPU 4-d input;
-    `lut.dequant_conv2d`), or an implicit GEMM through a fused kernel ("lut", "triton"); a `-mt` name: the
-    compiled decode threaded."""
+    `lut.dequant_conv2d`), decoded inside the native GEMM ("fused", CPU fp32; `conv.fused_conv`), or an
+    implicit GEMM through a fused kernel ("lut", "triton"); a `-mt` name: the compiled kernels threaded."""
     geometry = (module.stride, module.padding, module.dilation)
     shape = module.shape
     kernel, parallel = split_threaded(kernel)
+    if kernel == "fused":  # CPU: the native decode-GEMM, the weight never written
+        bias = None if module.bias is None else module.bias.detach().float()
+        fused = conv.fused_conv(
+            x, module.codes, _books_f32(module), _scales_f32(module), bias, shape, *geometry, parallel
+        )
+        if fused is None:
+            raise ValueError(f"the fused conv kernel does not take this call (input {tuple(x.shape)})")
+        return fused
     if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
         codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
         bias = None if module.bias is None else module.bias.detach()
@@ -425,8 +446,9 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
         geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
         rows = conv.rows_of(x, *geometry)
         if conv.choose_conv_strategy(x.device, rows, module.shape[0]) == "dequant":
-            kernel, y, run = _measured(  # CPU: the whole weight or blocks of it, measured
-                module, x, rows, lambda: conv_measured_key(module, x, rows), ("dequant", "dequant-blocked"),
+            candidates = conv_candidates(module, x)
+            kernel, y, run = _measured(  # CPU: measured (see conv_candidates)
+                module, x, rows, lambda: conv_measured_key(module, x, rows, candidates), candidates,
                 lambda k: _conv_runner(k, module, x),
             )  # fmt: skip
             kernel = kernel or "dequant"

@@ -209,6 +209,132 @@ DEFINE_GATHER_ROWS(uint16_t)
 DEFINE_GATHER(avq_gather_sum_u8, uint8_t)
 DEFINE_GATHER(avq_gather_sum_u16, uint16_t)
 
+/* ------------------------------------------------------------------------------------- fused GEMM */
+/* out[vo[v] + n*ostride + i] = scales[n] * sum over k of W[n, k] * x[vx[v] + koff[k] + i] + bias[n], for
+ * i < 8: a convolution (or any GEMM whose rows come in runs of 8 contiguous values) with the weight
+ * W[n, j*g + t] = sum over m of books[m, codes[n, j, m], t] decoded inside the multiply, never written.
+ *
+ * Why: a decoded weight larger than L2 is written at ~12 GB/s and read back by the convolution; next to a
+ * small-resolution conv (digits-unet at 4x4 to 16x16) that cost more than the conv itself saved, so W2 ran
+ * 1.05-1.15x FP. Here the codebook rows are read from L1 as broadcasts while the input runs stay in
+ * registers: FUSED_NB output channels x 2 runs of 8 positions on 12 vector accumulators (16 AVX2 registers).
+ *
+ * `koff [K]` and the run offsets `vx`, `vo` [V] are the caller's: a padded NCHW input (koff of k = (c, kh,
+ * kw): c*Hp*Wp + kh*dh*Wp + kw*dw; a run: 8 output columns of one output row), F.unfold's [B, K, L], or a
+ * 1x1 conv's [B, C, H*W] (koff = k*L). Sums in another order than decode + F.conv2d, with FMAs: equal to
+ * it within float rounding, not bit for bit. */
+typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
+#define FUSED_NB 6
+
+#if defined(__clang__)
+#define FUSED_ATTR
+#define FUSED_CONTRACT _Pragma("clang fp contract(fast)")
+#else
+#define FUSED_ATTR __attribute__((optimize("fp-contract=fast")))
+#define FUSED_CONTRACT
+#endif
+
+typedef struct {
+    const float *x; /* the input, read at vx[v] + koff[k] + i */
+    const int64_t *koff, *vx, *vo; /* [K], [V], [V] element offsets */
+    const void *codes; /* [N, G, M] uint8 or uint16 */
+    const float *books, *scales, *bias; /* [M, C, g], [N], [N] or NULL */
+    float *out; /* written at vo[v] + n*ostride + i */
+    int64_t N, G, C, V, ostride, nblocks;
+    int M, g;
+} fused_args;
+
+/* FUSED_NB channels from n0 (nb of them real: the rest repeat the last and are not stored) times VN runs
+ * from v. */
+#define DEFINE_FUSED_TILE(CT, VN)                                                                          \
+    FUSED_ATTR INLINE void fused_tile_##CT##_##VN(const fused_args *a, int64_t n0, int nb, int64_t v,    \
+                                                   const int M, const int g) {                           \
+        FUSED_CONTRACT                                                                                     \
+        const CT *restrict crow[FUSED_NB];                                                                 \
+        const float *restrict xs[VN];                                                                      \
+        v8f acc[FUSED_NB][VN];                                                                             \
+        for (int o = 0; o < FUSED_NB; o++) {                                                               \
+            crow[o] = (const CT *)a->codes + (n0 + (o < nb ? o : nb - 1)) * a->G * M;                     \
+            for (int u = 0; u < VN; u++) acc[o][u] = (v8f){0};                                             \
+        }                                                                                                  \
+        for (int u = 0; u < VN; u++) xs[u] = a->x + a->vx[v + u];                                          \
+        const int64_t *restrict koff = a->koff;                                                            \
+        for (int64_t j = 0; j < a->G; j++, koff += g) {                                                    \
+            const float *restrict w[FUSED_NB][MAX_BOOKS];                                                  \
+            for (int o = 0; o < FUSED_NB; o++)                                                             \
+                for (int m = 0; m < M; m++)                                                                \
+                    w[o][m] = a->books + ((int64_t)m * a->C + crow[o][j * M + m]) * g;                      \
+            for (int t = 0; t < g; t++) {                                                                  \
+                v8f xv[VN];                                                                                \
+                for (int u = 0; u < VN; u++) xv[u] = *(const v8f *)(xs[u] + koff[t]);                      \
+                for (int o = 0; o < FUSED_NB; o++) {                                                       \
+                    float wt = w[o][0][t];                                                                 \
+                    for (int m = 1; m < M; m++) wt += w[o][m][t];                                          \
+                    for (int u = 0; u < VN; u++) acc[o][u] += xv[u] * wt;                                  \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int o = 0; o < nb; o++) {                                                                     \
+            const float s = a->scales[n0 + o], b = a->bias ? a->bias[n0 + o] : 0.f;                        \
+            for (int u = 0; u < VN; u++)                                                                   \
+                *(v8f *)(a->out + a->vo[v + u] + (n0 + o) * a->ostride) = acc[o][u] * s + b;              \
+        }                                                                                                  \
+    }
+
+#define FUSED_CASE(CT, M, g)                                                                               \
+    case M * 100 + g:                                                                                      \
+        if (two) fused_tile_##CT##_2(a, n0, nb, v, M, g);                                                  \
+        else fused_tile_##CT##_1(a, n0, nb, v, M, g);                                                      \
+        break;
+
+#define FUSED_ANY_CASE(CT, M)                                                                              \
+    case M:                                                                                                \
+        if (two) fused_tile_##CT##_2(a, n0, nb, v, M, a->g);                                               \
+        else fused_tile_##CT##_1(a, n0, nb, v, M, a->g);                                                   \
+        break;
+
+/* Items lo:hi of (pair of runs) x (block of channels), pair-major: consecutive items reuse the runs'
+ * input from L1/L2 and read other codes. */
+#define DEFINE_FUSED_RANGE(CT)                                                                             \
+    DEFINE_FUSED_TILE(CT, 1)                                                                               \
+    DEFINE_FUSED_TILE(CT, 2)                                                                               \
+    FUSED_ATTR static void fused_range_##CT(const void *p, int64_t lo, int64_t hi) {                      \
+        const fused_args *a = (const fused_args *)p;                                                       \
+        for (int64_t item = lo; item < hi; item++) {                                                       \
+            const int64_t v = item / a->nblocks * 2, n0 = item % a->nblocks * FUSED_NB;                    \
+            const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB, two = v + 1 < a->V;         \
+            switch (a->M * 100 + a->g) {                                                                   \
+                FUSED_CASE(CT, 1, 2) FUSED_CASE(CT, 1, 4) FUSED_CASE(CT, 1, 8) FUSED_CASE(CT, 1, 9)        \
+                FUSED_CASE(CT, 2, 4) FUSED_CASE(CT, 2, 8)                                                  \
+            default:                                                                                       \
+                switch (a->M) {                                                                            \
+                    FUSED_ANY_CASE(CT, 1) FUSED_ANY_CASE(CT, 2)                                            \
+                default:                                                                                   \
+                    if (two) fused_tile_##CT##_2(a, n0, nb, v, a->M, a->g);                                \
+                    else fused_tile_##CT##_1(a, n0, nb, v, a->M, a->g);                                    \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+DEFINE_FUSED_RANGE(uint8_t)
+DEFINE_FUSED_RANGE(uint16_t)
+
+/* Returns 0, or -1 for a shape the kernel does not take (more than MAX_BOOKS codebooks). */
+#define DEFINE_FUSED(NAME, CT)                                                                             \
+    int NAME(const float *x, const int64_t *koff, const int64_t *vx, const int64_t *vo, const CT *codes,  \
+             const float *books, const float *scales, const float *bias, float *out, int64_t N, int64_t G, \
+             int M, int C, int g, int64_t V, int64_t ostride, int threads) {                               \
+        if (M > MAX_BOOKS || M < 1 || g < 1 || N < 1) return -1;                                           \
+        const int64_t nblocks = (N + FUSED_NB - 1) / FUSED_NB;                                             \
+        fused_args a = {x, koff, vx, vo, codes, books, scales, bias, out, N, G, C, V, ostride, nblocks, M, g}; \
+        parallel_range(fused_range_##CT, &a, (V + 1) / 2 * nblocks, threads);                              \
+        return 0;                                                                                          \
+    }
+
+DEFINE_FUSED(avq_fused_u8, uint8_t)
+DEFINE_FUSED(avq_fused_u16, uint16_t)
+
 /* The ABI version kernels/native.py checks after loading (a stale build from another source is rebuilt,
  * but the check also guards against a library loaded from elsewhere). */
-int avq_native_abi(void) { return 1; }
+int avq_native_abi(void) { return 2; }

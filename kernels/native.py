@@ -33,7 +33,7 @@ from .autotune import cache_root, cpu_model
 log = logging.getLogger("avq")
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 1  # avq_native_abi() of the source above
+ABI = 2  # avq_native_abi() of the source above
 MAX_BOOKS = 16  # native.c's MAX_BOOKS: the most codebooks its decode takes
 # No -ffast-math and no contraction into FMAs: the decode must round exactly as avq.core.qweight.decode.
 # No loop vectoriser (the SLP vectoriser still turns a group into vector operations): gcc 12 vectorised the
@@ -60,6 +60,8 @@ _SIGNATURES = {
     "avq_decode_u16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _INT, _INT),
     "avq_gather_sum_u8": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT),
     "avq_gather_sum_u16": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT),
+    "avq_fused_u8": (*(_PTR,) * 9, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT),
+    "avq_fused_u16": (*(_PTR,) * 9, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT),
 }
 _SUFFIX = {torch.uint8: "u8", torch.uint16: "u16"}
 
@@ -197,3 +199,41 @@ def gather_sum(lut: torch.Tensor, codes: torch.Tensor, out: torch.Tensor, parall
     kernel = getattr(lib, f"avq_gather_sum_{suffix}")
     kernel(lut.data_ptr(), codes.data_ptr(), out.data_ptr(), R, blocks, N, per_block, C, _threads(parallel))
     return True
+
+
+def fused(
+    codes: torch.Tensor,
+    books: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    koff: torch.Tensor,
+    runs: torch.Tensor,
+    ostride: int,
+    parallel: bool = False,
+):
+    """The fused decode-GEMM (`native.c`, "fused GEMM") of codes `[N, G, M]` (`books [M, C, g]`, `scales
+    [N]`, `bias [N]` contiguous CPU fp32), prepared once for one input geometry: `koff [K]` int64, the
+    input offset of each weight column, and `runs [2, V]` int64, each run of 8 outputs' input and output
+    offsets. Returns a function `(x, out)` writing `out[vo + n*ostride + i]` from the contiguous fp32 `x`,
+    or None where it does not apply."""
+    lib = library()
+    suffix = _SUFFIX.get(codes.dtype)
+    if lib is None or suffix is None or codes.device.type != "cpu" or books.shape[0] > MAX_BOOKS:
+        return None
+    if any(t is not None and t.dtype != torch.float32 for t in (books, scales, bias)):
+        return None
+    codes, books, scales = codes.contiguous(), books.contiguous(), scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    N, G, M = codes.shape
+    _, C, g = books.shape
+    kernel = getattr(lib, f"avq_fused_{suffix}")
+    vx, vo = runs[0].contiguous(), runs[1].contiguous()
+    head = (koff.data_ptr(), vx.data_ptr(), vo.data_ptr(), codes.data_ptr(), books.data_ptr())
+    tail = (scales.data_ptr(), None if bias is None else bias.data_ptr())
+    shape = (N, G, M, C, g, vx.numel(), ostride, _threads(parallel))
+
+    def run(x: torch.Tensor, out: torch.Tensor) -> None:
+        kernel(x.data_ptr(), *head, *tail, out.data_ptr(), *shape)
+
+    run.inputs = (codes, books, scales, bias, koff, vx, vo)  # type: ignore[attr-defined]
+    return run

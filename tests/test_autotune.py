@@ -122,11 +122,12 @@ def test_large_convolutions_measure_whole_against_blocked_decode(cache, monkeypa
     )
     _slow(monkeypatch, dispatch, "_decoder", builds=True)
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
-    key = dispatch.conv_measured_key(conv, x, 2 * 36)
+    key = dispatch.conv_measured_key(conv, x, 2 * 36, dispatch.conv_candidates(conv, x))
     assert key.startswith("conv|cpu|") and "40x8x3x3" in key
     assert autotune.chosen(key) == "dequant-blocked"
     small = AQConv2d(random_qweight((8, 8, 3, 3), SPEC, seed=4), padding=1).eval()
-    assert dispatch.conv_measured_key(small, x, 2 * 36) is None
+    assert dispatch.conv_candidates(small, x) == ("dequant",)  # 6x6 outputs: not in runs of 8
+    assert dispatch.conv_measured_key(small, x, 2 * 36, ("dequant",)) is None
 
 
 @torch.no_grad()
