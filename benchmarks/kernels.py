@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import autotune, compiled, conv, dispatch
+from avq.kernels import autotune, compiled, dispatch
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -315,7 +315,7 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                     "implicit": (fused, lambda x=x, f=layer: f(x)),
                     "auto": (None, lambda x=x, f=layer: f(x)),
                 }
-                if device.type == "cpu" and conv.fused_takes(x, layer):  # the native decode-GEMM, as measured
+                if device.type == "cpu" and fused.takes_conv(x, layer):  # the native decode-GEMM, as measured
                     run = dispatch._conv_runner("fused", layer, x)
                     methods["fused_conv"] = (None, lambda x=x, run=run: run(x))
                 ref = None

@@ -20,12 +20,13 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    `conv.choose_conv_strategy`.
 3. CPU, measured (`kernels/autotune.py`): the first call of each (dtype, shape, spec, M_rows bucket,
    threads) on this host times the candidates and the fastest serves from then on, remembered on disk
-   for later processes. Linear: "lut" (B <= 8 and M_rows <= MEASURE_MAX_ROWS), "dequant" (the whole
-   weight decoded, one GEMM) and "dequant-blocked" (a block of output rows decoded and multiplied while
-   cache-resident). Conv2d (`conv_candidates`): "dequant"; "dequant-blocked" where the weight spans more
+   for later processes. Linear (`linear_candidates`): "lut" (B <= 8 and M_rows <= MEASURE_MAX_ROWS),
+   "dequant" (the whole weight decoded, one GEMM), "dequant-blocked" (a block of output rows decoded and
+   multiplied while cache-resident) and "fused" (fp32, M_rows a multiple of 8: the native decode-GEMM,
+   below). Conv2d (`conv_candidates`): "dequant"; "dequant-blocked" where the weight spans more
    than two decode blocks (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
    1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); "fused" where the
-   native decode-GEMM takes the call (fp32, outputs in runs of 8; `conv.fused_conv`: the weight is
+   native decode-GEMM takes the call (fp32, outputs in runs of 8; `kernels/fused.py`: the weight is
    decoded inside the multiply and never written, e.g. 256 -> 256 3x3 at 4x4 on an EPYC core: 0.29 ms vs
    FP 0.46 ms and 0.51 ms decode + conv); a conv with one candidate is not measured. With more than one
    torch thread, fp32 input and a weight of at least
@@ -71,7 +72,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import autotune, compiled, conv, dense_cache, derived, lut, routes
+from . import autotune, compiled, conv, dense_cache, derived, fused, lut, routes
 from .derived import cached
 
 KERNELS = ("triton", "lut", "dequant")
@@ -151,11 +152,15 @@ def _bucket(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
-def linear_candidates(module, rows: int) -> tuple[str, ...]:
-    """The CPU kernels timed for a Linear call of `rows` rows (rule step 3)."""
+def linear_candidates(module, x: torch.Tensor, rows: int) -> tuple[str, ...]:
+    """The CPU kernels timed for a Linear call of `rows` rows (rule step 3): the LUT up to
+    `MEASURE_MAX_ROWS`, the decode whole and in blocks, the native decode-GEMM where it takes the call."""
+    candidates = ("dequant", "dequant-blocked")
     if rows <= MEASURE_MAX_ROWS and module.spec.nbits <= LUT_MAX_NBITS:
-        return ("lut", "dequant", "dequant-blocked")
-    return ("dequant", "dequant-blocked")
+        candidates = ("lut", *candidates)
+    if fused.takes_linear(x, module.shape[1]):
+        candidates += ("fused",)
+    return candidates
 
 
 def threadable(module, x: torch.Tensor) -> bool:
@@ -191,7 +196,7 @@ def conv_candidates(module, x: torch.Tensor) -> tuple[str, ...]:
     candidates = ("dequant",)
     if x.dim() == 4 and 4 * math.prod(module.shape) > 2 * lut.DEQUANT_BLOCK_BYTES:
         candidates += ("dequant-blocked",)
-    if x.dim() == 4 and x.dtype == torch.float32 and conv.fused_takes(x, module):
+    if fused.takes_conv(x, module):
         candidates += ("fused",)
     return candidates
 
@@ -260,6 +265,12 @@ def _scales_f32(module) -> torch.Tensor:
 def _lut_index(module) -> torch.Tensor:
     C = module.spec.codebook_size
     return cached(module, "lut_index", (module.codes,), lambda c: lut.lut_index(c, C))
+
+
+def _fused_inputs(module) -> tuple[torch.Tensor, ...]:
+    """codes, fp32 codebooks, scales and bias, as `kernels/fused.py` takes them."""
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
+    return module.codes, _books_f32(module), _scales_f32(module), bias
 
 
 def _blocked_codes(module) -> torch.Tensor:
@@ -350,6 +361,11 @@ def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tens
     inputs prepared for calls like `x`."""
     K, N = module.shape[1], module.shape[0]
     kernel, parallel = split_threaded(kernel)
+    if kernel == "fused":  # CPU: the native decode-GEMM, the weight never written
+        run = fused.linear(x, *_fused_inputs(module), parallel)
+        if run is None:
+            raise ValueError(f"the fused kernel does not take this Linear call (input {tuple(x.shape)})")
+        return run
     if kernel == "dequant" or (kernel == "dequant-blocked" and x.device.type != "cpu"):
         decode, bias = _decoder(module, x.dtype, parallel), module._bias(x.dtype)
         return lambda x: F.linear(x, decode(), bias)
@@ -362,8 +378,8 @@ def _linear_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tens
             return y.reshape(*x.shape[:-1], N)
 
         return blocked
-    fused = _fused_runner(kernel, module, x, parallel)
-    return lambda x: fused(x.reshape(x.numel() // K, K)).reshape(*x.shape[:-1], N)
+    matmul = _fused_runner(kernel, module, x, parallel)
+    return lambda x: matmul(x.reshape(x.numel() // K, K)).reshape(*x.shape[:-1], N)
 
 
 def _dense_runner(module, dense: torch.Tensor, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -391,7 +407,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         kernel = "dense-cached"
     elif not forced:
         kernel, y, run = _measured(
-            module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, rows),
+            module, x, rows, lambda: measured_key(module, x, rows), linear_candidates(module, x, rows),
             lambda k: _linear_runner(k, module, x),
         )  # fmt: skip
         if kernel is None:
@@ -405,19 +421,16 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """`AQConv2d`'s forward through `kernel`, its inputs prepared for calls like `x`: the decoded weight
     whole ("dequant"), a block of output channels at a time ("dequant-blocked", CPU 4-d input;
-    `lut.dequant_conv2d`), decoded inside the native GEMM ("fused", CPU fp32; `conv.fused_conv`), or an
+    `lut.dequant_conv2d`), decoded inside the native GEMM ("fused", CPU fp32; `kernels/fused.py`), or an
     implicit GEMM through a fused kernel ("lut", "triton"); a `-mt` name: the compiled kernels threaded."""
     geometry = (module.stride, module.padding, module.dilation)
     shape = module.shape
     kernel, parallel = split_threaded(kernel)
     if kernel == "fused":  # CPU: the native decode-GEMM, the weight never written
-        bias = None if module.bias is None else module.bias.detach().float()
-        fused = conv.fused_conv(
-            x, module.codes, _books_f32(module), _scales_f32(module), bias, shape, *geometry, parallel
-        )
-        if fused is None:
-            raise ValueError(f"the fused conv kernel does not take this call (input {tuple(x.shape)})")
-        return fused
+        run = fused.conv2d(x, *_fused_inputs(module), shape, *geometry, parallel)
+        if run is None:
+            raise ValueError(f"the fused kernel does not take this conv call (input {tuple(x.shape)})")
+        return run
     if kernel == "dequant-blocked" and x.device.type == "cpu" and x.dim() == 4:
         codes, books, scales = module.codes, _books_f32(module), _scales_f32(module)
         bias = None if module.bias is None else module.bias.detach()
@@ -425,8 +438,8 @@ def _conv_runner(kernel: str, module, x: torch.Tensor) -> Callable[[torch.Tensor
     if kernel in ("dequant", "dequant-blocked") or x.dim() != 4:  # unbatched [C, H, W]: F.conv2d
         decode, bias = _decoder(module, x.dtype, parallel), module._bias(x.dtype)
         return lambda x: F.conv2d(x, decode().view(shape), bias, *geometry)
-    fused, kernel_size = _fused_runner(kernel, module, x), module.kernel_size
-    return lambda x: conv.implicit_gemm(x, fused, kernel_size, *geometry)
+    matmul, kernel_size = _fused_runner(kernel, module, x), module.kernel_size
+    return lambda x: conv.implicit_gemm(x, matmul, kernel_size, *geometry)
 
 
 def conv2d(module, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,11 @@
  * Gather-sum (avq_gather_sum_u8 / _u16): out[r, n] += sum over b, k of lut[r, (b*JM + k)*C + codes[b, n, k]],
  * codes in the blocked layout [G/J, N, J*M] of kernels/compiled.py's blocked_codes.
  *
- * Both split their rows (decode) or outputs (gather-sum) over `threads` POSIX threads, each writing only
- * its own slice. `threads` <= 1 runs on the calling thread.
+ * Fused GEMM (avq_fused_u8 / _u16): a convolution's output from its input and the codes, the weight decoded
+ * inside the multiply (see its section).
+ *
+ * All split their rows (decode), outputs (gather-sum) or output tiles (fused) over `threads` threads
+ * (parallel_range), each writing only its own slice. `threads` <= 1 runs on the calling thread.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -23,6 +26,29 @@
 /* ------------------------------------------------------------------------------------------ threads */
 typedef void (*range_fn)(const void *args, int64_t lo, int64_t hi);
 
+/* fn(args, lo, hi) over [0, n) in `threads` contiguous slices.
+ *
+ * Built with -fopenmp (native.py does so where torch's OpenMP runtime is a libgomp.so.1, which the loader
+ * then shares with this library): on torch's own OpenMP threads. Between parallel regions those threads
+ * spin, waiting for torch's next op; threads of our own would compete with them for the cores (2 EPYC
+ * cores, a 1.5 ms conv: 1.7 ms on two POSIX threads against 1.4 ms on one, 0.87 ms on torch's two).
+ * Otherwise on POSIX threads started per call (~50 us), the calling thread taking the last slice; a thread
+ * that cannot be started runs its slice on the calling thread instead. */
+#ifdef _OPENMP
+static void parallel_range(range_fn fn, const void *args, int64_t n, int threads) {
+    if (threads > n) threads = (int)n;
+    if (threads <= 1) {
+        fn(args, 0, n);
+        return;
+    }
+    const int64_t chunk = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) {
+        const int64_t lo = t * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        if (lo < hi) fn(args, lo, hi);
+    }
+}
+#else
 typedef struct {
     range_fn fn;
     const void *args;
@@ -37,8 +63,6 @@ static void *run_range(void *p) {
 
 #define MAX_THREADS 256
 
-/* fn(args, lo, hi) over [0, n) in `threads` contiguous slices; the calling thread takes the last one. A
- * thread that cannot be started runs its slice on the calling thread instead. */
 static void parallel_range(range_fn fn, const void *args, int64_t n, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)n;
@@ -60,6 +84,7 @@ static void parallel_range(range_fn fn, const void *args, int64_t n, int threads
     for (int t = 0; t < threads - 1; t++)
         if (started[t]) pthread_join(ids[t], 0);
 }
+#endif
 
 /* ------------------------------------------------------------------------------------------- decode */
 #define MAX_BOOKS 16
@@ -283,42 +308,41 @@ typedef struct {
 
 #define FUSED_CASE(CT, M, g)                                                                               \
     case M * 100 + g:                                                                                      \
-        if (two) fused_tile_##CT##_2(a, n0, nb, v, M, g);                                                  \
-        else fused_tile_##CT##_1(a, n0, nb, v, M, g);                                                      \
-        break;
-
-#define FUSED_ANY_CASE(CT, M)                                                                              \
-    case M:                                                                                                \
-        if (two) fused_tile_##CT##_2(a, n0, nb, v, M, a->g);                                               \
-        else fused_tile_##CT##_1(a, n0, nb, v, M, a->g);                                                   \
-        break;
+        fused_tile_##CT##_2(a, n0, nb, v, M, g);                                                           \
+        continue;
 
 /* Items lo:hi of (pair of runs) x (block of channels), pair-major: consecutive items reuse the runs'
- * input from L1/L2 and read other codes. */
-#define DEFINE_FUSED_RANGE(CT)                                                                             \
+ * input from L1/L2 and read other codes. The tile of two runs takes M and g as constants where the switch
+ * names them (1x8g4 at 16x16: 1.46x slower with g at run time, 2x8g8 no slower), at run time elsewhere;
+ * the last run of an odd count runs with both at run time (each case costs compile time on first use). */
+#define DEFINE_FUSED_RANGE(CT, CASES)                                                                      \
     DEFINE_FUSED_TILE(CT, 1)                                                                               \
     DEFINE_FUSED_TILE(CT, 2)                                                                               \
     FUSED_ATTR static void fused_range_##CT(const void *p, int64_t lo, int64_t hi) {                      \
         const fused_args *a = (const fused_args *)p;                                                       \
         for (int64_t item = lo; item < hi; item++) {                                                       \
             const int64_t v = item / a->nblocks * 2, n0 = item % a->nblocks * FUSED_NB;                    \
-            const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB, two = v + 1 < a->V;         \
-            switch (a->M * 100 + a->g) {                                                                   \
-                FUSED_CASE(CT, 1, 2) FUSED_CASE(CT, 1, 4) FUSED_CASE(CT, 1, 8) FUSED_CASE(CT, 1, 9)        \
-                FUSED_CASE(CT, 2, 4) FUSED_CASE(CT, 2, 8)                                                  \
-            default:                                                                                       \
-                switch (a->M) {                                                                            \
-                    FUSED_ANY_CASE(CT, 1) FUSED_ANY_CASE(CT, 2)                                            \
-                default:                                                                                   \
-                    if (two) fused_tile_##CT##_2(a, n0, nb, v, a->M, a->g);                                \
-                    else fused_tile_##CT##_1(a, n0, nb, v, a->M, a->g);                                    \
-                }                                                                                          \
+            const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB;                             \
+            if (v + 1 >= a->V) {                                                                           \
+                fused_tile_##CT##_1(a, n0, nb, v, a->M, a->g);                                             \
+                continue;                                                                                  \
+            }                                                                                              \
+            switch (a->M * 100 + a->g) { CASES(CT) }                                                       \
+            switch (a->M) {                                                                                \
+            case 1: fused_tile_##CT##_2(a, n0, nb, v, 1, a->g); continue;                                 \
+            case 2: fused_tile_##CT##_2(a, n0, nb, v, 2, a->g); continue;                                 \
+            default: fused_tile_##CT##_2(a, n0, nb, v, a->M, a->g);                                       \
             }                                                                                              \
         }                                                                                                  \
     }
 
-DEFINE_FUSED_RANGE(uint8_t)
-DEFINE_FUSED_RANGE(uint16_t)
+/* 8-bit codebooks (1 KiB per codebook and group entry: in L1) with short groups; 16-bit codes (64x larger
+ * codebooks, rare here) only by codebook count */
+#define FUSED_U8_CASES(CT) FUSED_CASE(CT, 1, 2) FUSED_CASE(CT, 1, 4) FUSED_CASE(CT, 1, 8) FUSED_CASE(CT, 2, 4)
+#define FUSED_NO_CASES(CT)
+
+DEFINE_FUSED_RANGE(uint8_t, FUSED_U8_CASES)
+DEFINE_FUSED_RANGE(uint16_t, FUSED_NO_CASES)
 
 /* Returns 0, or -1 for a shape the kernel does not take (more than MAX_BOOKS codebooks). */
 #define DEFINE_FUSED(NAME, CT)                                                                             \

@@ -50,6 +50,27 @@ FLAGS = (
     "-std=c99",
 )
 
+
+def openmp_flags() -> tuple[str, ...]:
+    """`-fopenmp` where torch's OpenMP runtime is a `libgomp.so.1`: the loader then gives this library the
+    same runtime, so the kernels' parallel loops run on torch's own threads (native.c, parallel_range).
+    Elsewhere (Intel's or LLVM's runtime, no /proc) nothing: a second runtime's threads would fight
+    torch's, and POSIX threads do no worse."""
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = {line.rsplit("/", 1)[-1].strip() for line in f if "/" in line}
+    except OSError:
+        return ()
+    gomp = any(name.startswith("libgomp.so.1") for name in loaded)
+    other = any(name.startswith(("libiomp", "libomp")) for name in loaded)
+    return ("-fopenmp",) if gomp and not other else ()
+
+
+def flags(openmp: bool = True) -> tuple[str, ...]:
+    """The compiler flags of a build: `FLAGS`, and `openmp_flags()` unless `openmp` is False."""
+    return (*FLAGS, *openmp_flags()) if openmp else FLAGS
+
+
 _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
@@ -74,25 +95,24 @@ def compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: str, openmp: bool = True) -> Path:
     """Where the build for this source, compiler command and host lives (`-march=native`: the CPU model
     counts). Not the compiler's version: a build by an older compiler still runs, and asking for the version
     would start a subprocess in every process that loads the library."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode()):
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(flags(openmp)).encode()):
         digest.update(part)
         digest.update(b"\0")
     digest.update(cpu_model().encode())
     return cache_root() / "native" / f"avq_native-{digest.hexdigest()[:16]}.so"
 
 
-def build(cc: str, path: Path) -> Path:
+def build(cc: str, path: Path, openmp: bool = True) -> Path:
     """Compile `native.c` into `path` (atomically: a concurrent process never loads half a library)."""
 
     def compile_into(tmp: Path) -> None:
-        done = subprocess.run(
-            [*cc.split(), *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300
-        )
+        command = [*cc.split(), *flags(openmp), str(SOURCE), "-o", str(tmp)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
 
@@ -125,17 +145,24 @@ def library() -> ctypes.CDLL | None:
         if cc is None:
             log.warning("avq: no C compiler found ($CC, cc, gcc, clang): the native CPU kernels are off")
             return None
-        try:
-            path = library_path(cc)
+        # with OpenMP where it shares torch's runtime; a compiler without OpenMP (no omp.h) builds without
+        for openmp in (True, False) if openmp_flags() else (False,):
             try:
-                _LIBRARY = _load(path)
-            except (OSError, RuntimeError):  # not built yet on this host (or a file that does not load)
-                log.info("avq: building the native CPU kernels with %s into %s", cc, path)
-                _LIBRARY = _load(build(cc, path))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            log.warning("avq: the native CPU kernels are off: %s", error)
-            _LIBRARY = None
+                _LIBRARY = _load_or_build(cc, openmp)
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                if not openmp:
+                    log.warning("avq: the native CPU kernels are off: %s", error)
         return _LIBRARY
+
+
+def _load_or_build(cc: str, openmp: bool) -> ctypes.CDLL:
+    path = library_path(cc, openmp)
+    try:
+        return _load(path)
+    except (OSError, RuntimeError):  # not built yet on this host (or a file that does not load)
+        log.info("avq: building the native CPU kernels with %s into %s", cc, path)
+        return _load(build(cc, path, openmp))
 
 
 def available() -> bool:

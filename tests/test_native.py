@@ -84,6 +84,39 @@ def test_the_native_decode_takes_what_it_can_and_declines_the_rest() -> None:
     assert native.decoder(many, torch.randn(M, 256, 4), torch.rand(2)) is None
 
 
+def _loaded_openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as f:
+        paths = {line.split(None, 5)[-1].strip() for line in f if "/" in line}
+    return {p for p in paths if p.rsplit("/", 1)[-1].startswith(("libgomp.so.1", "libiomp", "libomp"))}
+
+
+def test_the_native_threads_are_torchs_openmp_threads(fresh) -> None:
+    """Built with OpenMP where torch's runtime is a libgomp.so.1, and then sharing it (threads of a second
+    runtime, or our own, compete with torch's spinning ones for the cores)."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    before = _loaded_openmp_runtimes()
+    assert native.library() is not None
+    assert _loaded_openmp_runtimes() == before  # no second runtime loaded
+    if native.openmp_flags():
+        assert native.library_path(native.compiler(), openmp=True).exists()
+        assert "-fopenmp" in native.flags() and "-fopenmp" not in native.flags(openmp=False)
+
+
+def test_a_compiler_without_openmp_builds_without_it(fresh, monkeypatch) -> None:
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(native, "openmp_flags", lambda: ("-fno-such-openmp-flag",))
+    assert native.library() is not None
+    assert native.library_path(native.compiler(), openmp=False).exists()
+    assert not native.library_path(native.compiler(), openmp=True).exists()
+    codes = torch.randint(0, 256, (4, 2, 1), dtype=torch.uint8)
+    books, scales = torch.randn(1, 256, 4), torch.rand(4)
+    out = torch.empty(4, 8)
+    native.decoder(codes, books, scales, parallel=True)(out)  # on POSIX threads
+    assert torch.equal(out, decode(codes, books, scales))
+
+
 def test_a_library_file_that_does_not_load_is_built_again(fresh) -> None:
     cc = native.compiler()
     if cc is None:

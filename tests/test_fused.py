@@ -1,4 +1,4 @@
-"""The native fused decode-GEMM convolution (`conv.fused_conv`, native.c "fused GEMM"): the conv of the
+"""The native fused decode-GEMM (`kernels/fused.py`, native.c "fused GEMM"): the conv or Linear of the
 decoded weight, in each input layout, and the dispatcher's use of it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from test_kernels import random_qweight
 
-from avq import AQConv2d, QuantSpec
-from avq.kernels import autotune, conv, dispatch, native, routes
+from avq import AQConv2d, AQLinear, QuantSpec
+from avq.kernels import autotune, conv, dispatch, fused, native, routes
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -30,7 +30,7 @@ def _fused(layer: AQConv2d, x: torch.Tensor, parallel: bool | None = None):
     bias = None if layer.bias is None else layer.bias.detach().float()
     books, scales = layer.codebooks.detach().float(), layer.scales.detach().float()
     geometry = (layer.stride, layer.padding, layer.dilation)
-    return conv.fused_conv(x, layer.codes, books, scales, bias, layer.shape, *geometry, parallel)
+    return fused.conv2d(x, layer.codes, books, scales, bias, layer.shape, *geometry, parallel)
 
 
 # (out, in, kernel, spatial input, batch, conv kwargs, spec, layout)
@@ -57,7 +57,7 @@ def test_the_fused_conv_is_the_conv_of_the_decoded_weight(case, bias: bool) -> N
     layer = AQConv2d(qweight, bias=torch.randn(out) if bias else None, **kwargs).eval()
     x = torch.randn(batch, cin, *hw)
     pads = conv.explicit_padding(layer.padding, (k, k), layer.dilation)
-    plan = conv.fused_layout(tuple(x.shape), out, (k, k), layer.stride, pads, layer.dilation)
+    plan = fused.conv_layout(tuple(x.shape), out, (k, k), layer.stride, pads, layer.dilation)
     assert plan is not None and plan[0] == layout
     ref = _reference(layer, x)
     for parallel in (False, True):  # one thread, and the work split over two
@@ -75,9 +75,9 @@ def test_outputs_not_in_runs_of_eight_are_declined() -> None:
     layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 4)), padding=1).eval()
     for hw in ((6, 6), (5, 4), (3, 3)):  # 36, 20, 9 outputs
         x = torch.randn(1, 4, *hw)
-        assert _fused(layer, x) is None and not conv.fused_takes(x, layer)
-    assert conv.fused_takes(torch.randn(1, 4, 4, 4), layer)
-    assert not conv.fused_takes(torch.randn(1, 4, 4, 4).double(), layer)
+        assert _fused(layer, x) is None and not fused.takes_conv(x, layer)
+    assert fused.takes_conv(torch.randn(1, 4, 4, 4), layer)
+    assert not fused.takes_conv(torch.randn(1, 4, 4, 4).double(), layer)
 
 
 @torch.no_grad()
@@ -111,3 +111,29 @@ def test_the_dispatcher_measures_the_fused_conv_and_serves_it(tmp_path, monkeypa
         assert routes.kernel_of(layer) == "dequant"
     finally:
         autotune.forget()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("lead", "out", "K", "spec"),
+    [
+        ((8,), 16, 32, QuantSpec(1, 8, 4)),
+        ((2, 8), 7, 64, QuantSpec(2, 8, 8)),  # 3-d input, a partial block of channels
+        ((64,), 13, 24, QuantSpec(3, 5, 2)),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_fused_linear_is_the_linear_of_the_decoded_weight(lead, out, K, spec, bias: bool) -> None:
+    layer = AQLinear(random_qweight((out, K), spec, seed=K), bias=torch.randn(out) if bias else None).eval()
+    x = torch.randn(*lead, K)
+    weight = dispatch.dense_weight(layer, torch.float32).clone().double()
+    ref = F.linear(x.double(), weight, _bias(layer))
+    for parallel in (False, True):
+        torch.set_num_threads(1 + parallel)
+        got = fused.linear(x, *dispatch._fused_inputs(layer), parallel)(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max()))
+    assert "fused" in dispatch.linear_candidates(layer, x, x.numel() // K)
+    odd = torch.randn(5, K)  # 5 rows: not in runs of 8
+    assert fused.linear(odd, *dispatch._fused_inputs(layer)) is None
+    assert "fused" not in dispatch.linear_candidates(layer, odd, 5)
