@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,track,text]" -e ./benchmarks
 	touch $(STAMP)
 
+# One worker per core (at most 4: each holds torch and a few tiny pipelines; most tests run on one
+# thread), a test file per worker (its module fixtures, e.g. trained tiny models, built once).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m avq_bench.demo
