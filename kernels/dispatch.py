@@ -32,8 +32,8 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    torch thread, fp32 input and a weight of at least
    `THREADED_MIN_WEIGHTS`, the fastest candidate is then timed against itself on the compiled kernels' threads
    (`<kernel>-mt`: its compiled kernels parallel): whether a second core pays differs by host (2 Intel
-   Xeon cores decode 2-3x faster than one, 2 EPYC cores no faster inside a model), so it is measured, not
-   a fixed size threshold.
+   Xeon cores decode 2-3x faster than one, 2 EPYC cores were no faster inside a model while the native
+   kernels ran on threads of their own, not torch's), so it is measured, not a fixed size threshold.
    The fixed rule `use_lut` (B <= 8 and M_rows == 1, or M_rows <= LUT_MAX_ROWS and
    `M_rows * M * 2^B <= out_features`) is what `choose_linear_kernel` reports where nothing is measured
    (fp64); it held on an AMD EPYC and not on an Intel Xeon.

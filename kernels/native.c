@@ -31,7 +31,7 @@ typedef void (*range_fn)(const void *args, int64_t lo, int64_t hi);
  * Built with -fopenmp (native.py does so where torch's OpenMP runtime is a libgomp.so.1, which the loader
  * then shares with this library): on torch's own OpenMP threads. Between parallel regions those threads
  * spin, waiting for torch's next op; threads of our own would compete with them for the cores (2 EPYC
- * cores, a 1.5 ms conv: 1.7 ms on two POSIX threads against 1.4 ms on one, 0.87 ms on torch's two).
+ * cores, a 1.5 ms conv: 1.7 ms on two POSIX threads against 1.4 ms on one, 0.81 ms on torch's two).
  * Otherwise on POSIX threads started per call (~50 us), the calling thread taking the last slice; a thread
  * that cannot be started runs its slice on the calling thread instead. */
 #ifdef _OPENMP
