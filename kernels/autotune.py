@@ -84,7 +84,7 @@ def hyperthreaded_cores() -> int:
 def _kernels_digest() -> str:
     """A hash of this package's kernel sources: choices measured with other kernels are not reused."""
     digest = hashlib.sha256()
-    for name in ("lut.py", "dispatch.py", "conv.py", "compiled.py", "native.c"):
+    for name in ("lut.py", "dispatch.py", "conv.py", "fused.py", "compiled.py", "native.c"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]
 
