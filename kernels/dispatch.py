@@ -22,8 +22,8 @@ Automatic rule, first match wins (`M_rows` = rows of the GEMM: batch*tokens, or 
    threads) on this host times the candidates and the fastest serves from then on, remembered on disk
    for later processes. Linear (`linear_candidates`): "lut" (B <= 8 and M_rows <= MEASURE_MAX_ROWS),
    "dequant" (the whole weight decoded, one GEMM), "dequant-blocked" (a block of output rows decoded and
-   multiplied while cache-resident) and "fused" (fp32, M_rows a multiple of 8: the native decode-GEMM,
-   below). Conv2d (`conv_candidates`): "dequant"; "dequant-blocked" where the weight spans more
+   multiplied while cache-resident) and "fused" (fp32, M_rows >= 8, padded to a multiple of 8: the native
+   decode-GEMM, below). Conv2d (`conv_candidates`): "dequant"; "dequant-blocked" where the weight spans more
    than two decode blocks (`lut.dequant_conv2d`: at low resolution the blocks beat even the FP conv, e.g.
    1280 -> 1280 3x3 at 8x8 on 2 EPYC cores: 13.5 ms vs FP 22.7 ms and 28.8 ms whole); "fused" where the
    native decode-GEMM takes the call (fp32, outputs in runs of 8; `kernels/fused.py`: the weight is

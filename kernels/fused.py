@@ -149,11 +149,14 @@ def conv2d(
 # ----------------------------------------------------------------------------- Linears
 @functools.lru_cache(maxsize=128)
 def linear_layout(rows: int, K: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(koff [K], runs [2, rows/RUN])` of a Linear over `rows` rows, read from the transposed input
-    `[K, rows]` into the transposed output `[N, rows]`; None where `RUN` does not divide `rows`."""
-    if rows % RUN or rows == 0:
+    """`(koff [K], runs [2, padded/RUN])` of a Linear over `rows` rows, read from the transposed input
+    `[K, padded]` into the transposed output `[N, padded]`, `padded`: `rows` rounded up to a multiple of
+    `RUN` (e.g. 77 text tokens: 3 zero rows more, dropped from the output); None below `RUN` rows, where the
+    padding would be most of the work (the LUT serves those)."""
+    if rows < RUN:
         return None
-    return torch.arange(K, dtype=torch.int64) * rows, _runs(1, 0, None, 0, rows)
+    padded = -(-rows // RUN) * RUN
+    return torch.arange(K, dtype=torch.int64) * padded, _runs(1, 0, None, 0, padded)
 
 
 def takes_linear(x: torch.Tensor, K: int) -> bool:
@@ -170,23 +173,30 @@ def linear(
     parallel: bool | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`F.linear(x, W)` for calls shaped like `x` (CPU fp32 `[..., K]`), `W` decoded inside the multiply;
-    prepared once. The input is transposed into `[K, rows]` (the kernel's runs are 8 consecutive rows) and
-    the output back: two copies of a few KiB at the token counts where this wins. None where it does not
-    apply."""
+    prepared once. The input is transposed into `[K, padded]` (the kernel's runs are 8 consecutive rows;
+    rows past `rows` are zeros) and the output back: two copies of a few KiB at the token counts where this
+    wins. None where it does not apply."""
     N, K = codes.shape[0], codes.shape[1] * books.shape[-1]
     if not takes_linear(x, K):
         return None
     rows = x.numel() // K
     koff, runs = linear_layout(rows, K)
-    kernel = _kernel(codes, books, scales, bias, koff, runs, rows, parallel)
+    padded = runs.shape[1] * RUN
+    kernel = _kernel(codes, books, scales, bias, koff, runs, padded, parallel)
     if kernel is None:
         return None
     lead = tuple(x.shape[:-1])
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(N, rows, dtype=torch.float32)
-        kernel(x.reshape(rows, K).t().contiguous(), out)
-        return out.t().reshape(*lead, N)
+        out = torch.empty(N, padded, dtype=torch.float32)
+        if padded == rows:
+            xt = x.reshape(rows, K).t().contiguous()
+        else:
+            xt = torch.empty(K, padded, dtype=torch.float32)
+            xt[:, rows:] = 0  # any value would do (outputs dropped), but garbage can be slow denormals
+            xt[:, :rows] = x.reshape(rows, K).t()
+        kernel(xt, out)
+        return out[:, :rows].t().reshape(*lead, N)
 
     return run
 

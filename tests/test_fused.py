@@ -120,6 +120,8 @@ def test_the_dispatcher_measures_the_fused_conv_and_serves_it(tmp_path, monkeypa
         ((8,), 16, 32, QuantSpec(1, 8, 4)),
         ((2, 8), 7, 64, QuantSpec(2, 8, 8)),  # 3-d input, a partial block of channels
         ((64,), 13, 24, QuantSpec(3, 5, 2)),
+        ((1, 77), 12, 16, QuantSpec(1, 8, 4)),  # 77 text tokens: padded to 80 rows
+        ((9,), 6, 8, QuantSpec(2, 4, 4)),  # 9 rows: padded to 16
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
@@ -134,6 +136,6 @@ def test_the_fused_linear_is_the_linear_of_the_decoded_weight(lead, out, K, spec
         assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max()))
     assert "fused" in dispatch.linear_candidates(layer, x, x.numel() // K)
-    odd = torch.randn(5, K)  # 5 rows: not in runs of 8
-    assert fused.linear(odd, *dispatch._fused_inputs(layer)) is None
-    assert "fused" not in dispatch.linear_candidates(layer, odd, 5)
+    few = torch.randn(5, K)  # 5 rows: padding would be most of the work
+    assert fused.linear(few, *dispatch._fused_inputs(layer)) is None
+    assert "fused" not in dispatch.linear_candidates(layer, few, 5)
