@@ -8,6 +8,8 @@ Environment variable `AVQ_KERNEL` (read at every call, so it can be flipped betw
                           or numba, `kernels/compiled.py`) when one builds and the compute is fp32, else
                           plain torch
     "dequant"             decode the dense weight, then `F.linear` / `F.conv2d` (whole)
+    "fused"               the native CPU decode-GEMM (`kernels/fused.py`) wherever it takes the call (fp32,
+                          outputs in runs of 8), "dequant" elsewhere
 Any other value raises `ValueError`. Convolutions under "triton"/"lut" run as implicit GEMMs over
 unfolded input (`kernels/conv.py`).
 
@@ -75,7 +77,7 @@ import torch.nn.functional as F
 from . import autotune, compiled, conv, dense_cache, derived, fused, lut, routes
 from .derived import cached
 
-KERNELS = ("triton", "lut", "dequant")
+KERNELS = ("triton", "lut", "dequant", "fused")
 TRITON_MAX_ROWS = 256  # GPU: above this, decode + cuBLAS (first guess; re-measure on the GPU)
 LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (see use_lut)
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
@@ -401,6 +403,8 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module._weight().to(x.dtype), module._bias(x.dtype))
     K, N = module.shape[1], module.shape[0]
     rows = x.numel() // K if K else 0
+    if forced == "fused" and not fused.takes_linear(x, K):
+        forced = "dequant"
     dense = None if forced else dense_cache.kept(module, x.dtype)
     kernel, y, run = forced, None, None
     if dense is not None:
@@ -451,6 +455,8 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
     if needs_autograd(module, x):
         weight = module._weight().to(x.dtype)
         return F.conv2d(x, weight, module._bias(x.dtype), module.stride, module.padding, module.dilation)
+    if forced == "fused" and not fused.takes_conv(x, module):
+        forced = "dequant"
     dense = None if forced else dense_cache.kept(module, x.dtype)
     kernel, y, run = forced, None, None
     if dense is not None:

@@ -139,3 +139,24 @@ def test_the_fused_linear_is_the_linear_of_the_decoded_weight(lead, out, K, spec
     few = torch.randn(5, K)  # 5 rows: padding would be most of the work
     assert fused.linear(few, *dispatch._fused_inputs(layer)) is None
     assert "fused" not in dispatch.linear_candidates(layer, few, 5)
+
+
+@torch.no_grad()
+def test_avq_kernel_fused_forces_it_where_it_takes_the_call_and_decodes_elsewhere(monkeypatch) -> None:
+    monkeypatch.setenv("AVQ_KERNEL", "fused")
+    conv_layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 4)), padding=1).eval()
+    linear_layer = AQLinear(random_qweight((12, 16), QuantSpec(1, 8, 4)), bias=torch.randn(12)).eval()
+    weight = dispatch.dense_weight(linear_layer, torch.float32).clone().double()
+    calls = [
+        (conv_layer, torch.randn(1, 4, 8, 8), "fused"),
+        (conv_layer, torch.randn(1, 4, 6, 6), "dequant"),  # 36 outputs: not in runs of 8
+        (linear_layer, torch.randn(16, 16), "fused"),
+        (linear_layer, torch.randn(3, 16), "dequant"),  # 3 rows: below a run
+    ]
+    for layer, x, kernel in calls:
+        if isinstance(layer, AQConv2d):
+            ref = _reference(layer, x)
+        else:
+            ref = F.linear(x.double(), weight, _bias(layer))
+        torch.testing.assert_close(layer(x).double(), ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max()))
+        assert routes.kernel_of(layer) == kernel

@@ -300,7 +300,7 @@ def test_gradient_to_input_through_frozen_layer(monkeypatch) -> None:
 def test_invalid_avq_kernel_is_a_clear_error(monkeypatch, value: str) -> None:
     monkeypatch.setenv("AVQ_KERNEL", value)
     layer = AQLinear(random_qweight((6, 16), QuantSpec(1, 8, 4)))
-    message = rf"AVQ_KERNEL='{value}' is not a kernel; use one of triton, lut, dequant"
+    message = rf"AVQ_KERNEL='{value}' is not a kernel; use one of triton, lut, dequant, fused"
     with pytest.raises(ValueError, match=message):
         layer(torch.randn(2, 16))
     monkeypatch.setenv("AVQ_KERNEL", " LUT ")  # case and spaces are forgiven

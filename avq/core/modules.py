@@ -140,8 +140,9 @@ class AQModule(QuantizedLayer):
     def _weight(self) -> torch.Tensor:
         """The dense weight, float32, shaped like the original (differentiable in codebooks and scales).
 
-        The dequantize path of the kernel dispatch (`avq.kernels.dispatch`, `AVQ_KERNEL=triton|lut|dequant`):
-        used whenever autograd needs gradients; inference forwards go through the fused kernels.
+        The dequantize path of the kernel dispatch (`avq.kernels.dispatch`, whose `AVQ_KERNEL` forces
+        triton|lut|dequant|fused): used whenever autograd needs gradients; inference forwards go through the
+        fused kernels.
         """
         return decode(self.codes, self.codebooks, self.scales).reshape(self.shape)
 
