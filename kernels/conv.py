@@ -85,6 +85,21 @@ def choose_conv_strategy(device: torch.device, rows: int, out: int) -> str:
     return "implicit" if rows <= PATCH_TO_WEIGHT_MAX * out else "dequant"
 
 
+def unfold(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """`F.unfold`'s patches `[B, C*kh*kw, L]` under explicit `pads` (`explicit_padding`); uneven ones ("same"
+    with an even kernel) go through `F.pad` first, since `F.unfold` pads both sides alike."""
+    top, bottom, left, right = pads
+    if top != bottom or left != right:
+        x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
+    return F.unfold(x, kernel_size, dilation=dilation, padding=(top, left), stride=stride)
+
+
 def implicit_gemm(
     x: torch.Tensor,
     matmul: Callable[[torch.Tensor], torch.Tensor],
@@ -101,11 +116,7 @@ def implicit_gemm(
     if kernel_size == (1, 1) and stride == (1, 1) and pads == (0, 0, 0, 0):
         cols = x.permute(0, 2, 3, 1).reshape(B * H * W, Cin)  # a view for channels-last input
     else:
-        top, bottom, left, right = pads
-        if top != bottom or left != right:  # "same" with an even kernel: F.unfold pads symmetrically only
-            x = F.pad(x, (left, right, top, bottom))
-            pads = (0, 0, 0, 0)
-        cols = F.unfold(x, kernel_size, dilation=dilation, padding=(pads[0], pads[2]), stride=stride)
+        cols = unfold(x, kernel_size, stride, pads, dilation)
         cols = cols.transpose(1, 2).reshape(B * ho * wo, -1)  # [B*L, in*kh*kw]
     y = matmul(cols).view(B, ho, wo, -1).permute(0, 3, 1, 2)  # NCHW view of an NHWC result
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

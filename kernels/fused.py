@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compiled, native
-from .conv import explicit_padding, output_size
+from .conv import explicit_padding, output_size, unfold
 
 RUN = 8  # outputs per run (one 256-bit vector of fp32)
 PARALLEL_MIN = 1 << 18  # multiply-adds from which the kernel splits over torch's threads (~1 us to start)
@@ -128,17 +128,14 @@ def conv2d(
         return None
     B, ho_wo = x.shape[0], output_size(tuple(x.shape[-2:]), kernel_size, stride, pads, dilation)
     top, bottom, left, right = pads
-    # F.pad first where the layout reads a padded input, or where F.unfold cannot pad ("same" with an even
-    # kernel pads more at the end)
-    pre_pad = (left, right, top, bottom) if layout == "padded" or top != bottom or left != right else None
-    unfold_pad = (0, 0) if pre_pad else (top, left)
+    pad = (left, right, top, bottom) if layout == "padded" and any(pads) else None  # read in place after
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        if pre_pad is not None and any(pre_pad):
-            x = F.pad(x, pre_pad)
-        if layout == "unfold":
-            x = F.unfold(x, kernel_size, dilation=dilation, padding=unfold_pad, stride=stride)
+        if pad is not None:
+            x = F.pad(x, pad)
+        elif layout == "unfold":
+            x = unfold(x, kernel_size, stride, pads, dilation)
         out = torch.empty(B, N, *ho_wo, dtype=torch.float32)
         kernel(x, out)
         return out
