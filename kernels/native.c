@@ -269,7 +269,14 @@ typedef struct {
     float *out; /* written at vo[v] + n*ostride + i */
     int64_t N, G, C, V, ostride, nblocks;
     int M, g;
+    int64_t groups; /* run groups of the range function in use (pairs, or FUSED_RUNS runs) */
+    int bmajor; /* items block-major (see DEFINE_FUSED) */
 } fused_args;
+
+/* item -> (first run, first channel) */
+#define FUSED_ITEM(a, item, runs, v, n0)                                                                   \
+    const int64_t v = ((a)->bmajor ? (item) % (a)->groups : (item) / (a)->nblocks) * (runs);               \
+    const int64_t n0 = ((a)->bmajor ? (item) / (a)->groups : (item) % (a)->nblocks) * FUSED_NB;
 
 /* FUSED_NB channels from n0 (nb of them real: the rest repeat the last and are not stored) times VN runs
  * from v. */
@@ -379,7 +386,7 @@ INLINE int fused_paired(const fused_args *a, int64_t v) {
     FUSED_ATTR static void fused_range_##CT(const void *p, int64_t lo, int64_t hi) {                      \
         const fused_args *a = (const fused_args *)p;                                                       \
         for (int64_t item = lo; item < hi; item++) {                                                       \
-            const int64_t v = item / a->nblocks * 2, n0 = item % a->nblocks * FUSED_NB;                    \
+            FUSED_ITEM(a, item, 2, v, n0)                                                                  \
             const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB;                             \
             if (v + 1 >= a->V) {                                                                           \
                 fused_tile_##CT##_1(a, n0, nb, v, a->M, a->g);                                             \
@@ -408,7 +415,7 @@ INLINE int fused_paired(const fused_args *a, int64_t v) {
     FUSED_ATTR static void fused_range16_##CT(const void *p, int64_t lo, int64_t hi) {                    \
         const fused_args *a = (const fused_args *)p;                                                       \
         for (int64_t item = lo; item < hi; item++) {                                                       \
-            const int64_t v = item / a->nblocks * FUSED_RUNS, n0 = item % a->nblocks * FUSED_NB;           \
+            FUSED_ITEM(a, item, FUSED_RUNS, v, n0)                                                         \
             const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB;                             \
             if (v + FUSED_RUNS <= a->V) {                                                                  \
                 switch (a->M * 100 + a->g) { CASES16(CT) }                                                 \
@@ -443,12 +450,14 @@ DEFINE_FUSED_RANGE16(uint16_t, FUSED_NO_CASES)
         if (M > MAX_BOOKS || M < 1 || g < 1 || N < 1) return -1;                                           \
         const int64_t nblocks = (N + FUSED_NB - 1) / FUSED_NB;                                             \
         fused_args a = {x, koff, vx, vo, codes, books, scales, bias, out, N, G, C, V, ostride, nblocks, M, g}; \
-        int paired = FUSED_WIDE && V >= FUSED_RUNS;                                                      \
+        int paired = FUSED_WIDE && V >= 4 * FUSED_RUNS; /* few runs: the 8-wide tile was faster */      \
         for (int64_t v = 0; paired && v + FUSED_RUNS <= V; v += FUSED_RUNS) paired = fused_paired(&a, v);  \
-        if (paired)                                                                                        \
-            parallel_range(fused_range16_##CT, &a, (V + FUSED_RUNS - 1) / FUSED_RUNS * nblocks, threads);  \
-        else                                                                                               \
-            parallel_range(fused_range_##CT, &a, (V + 1) / 2 * nblocks, threads);                          \
+        /* Items run-group-major, so that consecutive ones reuse a group's input from L1/L2; with fewer     \
+         * groups than two per thread, block-major instead: contiguous slices of group-major items would   \
+         * give one thread the full groups and another a short last one. */                               \
+        a.groups = paired ? (V + FUSED_RUNS - 1) / FUSED_RUNS : (V + 1) / 2;                               \
+        a.bmajor = a.groups < 2 * threads;                                                                 \
+        parallel_range(paired ? fused_range16_##CT : fused_range_##CT, &a, a.groups * nblocks, threads);   \
         return 0;                                                                                          \
     }
 

@@ -39,8 +39,8 @@ CASES = [
     (7, 8, 3, (16, 16), 2, {"padding": 1}, QuantSpec(2, 8, 8), "padded"),  # 7 channels: a partial block
     (12, 4, 3, (10, 8), 1, {"padding": 1, "stride": (2, 1)}, QuantSpec(3, 6, 4), "padded"),  # odd runs
     (6, 8, 3, (9, 8), 3, {"padding": 2, "dilation": 2}, QuantSpec(1, 12, 8), "padded"),  # uint16 codes
-    (13, 8, 3, (9, 16), 1, {"padding": 1}, QuantSpec(1, 8, 4), "padded"),  # 16-wide pairs, a partial group
-    (5, 4, 3, (4, 32), 1, {"padding": 1}, QuantSpec(1, 12, 4), "padded"),  # 16-wide pairs, uint16 codes
+    (13, 8, 3, (17, 16), 1, {"padding": 1}, QuantSpec(1, 8, 4), "padded"),  # 16-wide, a partial group
+    (5, 4, 3, (8, 32), 1, {"padding": 1}, QuantSpec(1, 12, 4), "padded"),  # 16-wide, uint16 codes
     (9, 8, 2, (8, 8), 1, {"padding": "same"}, QuantSpec(2, 4, 2), "padded"),  # "same": one more at the end
     (8, 16, 3, (4, 4), 2, {"padding": 1}, QuantSpec(1, 8, 4), "unfold"),  # 4x4 outputs: runs span rows
     (8, 4, 3, (8, 8), 1, {"padding": 1, "stride": 2}, QuantSpec(2, 5, 4), "unfold"),
