@@ -278,29 +278,29 @@ typedef struct {
     const int64_t v = ((a)->bmajor ? (item) % (a)->groups : (item) / (a)->nblocks) * (runs);               \
     const int64_t n0 = ((a)->bmajor ? (item) / (a)->groups : (item) % (a)->nblocks) * FUSED_NB;
 
-/* FUSED_NB channels from n0 (nb of them real: the rest repeat the last and are not stored) times VN runs
- * from v. */
-#define DEFINE_FUSED_TILE(CT, VN)                                                                          \
-    FUSED_ATTR INLINE void fused_tile_##CT##_##VN(const fused_args *a, int64_t n0, int nb, int64_t v,    \
-                                                   const int M, const int g) {                           \
+/* FUSED_NB channels from n0 (nb of them real: the rest repeat the last and are not stored) times VN vectors
+ * of type VT from run v, vector u at run v + STEP*u (8-wide: one run each; 16-wide: two adjacent runs). */
+#define DEFINE_FUSED_TILE_T(NAME, CT, VT, VN, STEP)                                                        \
+    FUSED_ATTR INLINE void NAME(const fused_args *a, int64_t n0, int nb, int64_t v, const int M,           \
+                                 const int g) {                                                            \
         FUSED_CONTRACT                                                                                     \
         const CT *restrict crow[FUSED_NB];                                                                 \
         const float *restrict xs[VN];                                                                      \
-        v8f acc[FUSED_NB][VN];                                                                             \
+        VT acc[FUSED_NB][VN];                                                                              \
         for (int o = 0; o < FUSED_NB; o++) {                                                               \
-            crow[o] = (const CT *)a->codes + (n0 + (o < nb ? o : nb - 1)) * a->G * M;                     \
-            for (int u = 0; u < VN; u++) acc[o][u] = (v8f){0};                                             \
+            crow[o] = (const CT *)a->codes + (n0 + (o < nb ? o : nb - 1)) * a->G * M;                      \
+            for (int u = 0; u < VN; u++) acc[o][u] = (VT){0};                                              \
         }                                                                                                  \
-        for (int u = 0; u < VN; u++) xs[u] = a->x + a->vx[v + u];                                          \
+        for (int u = 0; u < VN; u++) xs[u] = a->x + a->vx[v + STEP * u];                                   \
         const int64_t *restrict koff = a->koff;                                                            \
         for (int64_t j = 0; j < a->G; j++, koff += g) {                                                    \
             const float *restrict w[FUSED_NB][MAX_BOOKS];                                                  \
             for (int o = 0; o < FUSED_NB; o++)                                                             \
                 for (int m = 0; m < M; m++)                                                                \
-                    w[o][m] = a->books + ((int64_t)m * a->C + crow[o][j * M + m]) * g;                      \
+                    w[o][m] = a->books + ((int64_t)m * a->C + crow[o][j * M + m]) * g;                     \
             for (int t = 0; t < g; t++) {                                                                  \
-                v8f xv[VN];                                                                                \
-                for (int u = 0; u < VN; u++) xv[u] = *(const v8f *)(xs[u] + koff[t]);                      \
+                VT xv[VN];                                                                                 \
+                for (int u = 0; u < VN; u++) xv[u] = *(const VT *)(xs[u] + koff[t]);                       \
                 for (int o = 0; o < FUSED_NB; o++) {                                                       \
                     float wt = w[o][0][t];                                                                 \
                     for (int m = 1; m < M; m++) wt += w[o][m][t];                                          \
@@ -311,9 +311,11 @@ typedef struct {
         for (int o = 0; o < nb; o++) {                                                                     \
             const float s = a->scales[n0 + o], b = a->bias ? a->bias[n0 + o] : 0.f;                        \
             for (int u = 0; u < VN; u++)                                                                   \
-                *(v8f *)(a->out + a->vo[v + u] + (n0 + o) * a->ostride) = acc[o][u] * s + b;              \
+                *(VT *)(a->out + a->vo[v + STEP * u] + (n0 + o) * a->ostride) = acc[o][u] * s + b;         \
         }                                                                                                  \
     }
+
+#define DEFINE_FUSED_TILE(CT, VN) DEFINE_FUSED_TILE_T(fused_tile_##CT##_##VN, CT, v8f, VN, 1)
 
 /* The 16-wide tile needs 32 vector registers (AVX-512): where the compiler targets fewer, its 24
  * accumulators would spill, and the 8-wide tile serves every call. */
@@ -326,42 +328,9 @@ typedef struct {
 #define FUSED_RUNS (2 * FUSED_VZ) /* runs per item */
 typedef float v16f __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* FUSED_NB channels from n0 times FUSED_VZ vectors of 16 outputs from run v: each vector two adjacent runs
- * (input and output of run v+2z+1 right after those of v+2z). */
-#define DEFINE_FUSED_TILE16(CT)                                                                            \
-    FUSED_ATTR INLINE void fused_tile16_##CT(const fused_args *a, int64_t n0, int nb, int64_t v,          \
-                                             const int M, const int g) {                                 \
-        FUSED_CONTRACT                                                                                     \
-        const CT *restrict crow[FUSED_NB];                                                                 \
-        const float *restrict xs[FUSED_VZ];                                                                \
-        v16f acc[FUSED_NB][FUSED_VZ];                                                                      \
-        for (int o = 0; o < FUSED_NB; o++) {                                                               \
-            crow[o] = (const CT *)a->codes + (n0 + (o < nb ? o : nb - 1)) * a->G * M;                     \
-            for (int u = 0; u < FUSED_VZ; u++) acc[o][u] = (v16f){0};                                      \
-        }                                                                                                  \
-        for (int u = 0; u < FUSED_VZ; u++) xs[u] = a->x + a->vx[v + 2 * u];                                \
-        const int64_t *restrict koff = a->koff;                                                            \
-        for (int64_t j = 0; j < a->G; j++, koff += g) {                                                    \
-            const float *restrict w[FUSED_NB][MAX_BOOKS];                                                  \
-            for (int o = 0; o < FUSED_NB; o++)                                                             \
-                for (int m = 0; m < M; m++)                                                                \
-                    w[o][m] = a->books + ((int64_t)m * a->C + crow[o][j * M + m]) * g;                      \
-            for (int t = 0; t < g; t++) {                                                                  \
-                v16f xv[FUSED_VZ];                                                                         \
-                for (int u = 0; u < FUSED_VZ; u++) xv[u] = *(const v16f *)(xs[u] + koff[t]);               \
-                for (int o = 0; o < FUSED_NB; o++) {                                                       \
-                    float wt = w[o][0][t];                                                                 \
-                    for (int m = 1; m < M; m++) wt += w[o][m][t];                                          \
-                    for (int u = 0; u < FUSED_VZ; u++) acc[o][u] += xv[u] * wt;                            \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-        for (int o = 0; o < nb; o++) {                                                                     \
-            const float s = a->scales[n0 + o], b = a->bias ? a->bias[n0 + o] : 0.f;                        \
-            for (int u = 0; u < FUSED_VZ; u++)                                                             \
-                *(v16f *)(a->out + a->vo[v + 2 * u] + (n0 + o) * a->ostride) = acc[o][u] * s + b;          \
-        }                                                                                                  \
-    }
+/* the 16-wide tile: FUSED_VZ vectors of two adjacent runs each (input and output of run v+2z+1 right after
+ * those of v+2z) */
+#define DEFINE_FUSED_TILE16(CT) DEFINE_FUSED_TILE_T(fused_tile16_##CT, CT, v16f, FUSED_VZ, 2)
 
 /* whether the FUSED_RUNS runs from v pair up into adjacent 16-wide vectors, in input and output */
 INLINE int fused_paired(const fused_args *a, int64_t v) {
