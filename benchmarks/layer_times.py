@@ -36,7 +36,7 @@ from avq.kernels import autotune, routes
 from avq_bench.results import write_results
 
 
-def least_ms(fn: Callable[[], object]) -> float:
+def call_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
@@ -73,7 +73,7 @@ def measure(name: str, batch: int, rounds: int, args: argparse.Namespace) -> lis
     inputs = model_inputs(model, batch, cpu, torch.float32)
     xs = layer_inputs(model, list(quantizable_layers(model)), inputs)  # (also the warm-up forward)
     with torch.no_grad():
-        step_ms = min(least_ms(lambda: model(**inputs)) for _ in range(rounds))
+        step_ms = min(call_ms(lambda: model(**inputs)) for _ in range(rounds))
     fp_layers = {n: copy.deepcopy(model.get_submodule(n)) for n in xs}
     quantize_random(model)
     rows: list[dict] = []
@@ -85,8 +85,8 @@ def measure(name: str, batch: int, rounds: int, args: argparse.Namespace) -> lis
             w2(x)  # the kernel measured and its route prepared
             times = {"fp": float("inf"), "w2": float("inf")}
             for _ in range(rounds):
-                times["fp"] = min(times["fp"], least_ms(lambda: fp(x)))  # noqa: B023 (called here)
-                times["w2"] = min(times["w2"], least_ms(lambda: w2(x)))  # noqa: B023
+                times["fp"] = min(times["fp"], call_ms(lambda: fp(x)))  # noqa: B023 (called here)
+                times["w2"] = min(times["w2"], call_ms(lambda: w2(x)))  # noqa: B023
             rows.append({
                 "kind": "layer", "model": name, "batch": batch, "layer": layer_name,
                 "op": "conv" if len(w2.shape) == 4 else "linear", "shape": list(w2.shape),
