@@ -69,7 +69,7 @@ from avq.calibration.statistics import quantizable_layers
 from avq.core.modules import AQModule, replace_module
 from avq.core.qweight import QuantizedWeight, code_dtype
 from avq.core.spec import QuantSpec
-from avq.kernels import autotune, compiled, dispatch, routes
+from avq.kernels import autotune, choice, compiled, routes
 from avq.planning.plan import LayerPlan, plan_model
 from avq.planning.presets import preset_config
 from avq_bench.results import write_results
@@ -360,7 +360,7 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
             row["threads"] = torch.get_num_threads()
             if variant != "fp":
                 row["cpu_kernels"] = compiled.backend()  # native C, numba or None (torch)
-        with torch.no_grad(), dispatch.forced_kernel(kernel), peak_memory(device) as mem:
+        with torch.no_grad(), choice.forced_kernel(kernel), peak_memory(device) as mem:
             timing = time_step(
                 lambda kw=kwargs: model(**kw), device, args.warmup, args.repeats, args.target_s
             )
@@ -373,7 +373,7 @@ def measure(name: str, variant: str, args: argparse.Namespace) -> list[dict]:
         kwargs = model_inputs(model, args.batches[0], device, dtype)
         with torch.no_grad():
             y = model(**kwargs).sample.float()
-            with dispatch.forced_kernel("dequant"):
+            with choice.forced_kernel("dequant"):
                 ref = model(**kwargs).sample.float()
         rows[-1]["rel_err_vs_dequant"] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         # The W2/FP ratio side by side: the FP model built again in this process (after the peaks above).

@@ -12,7 +12,7 @@ UNet (model_channels 192, mult 1-2-3-5), the SD 1.x UNet and DiT-XL/2, 3x3 convs
 the `[4096, 4096]` acceptance shape, for `rows` in 1, 16, 256, 4096. Methods:
 - `dense`: the decoded weight as a dense matrix; `torch` fp32 matmul on CPU, cuBLAS fp16 on CUDA (timed
   once per shape and rows, so its rows carry `"spec": null`);
-- `dequant_gemm`: decode the weight from codes on every call (`avq.kernels.dispatch.dense_weight`), then GEMM;
+- `dequant_gemm`: decode the weight from codes on every call (`avq.kernels.weights.dense_weight`), then GEMM;
 - `fused`: the fused kernel; Triton VQ-GEMM on CUDA (autotuned; first call excluded), the LUT GEMM on CPU
   (never the Triton interpreter);
 - `auto`: what `AQLinear` picks with `AVQ_KERNEL` unset (the row names the kernel it chose; on CPU up to
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import autotune, compiled, dispatch
+from avq.kernels import autotune, choice, compiled, dispatch
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -261,7 +261,7 @@ def linear_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                     else:
                         row = {**common, **quant, "rows": R, "method": method}
                     if method == "auto":  # the rule's guess; replaced by the measured choice after timing
-                        row["kernel"] = dispatch.choose_linear_kernel(device, dense_dtype, R, spec, N)
+                        row["kernel"] = choice.choose_linear_kernel(device, dense_dtype, R, spec, N)
                     reason = None
                     uses_lut = kernel == "lut" or row.get("kernel") == "lut"
                     if not budget.left():
@@ -274,14 +274,14 @@ def linear_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         out.append({**row, "skipped": reason})
                         continue
                     try:
-                        with torch.no_grad(), dispatch.forced_kernel(kernel):
+                        with torch.no_grad(), choice.forced_kernel(kernel):
                             timing = time_call(fn, device, args.max_call_seconds)
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         out.append({**row, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})
                         continue
                     y = timing.pop("out")
                     if method == "auto":
-                        key = dispatch.measured_key(layer, x, R)
+                        key = choice.measured_key(layer, x, R)
                         if key is not None:
                             row["kernel"] = autotune.chosen(key) or row["kernel"]
                             row["kernel_choice"] = "measured"
@@ -340,7 +340,7 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                         out.append({**row, "skipped": f"LUT of {lut_mib:.0f} MiB > --max-lut-mib"})
                         continue
                     try:
-                        with torch.no_grad(), dispatch.forced_kernel(kernel):
+                        with torch.no_grad(), choice.forced_kernel(kernel):
                             timing = time_call(fn, device, args.max_call_seconds)
                     except Exception as exc:  # noqa: BLE001
                         out.append({**row, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"})

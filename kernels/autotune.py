@@ -84,7 +84,9 @@ def hyperthreaded_cores() -> int:
 def _kernels_digest() -> str:
     """A hash of this package's kernel sources: choices measured with other kernels are not reused."""
     digest = hashlib.sha256()
-    for name in ("lut.py", "dispatch.py", "conv.py", "fused.py", "compiled.py", "native.c"):
+    sources = ("lut.py", "dispatch.py", "choice.py", "weights.py", "conv.py", "fused.py", "compiled.py")
+    sources += ("native.c",)
+    for name in sources:
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]
 

@@ -46,7 +46,7 @@ NUMBA_GROUP_BLOCK = 8  # J of the compiled gather-sum (measured: 8 and 16 within
 # 0.86 ms; 0.68 vs 0.84 ms on idle threads).
 # On an Intel Xeon (2 cores of a 16-core Emerald Rapids VM) the opposite held for the decode: 2 threads
 # 1.8-2.9 ms vs 3.0-9.0 ms serial for 16.8 M weights. So these are only the defaults; the measured dispatch
-# (`kernels/dispatch.py`) times its winner again on numba's threads (`parallel=True`) per host.
+# (`kernels/choice.py`) times its winner again on numba's threads (`parallel=True`) per host.
 DECODE_PARALLEL_MIN = 1 << 25  # weights (larger than any SD / SDXL layer)
 LUT_PARALLEL_MIN = 1 << 23  # lookups: rows x codes (one row of [4096, 4096] 2x8g8 is 4.2 M)
 

@@ -11,9 +11,9 @@ Two strategies, chosen per call by `choose_conv_strategy` (used by `kernels/disp
 Rule (`choose_conv_strategy`): CUDA uses `"implicit"` when `rows = B*Ho*Wo <= GPU_IMPLICIT_MAX_ROWS` and
 the patches are not much larger than the weight; everything else uses `"dequant"`. On CPU never the LUT:
 UNet convs have at least 16 rows (a 4x4 feature map, one image), far above its break-even
-(`dispatch.LUT_MAX_ROWS` = 4). Measured on 2 EPYC cores, 1280->1280 3x3 at 8x8, batch 1 (64 rows), 2x8g8:
+(`choice.LUT_MAX_ROWS` = 4). Measured on 2 EPYC cores, 1280->1280 3x3 at 8x8, batch 1 (64 rows), 2x8g8:
 dequantize + conv 31-40 ms, implicit GEMM through the LUT 174 ms, dense fp32 conv 24 ms. The CPU's
-`"dequant"` family is measured per call (`dispatch.conv_candidates`) against a third way,
+`"dequant"` family is measured per call (`choice.conv_candidates`) against a third way,
 `kernels/fused.py`: the native decode-GEMM, which reads the input in place (padded) where it can and
 multiplies by a weight decoded inside its inner loop, never written to memory.
 

@@ -10,7 +10,7 @@ so the weight costs one byte of codes per 4 weights (1x8g4) instead of 4 bytes w
 The kernel reads its input at `x[run + koff[k] + i]` for `i < RUN`: each run is `RUN` outputs whose inputs
 lie next to each other (one vector load per weight column). Where the outputs do not come in such runs the
 kernel does not apply (no tail), and the dispatcher, which measures it against decode + dense per call
-(`dispatch.conv_candidates`, `dispatch.linear_candidates`), keeps the other paths.
+(`choice.conv_candidates`, `choice.linear_candidates`), keeps the other paths.
 
 Sums in another order than decode + `F.conv2d`/`F.linear` and with FMAs: equal to them within float
 rounding, not bit for bit (the decode paths are bit-identical to `avq.core.qweight.decode`).

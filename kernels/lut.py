@@ -11,8 +11,8 @@ over a cached int32 index in a *blocked* layout `[G/J, N, J*M]`: bag `(b, n)` su
 slice of the LUT (32 KiB for 2x8 at R = 1, J = 16: L1) instead of striding over the whole LUT
 (1 MiB for a 4096-wide layer); the `G/J` partial sums per output are added at the end.
 Measured on 2 EPYC cores, 4096x4096 2x8g8, R = 1: flat layout 2.4 ms, blocked (J = 16) 1.7 ms, dense fp32
-GEMV 2.7 ms, `aqlm`'s numba kernel 8.0 ms. The int32 index is built once per module and cached by the
-dispatcher (`kernels/dispatch.py`): building it costs about as much as the GEMV.
+GEMV 2.7 ms, `aqlm`'s numba kernel 8.0 ms. The int32 index is built once per module and cached with
+its weight data (`kernels/weights.py`): building it costs about as much as the GEMV.
 
 Not used, and why: `torch.compile` of the gather-sum reads uint8 codes directly and ran 1.3 ms in
 isolation, but its OpenMP worker threads then contended with torch's own (2-10x slowdowns of itself and of

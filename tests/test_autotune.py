@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQLinear, QuantSpec
-from avq.kernels import autotune, compiled, dense_cache, dispatch, lut, native, routes
+from avq.kernels import autotune, choice, compiled, dense_cache, dispatch, lut, native, routes, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +52,7 @@ def _slow(monkeypatch, target, name: str, builds: bool = False) -> None:
 
 
 # kernel -> what its calls run: (module, function, whether that function builds the runner)
-SLOW = {"lut": (dispatch, "_fused_runner", True), "dequant": (dispatch, "_decoder", True),
+SLOW = {"lut": (dispatch, "_fused_runner", True), "dequant": (weights, "decoder", True),
         "dequant-blocked": (lut, "dequant_matmul", False)}  # fmt: skip
 
 
@@ -60,7 +60,7 @@ SLOW = {"lut": (dispatch, "_fused_runner", True), "dequant": (dispatch, "_decode
 @torch.no_grad()
 def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, fast):
     layer, x = _layer(), torch.randn(1, 64)
-    ref = F.linear(x, dispatch.dense_weight(layer, torch.float32).clone(), layer.bias)
+    ref = F.linear(x, weights.dense_weight(layer, torch.float32).clone(), layer.bias)
     for kernel, (target, name, builds) in SLOW.items():
         if kernel != fast:
             _slow(monkeypatch, target, name, builds)
@@ -68,7 +68,7 @@ def test_the_faster_kernel_is_measured_kept_and_reused(cache, monkeypatch, fast)
             _slow(monkeypatch, target, name)
     y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    key = dispatch.measured_key(layer, x, 1)
+    key = choice.measured_key(layer, x, 1)
     assert autotune.chosen(key) == fast
     saved = json.loads(autotune.cache_file().read_text())
     assert saved["host"] == autotune.host() and saved["choices"][key]["kernel"] == fast
@@ -93,7 +93,7 @@ def test_forced_kernels_and_float64_are_not_measured_and_many_rows_skip_the_lut(
         monkeypatch.setenv("AVQ_KERNEL", forced)
         layer(torch.randn(1, 64))
     monkeypatch.delenv("AVQ_KERNEL")
-    assert dispatch.measured_key(layer, torch.randn(1, 64, dtype=torch.float64), 1) is None
+    assert choice.measured_key(layer, torch.randn(1, 64, dtype=torch.float64), 1) is None
     layer.double()(torch.randn(1, 64, dtype=torch.float64))
     assert measured == [] and not autotune.cache_file().exists()
     layer.float()(torch.randn(65, 64))  # above MEASURE_MAX_ROWS: the whole decode against blocks
@@ -111,7 +111,7 @@ def test_large_convolutions_measure_whole_against_blocked_decode(cache, monkeypa
     conv = AQConv2d(random_qweight((40, 8, 3, 3), SPEC, seed=3), bias=torch.randn(40), padding=1).eval()
     x = torch.randn(2, 8, 6, 6)
     ref = F.conv2d(
-        x, dispatch.dense_weight(conv, torch.float32).view(40, 8, 3, 3).clone(), conv.bias, padding=1
+        x, weights.dense_weight(conv, torch.float32).view(40, 8, 3, 3).clone(), conv.bias, padding=1
     )
     blocked = dispatch._conv_runner("dequant-blocked", conv, x)(x)
     torch.testing.assert_close(blocked, ref, rtol=1e-5, atol=1e-5)
@@ -121,20 +121,20 @@ def test_large_convolutions_measure_whole_against_blocked_decode(cache, monkeypa
         rtol=1e-5,
         atol=1e-5,
     )
-    _slow(monkeypatch, dispatch, "_decoder", builds=True)
+    _slow(monkeypatch, weights, "decoder", builds=True)
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
-    key = dispatch.conv_measured_key(conv, x, 2 * 36, dispatch.conv_candidates(conv, x))
+    key = choice.conv_measured_key(conv, x, 2 * 36, choice.conv_candidates(conv, x))
     assert key.startswith("conv|cpu|") and "40x8x3x3" in key
     assert autotune.chosen(key) == "dequant-blocked"
     small = AQConv2d(random_qweight((8, 8, 3, 3), SPEC, seed=4), padding=1).eval()
-    assert dispatch.conv_candidates(small, x) == ("dequant",)  # 6x6 outputs: not in runs of 8
-    assert dispatch.conv_measured_key(small, x, 2 * 36, ("dequant",)) is None
+    assert choice.conv_candidates(small, x) == ("dequant",)  # 6x6 outputs: not in runs of 8
+    assert choice.conv_measured_key(small, x, 2 * 36, ("dequant",)) is None
 
 
 @torch.no_grad()
 def test_keys_bucket_rows_and_name_the_shape(cache):
     layer = _layer()
-    keys = {r: dispatch.measured_key(layer, torch.randn(r, 64), r) for r in (1, 2, 3, 4, 5, 64)}
+    keys = {r: choice.measured_key(layer, torch.randn(r, 64), r) for r in (1, 2, 3, 4, 5, 64)}
     assert keys[3] == keys[4] != keys[2] != keys[1] and keys[5] != keys[4]
     assert "96x64" in keys[1] and SPEC.name in keys[1] and "rows<=64" in keys[64]
 
@@ -207,13 +207,13 @@ def test_the_winner_is_timed_threaded_where_a_second_thread_might_pay(cache, mon
         native, "_threads", lambda p: threads_asked.append(real_threads(p)) or threads_asked[-1]
     )
     layer, x = _layer(), torch.randn(1, 64)
-    assert not dispatch.threadable(layer, x)  # one thread
+    assert not choice.threadable(layer, x)  # one thread
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert not dispatch.threadable(layer, x)  # small weight
-        monkeypatch.setattr(dispatch, "THREADED_MIN_WEIGHTS", 96 * 64)
-        assert dispatch.threadable(layer, x) and not dispatch.threadable(layer, x.double())
+        assert not choice.threadable(layer, x)  # small weight
+        monkeypatch.setattr(choice, "THREADED_MIN_WEIGHTS", 96 * 64)
+        assert choice.threadable(layer, x) and not choice.threadable(layer, x.double())
         measured = []
         real = autotune.measure
         monkeypatch.setattr(autotune, "measure", lambda key, c: measured.append(sorted(c)) or real(key, c))
@@ -223,11 +223,11 @@ def test_the_winner_is_timed_threaded_where_a_second_thread_might_pay(cache, mon
         assert len(measured) == 2 and measured[0] == names
         first = measured[1][0]
         assert measured[1] == [first, first + "-mt"] and first in names
-        key = dispatch.measured_key(layer, x, 1)
+        key = choice.measured_key(layer, x, 1)
         entry = json.loads(autotune.cache_file().read_text())["choices"][key]
         assert entry["kernel"] in measured[1] and set(entry["ms"]) == {*names, first + "-mt"}
         assert routes.kernel_of(layer) == entry["kernel"]
-        assert dispatch.split_threaded("dequant-blocked-mt") == ("dequant-blocked", True)
+        assert choice.split_threaded("dequant-blocked-mt") == ("dequant-blocked", True)
         for name in names:
             serial = dispatch._linear_runner(name, layer, x)(x)
             threaded = dispatch._linear_runner(name + "-mt", layer, x)(x)
@@ -245,7 +245,7 @@ def test_the_winner_is_timed_threaded_where_a_second_thread_might_pay(cache, mon
         monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
         autotune.forget()
         dispatch.invalidate(layer)
-        dispatch._CHOSEN.pop(layer, None)
+        choice._CHOSEN.pop(layer, None)
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
         assert routes.kernel_of(layer) == entry["kernel"]
     finally:

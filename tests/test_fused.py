@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_kernels import random_qweight
 
 from avq import AQConv2d, AQLinear, QuantSpec
-from avq.kernels import autotune, conv, dispatch, fused, native, routes
+from avq.kernels import autotune, choice, conv, fused, native, routes, weights
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def _reference(layer: AQConv2d, x: torch.Tensor) -> torch.Tensor:
-    weight = dispatch.dense_weight(layer, torch.float32).view(layer.shape).clone()
+    weight = weights.dense_weight(layer, torch.float32).view(layer.shape).clone()
     return F.conv2d(x.double(), weight.double(), _bias(layer), layer.stride, layer.padding, layer.dilation)
 
 
@@ -92,20 +92,20 @@ def test_the_dispatcher_measures_the_fused_conv_and_serves_it(tmp_path, monkeypa
     qweight = random_qweight((16, 8, 3, 3), QuantSpec(1, 8, 4))
     layer = AQConv2d(qweight, bias=torch.randn(16), padding=1).eval()
     x = torch.randn(1, 8, 8, 8)
-    assert dispatch.conv_candidates(layer, x) == ("dequant", "fused")
+    assert choice.conv_candidates(layer, x) == ("dequant", "fused")
     ref = _reference(layer, x)
-    real = dispatch._decoder
+    real = weights.decoder
 
     def slow_decoder(*args, **kwargs):
         decode = real(*args, **kwargs)
         return lambda: (torch.ones(200, 200) @ torch.ones(200, 200), decode())[1]
 
-    monkeypatch.setattr(dispatch, "_decoder", slow_decoder)
+    monkeypatch.setattr(weights, "decoder", slow_decoder)
     try:
         for _ in range(2):
             torch.testing.assert_close(layer(x).double(), ref, rtol=0, atol=1e-5 * ref.abs().max())
         assert routes.kernel_of(layer) == "fused"
-        key = dispatch.conv_measured_key(layer, x, 64, dispatch.conv_candidates(layer, x))
+        key = choice.conv_measured_key(layer, x, 64, choice.conv_candidates(layer, x))
         assert autotune.chosen(key) == "fused"
         # a call of the same row bucket that the fused kernel does not take is measured without it
         y = torch.randn(1, 8, 6, 6)  # 36 outputs, bucket 64
@@ -130,17 +130,17 @@ def test_the_dispatcher_measures_the_fused_conv_and_serves_it(tmp_path, monkeypa
 def test_the_fused_linear_is_the_linear_of_the_decoded_weight(lead, out, K, spec, bias: bool) -> None:
     layer = AQLinear(random_qweight((out, K), spec, seed=K), bias=torch.randn(out) if bias else None).eval()
     x = torch.randn(*lead, K)
-    weight = dispatch.dense_weight(layer, torch.float32).clone().double()
+    weight = weights.dense_weight(layer, torch.float32).clone().double()
     ref = F.linear(x.double(), weight, _bias(layer))
     for parallel in (False, True):
         torch.set_num_threads(1 + parallel)
-        got = fused.linear(x, *dispatch._fused_inputs(layer), parallel)(x)
+        got = fused.linear(x, *weights.fused_inputs(layer), parallel)(x)
         assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max()))
-    assert "fused" in dispatch.linear_candidates(layer, x, x.numel() // K)
+    assert "fused" in choice.linear_candidates(layer, x, x.numel() // K)
     few = torch.randn(5, K)  # 5 rows: padding would be most of the work
-    assert fused.linear(few, *dispatch._fused_inputs(layer)) is None
-    assert "fused" not in dispatch.linear_candidates(layer, few, 5)
+    assert fused.linear(few, *weights.fused_inputs(layer)) is None
+    assert "fused" not in choice.linear_candidates(layer, few, 5)
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def test_avq_kernel_fused_forces_it_where_it_takes_the_call_and_decodes_elsewher
     monkeypatch.setenv("AVQ_KERNEL", "fused")
     conv_layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 4)), padding=1).eval()
     linear_layer = AQLinear(random_qweight((12, 16), QuantSpec(1, 8, 4)), bias=torch.randn(12)).eval()
-    weight = dispatch.dense_weight(linear_layer, torch.float32).clone().double()
+    weight = weights.dense_weight(linear_layer, torch.float32).clone().double()
     calls = [
         (conv_layer, torch.randn(1, 4, 8, 8), "fused"),
         (conv_layer, torch.randn(1, 4, 6, 6), "dequant"),  # 36 outputs: not in runs of 8

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype, decode
-from avq.kernels import compiled, conv, dispatch, lut, routes, triton_vqgemm
+from avq.kernels import choice, compiled, conv, dispatch, lut, routes, triton_vqgemm, weights
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -304,7 +304,7 @@ def test_invalid_avq_kernel_is_a_clear_error(monkeypatch, value: str) -> None:
     with pytest.raises(ValueError, match=message):
         layer(torch.randn(2, 16))
     monkeypatch.setenv("AVQ_KERNEL", " LUT ")  # case and spaces are forgiven
-    assert dispatch.kernel_override() == "lut"
+    assert choice.kernel_override() == "lut"
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch) -> None:
@@ -318,14 +318,14 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch) -> None
 def test_automatic_rule() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     s28, s116 = QuantSpec(2, 8, 8), QuantSpec(1, 16, 8)
-    choose = dispatch.choose_linear_kernel
+    choose = choice.choose_linear_kernel
     assert choose(cpu, torch.float32, 1, s28, 320) == "lut"  # one row: the LUT always wins
     assert choose(cpu, torch.bfloat16, 4, s28, 4096) == "lut"  # 4 * 2 * 256 <= 4096
     assert choose(cpu, torch.float32, 4, s28, 1280) == "dequant"  # LUT build > decode
-    assert choose(cpu, torch.float32, dispatch.LUT_MAX_ROWS + 1, s28, 4096) == "dequant"
+    assert choose(cpu, torch.float32, choice.LUT_MAX_ROWS + 1, s28, 4096) == "dequant"
     assert choose(cpu, torch.float32, 1, s116, 4096) == "dequant"  # B = 16: the LUT never pays on CPU
     assert choose(cuda, torch.float16, 1, s116, 4096) == "triton"
-    assert choose(cuda, torch.bfloat16, dispatch.TRITON_MAX_ROWS + 1, s28, 4096) == "dequant"
+    assert choose(cuda, torch.bfloat16, choice.TRITON_MAX_ROWS + 1, s28, 4096) == "dequant"
     assert choose(cuda, torch.float64, 1, s28, 4096) == "dequant"
     assert conv.choose_conv_strategy(cpu, 1, 320) == "dequant"
     assert conv.choose_conv_strategy(cuda, 64, 320) == "implicit"
@@ -363,11 +363,9 @@ def test_fixed_cpu_rule_uses_lut_for_wide_layers() -> None:
     """The fixed rule (reported by `choose_linear_kernel`; automatic CPU calls measure instead:
     tests/test_autotune.py)."""
     spec, cpu = QuantSpec(1, 8, 4), torch.device("cpu")
-    assert dispatch.choose_linear_kernel(cpu, torch.float32, 1, spec, 1024) == "lut"
-    assert (
-        dispatch.choose_linear_kernel(cpu, torch.float32, dispatch.LUT_MAX_ROWS + 1, spec, 1024) == "dequant"
-    )
-    assert dispatch.choose_linear_kernel(cpu, torch.float32, 2, spec, 64) == "dequant"  # LUT build too big
+    assert choice.choose_linear_kernel(cpu, torch.float32, 1, spec, 1024) == "lut"
+    assert choice.choose_linear_kernel(cpu, torch.float32, choice.LUT_MAX_ROWS + 1, spec, 1024) == "dequant"
+    assert choice.choose_linear_kernel(cpu, torch.float32, 2, spec, 64) == "dequant"  # LUT build too big
 
 
 def test_cache_follows_code_and_codebook_edits(monkeypatch) -> None:
@@ -490,15 +488,15 @@ def test_dequant_workspace_is_reused_and_correct(monkeypatch) -> None:
     big = AQLinear(random_qweight((32, 64), QuantSpec(1, 8, 4), seed=1))
     small = AQLinear(random_qweight((16, 32), QuantSpec(2, 8, 8), seed=2))
     key = (torch.device("cpu"), torch.float16)
-    dispatch._WORKSPACE.pool = {}
+    weights.WORKSPACE.pool = {}
     with torch.no_grad():
         for layer in (small, big, small, big):  # the buffer grows once, at `big`
-            w = dispatch.dense_weight(layer, torch.float16)
+            w = weights.dense_weight(layer, torch.float16)
             assert torch.equal(w, layer.qweight.dequantize(torch.float16).flatten(1))
-            buffer, views = dispatch._WORKSPACE.pool[key]
+            buffer, views = weights.WORKSPACE.pool[key]
             assert w.data_ptr() == buffer.data_ptr()  # in the current buffer, never a replaced one
     assert buffer.numel() == 32 * 64 and set(views) == {(32, 64), (16, 32)}
-    assert dispatch.dense_weight(small, torch.float16) is views[(16, 32)]  # the view is kept
+    assert weights.dense_weight(small, torch.float16) is views[(16, 32)]  # the view is kept
     conv_layer = AQConv2d(random_qweight((8, 4, 3, 3), QuantSpec(1, 8, 9)), padding=1)
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():

@@ -51,7 +51,7 @@ def random_layer(out_features: int, in_features: int, spec, device, dtype):
 @torch.no_grad()
 def cmd_bench(args: argparse.Namespace) -> int:
     from avq.core.spec import QuantSpec
-    from avq.kernels import dispatch
+    from avq.kernels import choice
 
     try:
         spec = QuantSpec.parse(args.spec)
@@ -74,11 +74,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_dense, run_layer = (lambda x=x: F.linear(x, dense)), (lambda x=x: layer(x))
         figures = {"rows": rows, "dense": _median_ms(run_dense, args.repeats, device)}
         for kernel in kernels:
-            with dispatch.forced_kernel(kernel):
+            with choice.forced_kernel(kernel):
                 figures[kernel] = _median_ms(run_layer, args.repeats, device)
-        with dispatch.forced_kernel(None):
+        with choice.forced_kernel(None):
             figures["auto"] = _median_ms(run_layer, args.repeats, device)
-        figures["auto_kernel"] = dispatch.choose_linear_kernel(device, dtype, rows, spec, out_features)
+        figures["auto_kernel"] = choice.choose_linear_kernel(device, dtype, rows, spec, out_features)
         rows_out.append(figures)
         cells = " ".join(f"{figures[k]:>9.4g}" for k in ["dense", *kernels, "auto"])
         print(f"{rows:>6} {cells}  {figures['auto_kernel']}")
