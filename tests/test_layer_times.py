@@ -29,3 +29,6 @@ def test_layer_times_of_the_mini_unet(tmp_path, one_thread) -> None:
     share, ratio = step["layers_share"], step["w2_layers_ms"] / step["fp_layers_ms"]
     assert 0 < share <= 1 and step["ceiling"] == pytest.approx(1 - share + share * ratio)
     assert all(r["commit"] and "dirty" in r for r in rows)
+    for row in [*layers, *groups]:  # GFLOP/s from the multiply-adds: 2 * macs / time
+        assert row["macs"] > 0 and row["fp_gflops"] == pytest.approx(2 * row["macs"] / (row["fp_ms"] * 1e6))
+    assert sum(g["macs"] for g in groups) == sum(r["macs"] for r in layers) and step["gemm_gflops"] > 0
