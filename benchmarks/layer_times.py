@@ -98,7 +98,9 @@ def measure(name: str, batch: int, rounds: int, args: argparse.Namespace) -> lis
             w2, fp = model.get_submodule(layer_name), fp_layers[layer_name]
             if not isinstance(w2, AQModule):  # kept FP by the plan
                 continue
+            before = {k: v.get("ms") for k, v in autotune._load().items()}
             w2(x)  # the kernel measured and its route prepared
+            measured = [v["ms"] for k, v in autotune._load().items() if before.get(k) != v.get("ms")]
             macs = fp(x).numel() * math.prod(w2.shape[1:])  # per output: one multiply-add per weight of a row
             times = {"fp": float("inf"), "w2": float("inf")}
             for _ in range(rounds):
@@ -109,7 +111,7 @@ def measure(name: str, batch: int, rounds: int, args: argparse.Namespace) -> lis
                 "op": "conv" if len(w2.shape) == 4 else "linear", "shape": list(w2.shape),
                 "input": list(x.shape), "at": where(x), "fp_ms": times["fp"], "w2_ms": times["w2"],
                 "kernel": routes.kernel_of(w2), "macs": macs, "fp_gflops": gflops(macs, times["fp"]),
-                "w2_gflops": gflops(macs, times["w2"]),
+                "w2_gflops": gflops(macs, times["w2"]), "measured_ms": measured[0] if measured else None,
             })  # fmt: skip
     groups: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
     for row in rows:

@@ -250,3 +250,24 @@ def test_the_winner_is_timed_threaded_where_a_second_thread_might_pay(cache, mon
         assert routes.kernel_of(layer) == entry["kernel"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_close_candidates_are_measured_longer(cache) -> None:
+    """`REPEATS` rounds where one candidate is far ahead; where the two fastest are within `CLOSE`, more
+    rounds up to `MAX_ROUNDS` (a burst of load must not decide a close call)."""
+    calls: dict[str, int] = {}
+
+    def sleeper(name: str, seconds: float):
+        def run() -> torch.Tensor:
+            calls[name] = calls.get(name, 0) + 1
+            time.sleep(seconds)
+            return torch.zeros(1)
+
+        return run
+
+    winner, _ = autotune.measure("far", {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.02)})
+    assert winner == "fast" and calls == {"fast": 1 + autotune.REPEATS, "slow": 1 + autotune.REPEATS}
+    calls.clear()
+    autotune.measure("close", {"a": sleeper("a", 0.002), "b": sleeper("b", 0.002)})
+    assert calls == {"a": 1 + autotune.MAX_ROUNDS, "b": 1 + autotune.MAX_ROUNDS}
+    assert set(autotune._load()["close"]["ms"]) == {"a", "b"}
