@@ -171,8 +171,9 @@ def linear(
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`F.linear(x, W)` for calls shaped like `x` (CPU fp32 `[..., K]`), `W` decoded inside the multiply;
     prepared once. The input is transposed into `[K, padded]` (the kernel's runs are 8 consecutive rows;
-    rows past `rows` are zeros) and the output back: two copies of a few KiB at the token counts where this
-    wins. None where it does not apply."""
+    rows past `rows` are zeros: any value would do, the outputs are dropped, but garbage can be slow
+    denormals) and the output back, both by the native transpose (`native.c`): two copies of a few KiB at
+    the token counts where this wins. None where it does not apply."""
     N, K = codes.shape[0], codes.shape[1] * books.shape[-1]
     if not takes_linear(x, K):
         return None
@@ -180,20 +181,20 @@ def linear(
     koff, runs = linear_layout(rows, K)
     padded = runs.shape[1] * RUN
     kernel = _kernel(codes, books, scales, bias, koff, runs, padded, parallel)
-    if kernel is None:
+    to_kernel = native.transpose(rows, K, K, padded, padded)  # x [rows, K] -> [K, padded]
+    from_kernel = native.transpose(N, rows, padded, N, N)  # out [N, padded] -> [rows, N]
+    if kernel is None or to_kernel is None or from_kernel is None:
         return None
     lead = tuple(x.shape[:-1])
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        xt = torch.empty(K, padded, dtype=torch.float32)
+        to_kernel(x.reshape(rows, K).contiguous(), xt)
         out = torch.empty(N, padded, dtype=torch.float32)
-        if padded == rows:
-            xt = x.reshape(rows, K).t().contiguous()
-        else:
-            xt = torch.empty(K, padded, dtype=torch.float32)
-            xt[:, rows:] = 0  # any value would do (outputs dropped), but garbage can be slow denormals
-            xt[:, :rows] = x.reshape(rows, K).t()
         kernel(xt, out)
-        return out[:, :rows].t().reshape(*lead, N)
+        y = torch.empty(*lead, N, dtype=torch.float32)
+        from_kernel(out, y)
+        return y
 
     return run
 

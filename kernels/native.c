@@ -342,13 +342,16 @@ INLINE int fused_paired(const fused_args *a, int64_t v) {
 
 #define FUSED_CASE(CT, M, g)                                                                               \
     case M * 100 + g:                                                                                      \
-        fused_tile_##CT##_2(a, n0, nb, v, M, g);                                                           \
+        if (two)                                                                                           \
+            fused_tile_##CT##_2(a, n0, nb, v, M, g);                                                       \
+        else                                                                                               \
+            fused_tile_##CT##_1(a, n0, nb, v, M, g);                                                       \
         continue;
 
 /* Items lo:hi of (pair of runs) x (block of channels), pair-major: consecutive items reuse the runs'
- * input from L1/L2 and read other codes. The tile of two runs takes M and g as constants where the switch
- * names them (1x8g4 at 16x16: 1.46x slower with g at run time, 2x8g8 no slower), at run time elsewhere;
- * the last run of an odd count runs with both at run time (each case costs compile time on first use). */
+ * input from L1/L2 and read other codes. The tiles take M and g as constants where the switch names them
+ * (1x8g4 at 16x16: 1.46x slower with g at run time, 2x8g8 no slower; a single run, e.g. a Linear over 8
+ * rows, ~3x slower), at run time elsewhere (each case costs compile time on first use). */
 #define DEFINE_FUSED_RANGE(CT, CASES)                                                                      \
     DEFINE_FUSED_TILE(CT, 1)                                                                               \
     DEFINE_FUSED_TILE(CT, 2)                                                                               \
@@ -357,11 +360,12 @@ INLINE int fused_paired(const fused_args *a, int64_t v) {
         for (int64_t item = lo; item < hi; item++) {                                                       \
             FUSED_ITEM(a, item, 2, v, n0)                                                                  \
             const int nb = a->N - n0 < FUSED_NB ? (int)(a->N - n0) : FUSED_NB;                             \
-            if (v + 1 >= a->V) {                                                                           \
+            const int two = v + 1 < a->V; /* the last run of an odd count: alone */                       \
+            switch (a->M * 100 + a->g) { CASES(CT) }                                                       \
+            if (!two) {                                                                                    \
                 fused_tile_##CT##_1(a, n0, nb, v, a->M, a->g);                                             \
                 continue;                                                                                  \
             }                                                                                              \
-            switch (a->M * 100 + a->g) { CASES(CT) }                                                       \
             switch (a->M) {                                                                                \
             case 1: fused_tile_##CT##_2(a, n0, nb, v, 1, a->g); continue;                                 \
             case 2: fused_tile_##CT##_2(a, n0, nb, v, 2, a->g); continue;                                 \
@@ -433,6 +437,26 @@ DEFINE_FUSED_RANGE16(uint16_t, FUSED_NO_CASES)
 DEFINE_FUSED(avq_fused_u8, uint8_t)
 DEFINE_FUSED(avq_fused_u16, uint16_t)
 
+/* ------------------------------------------------------------------------------------- transpose */
+/* dst[c*ld_dst + r] = src[r*ld_src + c] for r < rows, c < cols, and 0 for rows <= r < pad_rows: a fused
+ * Linear's input [rows, K] into the kernel's [K, padded] (the rows past `rows` zero) and its output
+ * [N, padded] back into [rows, N]. In blocks of 8x8, so that both sides stay in a few cache lines: torch's
+ * strided copy took 10-50 us for the 16-128 KiB of a Linear over 8-128 rows, as long as the fused kernel. */
+int avq_transpose_f32(const float *src, int64_t rows, int64_t cols, int64_t ld_src, float *dst,
+                      int64_t ld_dst, int64_t pad_rows) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        const int64_t r1 = r0 + 8 < rows ? r0 + 8 : rows;
+        for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+            const int64_t c1 = c0 + 8 < cols ? c0 + 8 : cols;
+            for (int64_t c = c0; c < c1; c++)
+                for (int64_t r = r0; r < r1; r++) dst[c * ld_dst + r] = src[r * ld_src + c];
+        }
+    }
+    for (int64_t c = 0; c < cols && pad_rows > rows; c++)
+        for (int64_t r = rows; r < pad_rows; r++) dst[c * ld_dst + r] = 0.f;
+    return 0;
+}
+
 /* The ABI version kernels/native.py checks after loading (a stale build from another source is rebuilt,
  * but the check also guards against a library loaded from elsewhere). */
-int avq_native_abi(void) { return 2; }
+int avq_native_abi(void) { return 3; }

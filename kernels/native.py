@@ -33,7 +33,7 @@ from .autotune import cache_root, cpu_model
 log = logging.getLogger("avq")
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 2  # avq_native_abi() of the source above
+ABI = 3  # avq_native_abi() of the source above
 MAX_BOOKS = 16  # native.c's MAX_BOOKS: the most codebooks its decode takes
 # No -ffast-math and no contraction into FMAs: the decode must round exactly as avq.core.qweight.decode.
 # No loop vectoriser (the SLP vectoriser still turns a group into vector operations): gcc 12 vectorised the
@@ -83,6 +83,7 @@ _SIGNATURES = {
     "avq_gather_sum_u16": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT),
     "avq_fused_u8": (*(_PTR,) * 9, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT),
     "avq_fused_u16": (*(_PTR,) * 9, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT),
+    "avq_transpose_f32": (_PTR, _I64, _I64, _I64, _PTR, _I64, _I64),
 }
 _SUFFIX = {torch.uint8: "u8", torch.uint16: "u16"}
 
@@ -263,4 +264,19 @@ def fused(
         kernel(x.data_ptr(), *head, *tail, out.data_ptr(), *shape)
 
     run.inputs = (codes, books, scales, bias, koff, vx, vo)  # type: ignore[attr-defined]
+    return run
+
+
+def transpose(rows: int, cols: int, ld_src: int, ld_dst: int, pad_rows: int):
+    """The native transpose for one shape, prepared once: a function `(src, dst)` of contiguous CPU fp32
+    tensors writing `dst[c*ld_dst + r] = src[r*ld_src + c]` (r < rows, c < cols) and zeros for rows <= r <
+    pad_rows; the caller guarantees the sizes (it writes through the pointers). None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    kernel = lib.avq_transpose_f32
+
+    def run(src: torch.Tensor, dst: torch.Tensor) -> None:
+        kernel(src.data_ptr(), rows, cols, ld_src, dst.data_ptr(), ld_dst, pad_rows)
+
     return run

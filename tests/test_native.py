@@ -148,3 +148,17 @@ def test_the_native_gather_sum_reads_any_layout_and_declines_an_output_it_cannot
     strided = torch.zeros(N, R).t()  # [R, N], not contiguous
     assert not native.gather_sum(lut, codes, strided) and not strided.any()
     assert not native.gather_sum(lut.double(), codes, out)
+
+
+def test_the_native_transpose_writes_the_transpose_and_zeros_the_padding() -> None:
+    """`native.transpose`: `dst[c, r] = src[r, c]` over a strided source (row length `ld_src`), zeros in
+    the padding rows, nothing past `ld_dst` columns touched (odd sizes: partial 8x8 blocks)."""
+    if not native.available():
+        pytest.skip("no native library on this host")
+    rows, cols, ld_src, ld_dst, pad = 13, 19, 21, 17, 16
+    src = torch.randn(rows, ld_src)
+    dst = torch.full((cols, ld_dst), 7.0)
+    native.transpose(rows, cols, ld_src, ld_dst, pad)(src, dst)
+    assert torch.equal(dst[:, :rows], src[:, :cols].t())
+    assert torch.equal(dst[:, rows:pad], torch.zeros(cols, pad - rows))
+    assert torch.equal(dst[:, pad:], torch.full((cols, ld_dst - pad), 7.0))
