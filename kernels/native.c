@@ -440,14 +440,45 @@ DEFINE_FUSED(avq_fused_u16, uint16_t)
 /* ------------------------------------------------------------------------------------- transpose */
 /* dst[c*ld_dst + r] = src[r*ld_src + c] for r < rows, c < cols, and 0 for rows <= r < pad_rows: a fused
  * Linear's input [rows, K] into the kernel's [K, padded] (the rows past `rows` zero) and its output
- * [N, padded] back into [rows, N]. In blocks of 8x8, so that both sides stay in a few cache lines: torch's
- * strided copy took 10-50 us for the 16-128 KiB of a Linear over 8-128 rows, as long as the fused kernel. */
+ * [N, padded] back into [rows, N]. torch's strided copy took 10-50 us for the 16-128 KiB of a Linear over
+ * 8-128 rows, as long as the fused kernel; full 8x8 blocks go through registers (8 vector loads, 24
+ * shuffles, 8 vector stores) where the compiler has __builtin_shufflevector (clang, gcc >= 12). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+INLINE void transpose8x8(const float *src, int64_t ld_src, float *dst, int64_t ld_dst) {
+    v8f r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = *(const v8f *)(src + i * ld_src);
+    for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved */
+        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) /* four rows' columns (c, c+4) side by side */
+        for (int j = 0; j < 2; j++) {
+            u[i + 2 * j] = SHUF(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * j + 1] = SHUF(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int j = 0; j < 4; j++) { /* columns j and j+4: halves of rows 0-3 and 4-7 */
+        *(v8f *)(dst + j * ld_dst) = SHUF(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        *(v8f *)(dst + (j + 4) * ld_dst) = SHUF(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+#define TRANSPOSE_BLOCKS 1
+#else
+#define TRANSPOSE_BLOCKS 0
+#endif
+
 int avq_transpose_f32(const float *src, int64_t rows, int64_t cols, int64_t ld_src, float *dst,
                       int64_t ld_dst, int64_t pad_rows) {
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
         const int64_t r1 = r0 + 8 < rows ? r0 + 8 : rows;
         for (int64_t c0 = 0; c0 < cols; c0 += 8) {
             const int64_t c1 = c0 + 8 < cols ? c0 + 8 : cols;
+#if TRANSPOSE_BLOCKS
+            if (r1 - r0 == 8 && c1 - c0 == 8) {
+                transpose8x8(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+                continue;
+            }
+#endif
             for (int64_t c = c0; c < c1; c++)
                 for (int64_t r = r0; r < r1; r++) dst[c * ld_dst + r] = src[r * ld_src + c];
         }
