@@ -63,11 +63,7 @@ LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (s
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
 MEASURE_MAX_ROWS = 64  # CPU: the LUT is a candidate up to here; above, the decode amortises
 THREADED = "-mt"  # suffix of a measured candidate's variant on the compiled kernels' threads
-# Below, a second core is not timed: starting a parallel region costs more than it can save. It was 1 M
-# while the native kernels started POSIX threads per call (~50 us); on torch's OpenMP threads it costs a few
-# us, and at digits-unet's 147-590 K-weight 3x3 convs at batch 8 the threaded decode beat the serial one
-# (0.68 against 0.71 ms, 0.95 against 1.04 ms; ad hoc), so it is measured from 64 K.
-THREADED_MIN_WEIGHTS = 1 << 16
+THREADED_MIN_WEIGHTS = 1 << 20  # below, starting the threads (~50 us) outweighs a second core
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
