@@ -63,7 +63,11 @@ LUT_MAX_ROWS = 4  # CPU: measured on 2 EPYC cores over the benchmark's shapes (s
 LUT_MAX_NBITS = 8  # B = 16 makes the LUT 256x larger than B = 8: never pays on CPU
 MEASURE_MAX_ROWS = 64  # CPU: the LUT is a candidate up to here; above, the decode amortises
 THREADED = "-mt"  # suffix of a measured candidate's variant on the compiled kernels' threads
-THREADED_MIN_WEIGHTS = 1 << 20  # below, starting the threads (~50 us) outweighs a second core
+# Below, a second core is not timed. From 64 K the threaded decode won the isolated measurements of
+# digits-unet's 3x3 convs at batch 8 (0.95 against 1.04 ms), yet its steps then ran 1.00-1.05x FP against
+# 0.97-1.02x (three runs each, side by side, ad hoc): a measurement of one layer in a loop does not see
+# what a parallel region costs the layers around it.
+THREADED_MIN_WEIGHTS = 1 << 20
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
