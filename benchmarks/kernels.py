@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from avq import AQConv2d, AQLinear, QuantizedWeight, QuantSpec
 from avq.core.qweight import code_dtype
-from avq.kernels import autotune, choice, compiled, dispatch
+from avq.kernels import autotune, choice, compiled, dispatch, fused
 from avq_bench.results import write_results
 
 # (family, [N, K]) GEMM shapes.
@@ -298,7 +298,7 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
     batches = [1] if args.quick else [1, 8]
     specs = ["2x8g8"] if args.quick else ["2x8g8", "2x8g9k"]
     dense_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    fused = "triton" if device.type == "cuda" else "lut"
+    implicit = "triton" if device.type == "cuda" else "lut"  # the kernel of the implicit GEMM
     out: list[dict] = []
     for family, cout, cin, hw in shapes:
         for spec_name in specs:
@@ -312,7 +312,7 @@ def conv_rows(args, device: torch.device, budget: Budget) -> list[dict]:
                 methods = {
                     "dense": (None, lambda x=x, W=W: F.conv2d(x, W, None, 1, 1)),
                     "dequant_conv": ("dequant", lambda x=x, f=layer: f(x)),
-                    "implicit": (fused, lambda x=x, f=layer: f(x)),
+                    "implicit": (implicit, lambda x=x, f=layer: f(x)),
                     "auto": (None, lambda x=x, f=layer: f(x)),
                 }
                 if device.type == "cpu" and fused.takes_conv(x, layer):  # the native decode-GEMM, as measured
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="total timing budget")
     parser.add_argument("--max-call-seconds", type=float, default=5.0, help="skip slower single calls")
     parser.add_argument("--max-lut-mib", type=float, default=256.0, help="skip larger LUTs (CPU)")
+    parser.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
         row["cpu_kernels"] = cpu_kernels
     name = f"kernels_{device.type}" + ("_quick" if args.quick else "")
-    path = write_results(name, rows, device=device)
+    path = write_results(name, rows, device=device, results_dir=args.results_dir)
     print(f"wrote {path}")
     return 0
 
