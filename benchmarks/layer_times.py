@@ -98,10 +98,10 @@ def measure(name: str, batch: int, rounds: int, args: argparse.Namespace) -> lis
             w2, fp = model.get_submodule(layer_name), fp_layers[layer_name]
             if not isinstance(w2, AQModule):  # kept FP by the plan
                 continue
-            before = {k: v.get("ms") for k, v in autotune._load().items()}
-            w2(x)  # the kernel measured and its route prepared
-            measured = [v["ms"] for k, v in autotune._load().items() if before.get(k) != v.get("ms")]
-            macs = fp(x).numel() * math.prod(w2.shape[1:])  # per output: one multiply-add per weight of a row
+            before = autotune.timings()
+            y = w2(x)  # the kernel measured and its route prepared
+            measured = [ms for key, ms in autotune.timings().items() if before.get(key) != ms]
+            macs = y.numel() * math.prod(w2.shape[1:])  # per output: one multiply-add per weight of a row
             times = {"fp": float("inf"), "w2": float("inf")}
             for _ in range(rounds):
                 times["fp"] = min(times["fp"], call_ms(lambda: fp(x)))  # noqa: B023 (called here)

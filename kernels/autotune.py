@@ -156,6 +156,12 @@ def _save(choices: dict[str, dict]) -> None:
         log.warning("avq: could not save kernel choices to %s (%s)", path, err)
 
 
+def timings() -> dict[str, dict[str, float]]:
+    """Each measured key's candidate times (ms), as recorded on this host (a copy: for benchmarks)."""
+    with _LOCK:
+        return {key: dict(entry.get("ms", {})) for key, entry in _load().items()}
+
+
 def forget() -> None:
     """Drop the in-memory choices (the next call reads the disk file again)."""
     global _CHOICES

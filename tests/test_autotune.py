@@ -270,4 +270,4 @@ def test_close_candidates_are_measured_longer(cache) -> None:
     calls.clear()
     autotune.measure("close", {"a": sleeper("a", 0.002), "b": sleeper("b", 0.002)})
     assert calls == {"a": 1 + autotune.MAX_ROUNDS, "b": 1 + autotune.MAX_ROUNDS}
-    assert set(autotune._load()["close"]["ms"]) == {"a", "b"}
+    assert set(autotune.timings()["close"]) == {"a", "b"}
