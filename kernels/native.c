@@ -483,7 +483,7 @@ int avq_transpose_f32(const float *src, int64_t rows, int64_t cols, int64_t ld_s
                 for (int64_t r = r0; r < r1; r++) dst[c * ld_dst + r] = src[r * ld_src + c];
         }
     }
-    for (int64_t c = 0; c < cols && pad_rows > rows; c++)
+    for (int64_t c = 0; c < cols; c++) /* the padding rows (none where pad_rows <= rows) */
         for (int64_t r = rows; r < pad_rows; r++) dst[c * ld_dst + r] = 0.f;
     return 0;
 }
